@@ -1,0 +1,1336 @@
+"""Train a GPT-2 style model on token shards, with checkpoints that survive anything.
+
+Run (4 GPUs):          torchrun --standalone --nproc_per_node=4 src/train_improved.py --data_dir data/fineweb
+Resume after a stop:   torchrun --standalone --nproc_per_node=4 src/train_improved.py --resume latest
+CPU demo:              torchrun --standalone --nproc_per_node=2 src/train_improved.py --preset tiny ...
+Single process:        python src/train_improved.py ...
+List checkpoints:      ./list_checkpoints.sh [--verify]
+
+Ctrl+C (SIGINT), SIGTERM or SIGUSR1 stop the run at the next step boundary on every rank, save a checkpoint of
+that step and exit 0. A checkpoint resumes bit-exactly (same settings and world size), on CPU and on GPU with
+--deterministic.
+
+Sections, in dependency order:
+  1. config            TrainConfig (all run settings, argparse generated from it), GPTConfig (model shape)
+  2. distributed       DistEnv, setup / cleanup, small collectives
+  3. logging           rank 0 narrates to stdout and <log_dir>/train.log; metrics.jsonl
+  4. model             GPT-2
+  5. data              shard readers (.npy and llm.c .bin), ShardedLoader with a rank-independent position
+  6. checkpointing     build_state / restore_state, CheckpointManager (files, atomic writes, retention, fallback)
+  7. optimization      AdamW groups, learning-rate schedule, train_step
+  8. evaluation        validation loss
+  9. training loop     StopSignal, SavePolicy, train()
+ 10. entry point       main(argv) -> summary dict
+
+Importing this file defines things and does nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger("train")
+
+CHECKPOINT_FORMAT_VERSION = 1
+EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
+BIN_MAGIC, BIN_VERSION, BIN_HEADER_INTS = 20240520, 1, 256  # llm.c / modded-nanogpt shard header
+
+
+class UserError(Exception):
+    """Bad input from the user: main() prints the message on one line (no traceback) and exits 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. config
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The model's shape. Saved in every checkpoint as a plain dict; on resume the model is built from it."""
+
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if min(self.n_layer, self.n_head, self.n_embd, self.block_size) < 1:
+            raise UserError("n_layer, n_head, n_embd and block_size must all be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),  # ~7.2M parameters (most in the embedding)
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),  # 1558M
+}
+ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+
+
+def opt(default: Any, help: str, group: str, type: Any = None, choices: tuple | None = None):
+    """A TrainConfig field that carries its own command-line help."""
+    return field(default=default, metadata=dict(help=help, group=group, type=type, choices=choices))
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. The command line is generated from these fields; on resume, the checkpoint's
+    values are the defaults and flags given on the command line override them (listed in a warning)."""
+
+    # data
+    data_dir: str = opt("data/stdlib", "folder of token shards (*train*.npy|bin, *val*.npy|bin)", "data")
+    # model
+    preset: str = opt("gpt2", "model size preset", "model", choices=tuple(PRESETS))
+    n_layer: int | None = opt(None, "override the preset's number of layers", "model", type=int)
+    n_head: int | None = opt(None, "override the preset's number of attention heads", "model", type=int)
+    n_embd: int | None = opt(None, "override the preset's embedding width", "model", type=int)
+    block_size: int | None = opt(None, "override the preset's context length in tokens", "model", type=int)
+    dropout: float = opt(0.0, "dropout probability (0 for pretraining)", "model")
+    # batch
+    batch_size: int = opt(16, "sequences per rank per micro-step", "batch")
+    total_batch_size: int = opt(524288, "tokens per optimizer step, over all ranks and micro-steps", "batch")
+    # optimization
+    learning_rate: float = opt(6e-4, "peak learning rate", "optimization")
+    min_lr: float = opt(6e-5, "learning rate at the end of the cosine decay", "optimization")
+    warmup_steps: int = opt(700, "linear warmup steps", "optimization")
+    weight_decay: float = opt(0.1, "AdamW weight decay (2-D weights only)", "optimization")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 disables)", "optimization")
+    num_epochs: int = opt(5, "full passes over the training shards", "optimization")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides --num_epochs)",
+                                "optimization", type=int)
+    # evaluation
+    eval_freq: int = opt(250, "evaluate validation loss every this many steps (0 disables)", "evaluation")
+    val_steps: int = opt(20, "validation micro-batches per rank per evaluation", "evaluation")
+    # system
+    seed: int = opt(1337, "seed for initialization, data order and dropout", "system")
+    device: str = opt("auto", "where to train", "system", choices=("auto", "cpu", "cuda"))
+    dtype: str = opt("auto", "compute dtype (auto: bfloat16 on CUDA, float32 on CPU)", "system",
+                     choices=("auto", "float32", "bfloat16"))
+    compile: bool = opt(False, "torch.compile the model", "system")
+    deterministic: bool = opt(False, "deterministic CUDA kernels (bit-exact resume on GPU, somewhat slower)",
+                              "system")
+    # logging
+    log_dir: str = opt("logs", "train.log and metrics.jsonl go here", "logging")
+    log_freq: int = opt(1, "print a step line every this many steps", "logging")
+    # checkpointing
+    checkpoint_dir: str = opt("checkpoints", "where checkpoints are written and looked for", "checkpointing")
+    checkpoint_freq: int = opt(250, "save every this many steps (0: only epoch ends, best, stop, end)",
+                               "checkpointing")
+    checkpoint_minutes: float | None = opt(None, "also save when this many minutes passed since the last save",
+                                           "checkpointing", type=float)
+    keep_last: int = opt(10, "rolling checkpoints to keep", "checkpointing")
+    resume: str | None = opt(None, "latest | latest_backup | best | auto | PATH", "checkpointing", type=str)
+
+    def __post_init__(self):
+        positive = ("batch_size", "total_batch_size", "num_epochs", "val_steps", "keep_last", "log_freq")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("checkpoint_freq", "eval_freq", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max_steps must be at least 1, got {self.max_steps}")
+        if self.checkpoint_minutes is not None and self.checkpoint_minutes <= 0:
+            raise UserError("--checkpoint_minutes must be positive (leave it out to save by steps only)")
+        if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
+            raise UserError(f"need 0 <= --min_lr ({self.min_lr}) <= --learning_rate ({self.learning_rate}), "
+                            "and --learning_rate > 0")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise UserError("--grad_clip and --weight_decay must be 0 or more")
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"unknown --{f.name} {getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
+        self.gpt_config()  # validates the model shape
+
+    def gpt_config(self) -> GPTConfig:
+        """The model shape: the preset with any of --n_layer/--n_head/--n_embd/--block_size/--dropout applied."""
+        shape = dict(PRESETS[self.preset])
+        shape.update({k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size")
+                      if getattr(self, k) is not None})
+        return GPTConfig(**shape, dropout=self.dropout)
+
+
+# Settings that belong to one launch, not to the run: never inherited from a checkpoint, never warned about.
+LAUNCH_FIELDS = ("resume", "checkpoint_dir", "device", "compile")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, generated from TrainConfig. Unset flags stay absent, so we know what the user typed."""
+    parser = argparse.ArgumentParser(
+        prog="train_improved.py", argument_default=argparse.SUPPRESS,
+        description="Train GPT-2 on token shards with exact, crash-safe checkpointing. "
+                    "Run under torchrun for several processes.")
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        help_text = f"{meta['help']} (default: {f.default})"
+        if isinstance(f.default, bool):
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            kind = meta["type"] or type(f.default)
+            metavar = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else f.name.upper()
+            group.add_argument(f"--{f.name}", type=kind, help=help_text, metavar=metavar)
+    return parser
+
+
+def parse_flags(argv: list[str] | None) -> dict[str, Any]:
+    """The flags the user actually gave, as {field_name: value}."""
+    return vars(build_parser().parse_args(argv))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. distributed
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: its ranks, the world size and its device."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def setup_distributed(device_flag: str) -> DistEnv:
+    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU); otherwise a single process."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        backend = "nccl" if use_cuda else "gloo"
+        kwargs = dict(device_id=device) if use_cuda else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (paired with setup_distributed, called from main's finally)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_max(env: DistEnv, values: list[float]) -> list[float]:
+    """Elementwise max over ranks: how the ranks agree on a decision any one of them may have made."""
+    if not env.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def broadcast_from_main(env: DistEnv, compute):
+    """Run compute() on rank 0 only and hand its result, or its UserError, to every rank."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = compute()
+        except UserError as e:
+            error = str(e)
+    if env.distributed:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. logging
+# ---------------------------------------------------------------------------------------------------------------
+
+def setup_logging(env: DistEnv) -> None:
+    """Rank 0 logs INFO to stdout; other ranks only warn (to stderr, tagged with their rank)."""
+    log.handlers.clear()
+    log.propagate = False
+    handler = logging.StreamHandler(sys.stdout if env.is_main else sys.stderr)
+    prefix = "" if env.is_main else f"[rank {env.rank}] "
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if env.is_main else logging.WARNING)
+
+
+def attach_log_file(env: DistEnv, log_dir: Path) -> None:
+    """Append rank 0's log to <log_dir>/train.log, so a resumed run continues the same history."""
+    if not env.is_main:
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_dir / "train.log", mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+
+
+class MetricsLog:
+    """One JSON object per line in <log_dir>/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after `step` (work lost in a crash), so a resumed run continues one clean history."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, **record: Any) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def code_version() -> str:
+    """The git commit of this script's checkout, if it is one (logged at start, like modded-nanogpt)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. model
+# ---------------------------------------------------------------------------------------------------------------
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through F.scaled_dot_product_attention (flash kernels on GPU)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.residual_projection = True  # scaled init, see GPT._init_weights
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout = config.n_head, config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """The 4x-wide GELU feed-forward block."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """A pre-LayerNorm transformer block."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2: learned positions, pre-LN blocks, tied input and output embeddings."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                std *= (2 * self.config.n_layer) ** -0.5  # GPT-2: residual projections scaled by depth
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. data
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_shard(path: Path) -> np.ndarray:
+    """Memory-map one shard of uint16 tokens: build-nanogpt's .npy or llm.c's .bin (256 int32 header)."""
+    if path.suffix == ".npy":
+        try:
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"{path}: not a readable .npy shard ({e}); regenerate it with src/prepare_data.py")
+        if tokens.dtype != np.uint16 or tokens.ndim != 1:
+            raise UserError(f"{path}: expected a 1-D uint16 token array, found {tokens.dtype} with shape "
+                            f"{tokens.shape}; regenerate it with src/prepare_data.py")
+        return tokens
+    size = path.stat().st_size
+    header_bytes = BIN_HEADER_INTS * 4
+    if size < header_bytes:
+        raise UserError(f"{path}: {size} bytes is too small for a .bin shard (256 int32 header); "
+                        "regenerate it with src/prepare_data.py")
+    header = np.fromfile(path, dtype=np.int32, count=BIN_HEADER_INTS)
+    if header[0] != BIN_MAGIC or header[1] != BIN_VERSION:
+        raise UserError(f"{path}: bad .bin header (magic {header[0]}, version {header[1]}; expected "
+                        f"{BIN_MAGIC}, {BIN_VERSION}); regenerate it with src/prepare_data.py")
+    num_tokens = int(header[2])
+    if size != header_bytes + 2 * num_tokens:
+        raise UserError(f"{path}: header says {num_tokens} tokens ({header_bytes + 2 * num_tokens} bytes) but the "
+                        f"file has {size} bytes; it is truncated or corrupt, regenerate it with src/prepare_data.py")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=header_bytes, shape=(num_tokens,))
+
+
+def find_shards(data_dir: str, split: str) -> list[Path]:
+    """The shards of one split, sorted by name: files whose names contain the split name."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"--data_dir {data_dir} does not exist; run src/prepare_data.py first "
+                        "(or point --data_dir at a folder of .npy/.bin shards)")
+    return sorted(p for p in root.iterdir() if split in p.name and p.suffix in (".npy", ".bin"))
+
+
+class ShardedLoader:
+    """Walks the training shards in a seeded order and serves each rank its part of every step.
+
+    Each shard is cut into windows of block_size + 1 tokens, starting every block_size tokens. An epoch visits
+    the shards in an order drawn from (seed, epoch), and each shard's windows in an order drawn from
+    (seed, epoch, shard); together they form one list of windows. Optimizer step k of an epoch consumes the
+    windows [k*S, (k+1)*S) with S = total_batch_size / block_size, whatever the world size: micro-step m of rank
+    r reads B of them, starting at k*S + (m*world_size + r)*B. The state is therefore the same on every rank and
+    independent of the world size: a run may resume on another number of GPUs and see the same tokens.
+    """
+
+    def __init__(self, shards: list[Path], block_size: int, total_batch_size: int, batch_size: int,
+                 rank: int, world_size: int, seed: int, device: torch.device):
+        if not shards:
+            raise UserError("no training shards (names containing 'train', ending in .npy or .bin); "
+                            "run src/prepare_data.py first or point --data_dir at your shards")
+        if total_batch_size % block_size:
+            raise UserError(f"--total_batch_size {total_batch_size} must be a multiple of the block size "
+                            f"{block_size}")
+        self.windows_per_step = total_batch_size // block_size
+        if self.windows_per_step % (batch_size * world_size):
+            raise UserError(
+                f"--total_batch_size {total_batch_size} is {self.windows_per_step} sequences of {block_size} "
+                f"tokens, which does not divide into micro-batches of --batch_size {batch_size} x {world_size} "
+                f"ranks; pick a total that is a multiple of {batch_size * block_size * world_size} tokens")
+        self.grad_accum_steps = self.windows_per_step // (batch_size * world_size)
+        self.tokens = [load_shard(p) for p in shards]
+        for path, tokens in zip(shards, self.tokens):
+            if len(tokens) < block_size + 1:
+                raise UserError(f"{path} holds {len(tokens)} tokens, fewer than one window of --block_size "
+                                f"{block_size} + 1; lower --block_size or write larger shards")
+        self.shard_windows = [(len(t) - 1) // block_size for t in self.tokens]
+        self.num_windows = sum(self.shard_windows)
+        self.steps_per_epoch = self.num_windows // self.windows_per_step
+        if self.steps_per_epoch == 0:
+            raise UserError(f"the training data holds {self.num_windows} windows of {block_size} tokens, fewer "
+                            f"than one step's {self.windows_per_step}; lower --total_batch_size or add data")
+        self.block_size, self.batch_size = block_size, batch_size
+        self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
+        self.epoch, self.position = 0, 0  # position: windows of this epoch consumed by finished steps
+        self._plan_epoch()
+
+    def _plan_epoch(self) -> None:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.order = rng.permutation(len(self.tokens))  # shard visiting order
+        self.starts = np.cumsum([0] + [self.shard_windows[s] for s in self.order])  # first window of each shard
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _window_perm(self, shard: int) -> np.ndarray:
+        if shard not in self._perms:
+            self._perms = {shard: np.random.default_rng([self.seed, self.epoch, shard + 1]).permutation(
+                self.shard_windows[shard])}  # keep one shard's permutation: memory stays O(one shard)
+        return self._perms[shard]
+
+    def window_tokens(self, index: int) -> np.ndarray:
+        """The block_size + 1 tokens of window `index` of the current epoch."""
+        k = int(np.searchsorted(self.starts, index, side="right")) - 1
+        shard = int(self.order[k])
+        start = int(self._window_perm(shard)[index - self.starts[k]]) * self.block_size
+        return self.tokens[shard][start:start + self.block_size + 1]
+
+    def step_windows(self, micro_step: int, rank: int | None = None) -> range:
+        """Window indices that `rank` (default: this rank) reads in `micro_step` of the current step."""
+        rank = self.rank if rank is None else rank
+        first = self.position + (micro_step * self.world_size + rank) * self.batch_size
+        return range(first, first + self.batch_size)
+
+    def micro_batch(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets, each (B, T) int64, for this rank's part of `micro_step`."""
+        buf = torch.from_numpy(np.stack([self.window_tokens(i) for i in self.step_windows(micro_step)])
+                               .astype(np.int64))
+        if self.device.type == "cuda":
+            buf = buf.pin_memory().to(self.device, non_blocking=True)
+        return buf[:, :-1], buf[:, 1:]
+
+    def advance(self) -> bool:
+        """Mark the current step consumed. Returns True when that finished the epoch."""
+        self.position += self.windows_per_step
+        if self.position + self.windows_per_step > self.num_windows:  # the tail that cannot fill a step is dropped
+            self.epoch, self.position = self.epoch + 1, 0
+            self._plan_epoch()
+            return True
+        return False
+
+    @property
+    def epoch_progress(self) -> float:
+        """Completed epochs as a fraction, for logs."""
+        return self.epoch + self.position / (self.steps_per_epoch * self.windows_per_step)
+
+    def state_dict(self) -> dict[str, int]:
+        k = int(np.searchsorted(self.starts, self.position, side="right")) - 1
+        return dict(epoch=self.epoch, position=self.position, shard=int(self.order[k]),
+                    offset=int(self.position - self.starts[k]), num_shards=len(self.tokens),
+                    num_windows=self.num_windows, block_size=self.block_size)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (state["num_shards"], state["num_windows"], state["block_size"]) != (
+                len(self.tokens), self.num_windows, self.block_size):
+            raise UserError(
+                f"the training data differs from the checkpoint's ({state['num_shards']} shards, "
+                f"{state['num_windows']} windows then; {len(self.tokens)} shards, {self.num_windows} windows now); "
+                "resume with the same --data_dir, or start a new run in another --checkpoint_dir")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._plan_epoch()
+
+
+class ValLoader:
+    """The validation windows, read in a fixed order (every evaluation sees the same tokens)."""
+
+    def __init__(self, shards: list[Path], block_size: int, batch_size: int, rank: int, world_size: int,
+                 device: torch.device):
+        self.tokens = np.concatenate([np.asarray(load_shard(p)) for p in shards]) if shards else None
+        self.block_size, self.batch_size = block_size, batch_size
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.num_windows = 0 if self.tokens is None else (len(self.tokens) - 1) // block_size
+
+    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = (i * self.world_size + self.rank) * self.batch_size
+        rows = [self.tokens[(w % self.num_windows) * self.block_size:][:self.block_size + 1]
+                for w in range(first, first + self.batch_size)]
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64)).to(self.device)
+        return buf[:, :-1], buf[:, 1:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. checkpointing
+# ---------------------------------------------------------------------------------------------------------------
+
+class CheckpointInvalid(Exception):
+    """A checkpoint file that must not be used: missing, unreadable, not ours, or failing its content hash."""
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 over a checkpoint's content in a canonical order: tensors by dtype, shape and bytes."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(b"{")
+            for k in sorted(o, key=lambda k: (type(k).__name__, k)):
+                walk(k)
+                walk(o[k])
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for item in o:
+                walk(item)
+            h.update(b"]")
+        else:
+            h.update(f"{type(o).__name__}:{o!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def to_cpu_copy(obj: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
+    """A deep copy with every tensor copied to CPU; tensors shared in `obj` (tied weights) stay shared."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        # state_dict() hands out a fresh view per name, so identify the memory a tensor views, not the object
+        key = (obj.device, obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride(), obj.dtype)
+        if key not in memo:
+            memo[key] = obj.detach().to("cpu", copy=True)
+        return memo[key]
+    if isinstance(obj, dict):
+        return {k: to_cpu_copy(v, memo) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu_copy(v, memo) for v in obj)
+    return obj
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch CPU and CUDA generator states, as plain types."""
+    version, py_state, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    return dict(
+        python=dict(version=version, state=torch.tensor(py_state, dtype=torch.int64), gauss=gauss),
+        numpy=dict(bit_generator=np_state["bit_generator"],
+                   key=torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                   pos=int(np_state["state"]["pos"]), has_gauss=int(np_state["has_gauss"]),
+                   gauss=float(np_state["gauss"])),
+        torch=torch.get_rng_state(),
+        cuda=list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+    )
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of capture_rng_state."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(dict(bit_generator=npy["bit_generator"],
+                             state=dict(key=npy["key"].numpy().astype(np.uint32), pos=npy["pos"]),
+                             has_gauss=npy["has_gauss"], gauss=npy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(env: DistEnv) -> list[dict[str, Any]] | None:
+    """Every rank's RNG state, collected on rank 0 (None elsewhere). All ranks must call it."""
+    mine = capture_rng_state()
+    if not env.distributed:
+        return [mine]
+    gathered: list[Any] | None = [None] * env.world_size if env.is_main else None
+    dist.gather_object(mine, gathered, dst=0)
+    return gathered
+
+
+def build_state(*, raw_model: nn.Module, optimizer: torch.optim.Optimizer, loader: ShardedLoader,
+                cfg: TrainConfig, step: int, train_loss: float | None, val_loss: float | None,
+                best_val_loss: float | None, rng_states: list, elapsed_seconds: float,
+                world_size: int) -> dict[str, Any]:
+    """The one place that knows what a checkpoint holds. Plain types only, so weights_only loading works."""
+    return dict(
+        format_version=CHECKPOINT_FORMAT_VERSION,
+        step=step,
+        epoch=loader.epoch,  # completed epochs
+        model=to_cpu_copy(raw_model.state_dict()),
+        optimizer=to_cpu_copy(optimizer.state_dict()),
+        train_loss=train_loss,
+        val_loss=val_loss,
+        best_val_loss=best_val_loss,
+        rng_state=rng_states,
+        dataloader_state=loader.state_dict(),
+        args=dataclasses.asdict(cfg),
+        model_config=dataclasses.asdict(raw_model.config),
+        world_size=world_size,
+        tokens=step * cfg.total_batch_size,
+        elapsed_seconds=elapsed_seconds,
+        timestamp=time.time(),
+        torch_version=str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
+    )
+
+
+def restore_state(state: dict[str, Any], *, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
+                  loader: ShardedLoader, cfg: TrainConfig, env: DistEnv) -> None:
+    """Put model, optimizer, data position and this rank's RNG back to the checkpoint's step boundary."""
+    raw_model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    apply_optimizer_settings(optimizer, cfg)  # settings changed on resume win over the saved ones
+    loader.load_state_dict(state["dataloader_state"])
+    if state["world_size"] == env.world_size:
+        restore_rng_state(state["rng_state"][env.rank])
+    else:
+        # Another world size cannot replay the old dropout streams; seed a fresh, deterministic one per rank.
+        torch.manual_seed(cfg.seed + 1_000_003 * (state["step"] + 1) + env.rank)
+
+
+class CheckpointManager:
+    """Owns the checkpoint files: names, atomic durable writes, retention, verification and fallback.
+
+    Every save writes one new file and gives it its names by hard links (a copy where links fail):
+    rolling_step_NNNNNN.pt, latest.pt (the old latest.pt becomes latest_backup.pt first), and when due
+    epoch_NNNNN.pt and best_model.pt. Each name changes by an atomic rename, so at every instant every name is a
+    complete file. A content hash inside each file is checked before it is used.
+    """
+
+    LATEST, BACKUP, BEST = "latest.pt", "latest_backup.pt", "best_model.pt"
+
+    def __init__(self, directory: str | Path, keep_last: int = 10):
+        self.dir = Path(directory)
+        self.keep_last = keep_last
+
+    # names ------------------------------------------------------------------------------------------------
+    def rolling_path(self, step: int) -> Path:
+        return self.dir / f"rolling_step_{step:06d}.pt"
+
+    def epoch_path(self, epoch: int) -> Path:
+        return self.dir / f"epoch_{epoch:05d}.pt"
+
+    def _numbered(self, prefix: str) -> list[tuple[int, Path]]:
+        """(number, path) of rolling or epoch files, oldest first."""
+        found = []
+        for p in self.dir.glob(f"{prefix}*.pt") if self.dir.is_dir() else []:
+            digits = p.stem[len(prefix):]
+            if digits.isdigit():
+                found.append((int(digits), p))
+        return sorted(found)
+
+    def all_checkpoints(self) -> list[Path]:
+        """Every checkpoint name in the directory, in fallback order."""
+        fixed = [self.dir / n for n in (self.LATEST, self.BACKUP, self.BEST) if (self.dir / n).exists()]
+        rolling = [p for _, p in reversed(self._numbered("rolling_step_"))]
+        epochs = [p for _, p in reversed(self._numbered("epoch_"))]
+        return fixed + rolling + epochs
+
+    # writing ------------------------------------------------------------------------------------------------
+    def clean_stale_temporaries(self) -> None:
+        """Remove half-written files a killed writer left behind (they never carry a checkpoint name)."""
+        for p in self.dir.glob(".tmp-*") if self.dir.is_dir() else []:
+            p.unlink(missing_ok=True)
+
+    def save(self, state: dict[str, Any], *, epoch_completed: int | None = None,
+             is_best: bool = False) -> list[str]:
+        """Write `state` and give it its names. Raises OSError on failure, leaving every old name intact."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        step = state["step"]
+        state["integrity"] = dict(algorithm="sha256", digest=content_digest(state))
+        tmp = self.dir / f".tmp-{step:06d}-{os.getpid()}.pt"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            names = [self.rolling_path(step)]
+            self._place(tmp, names[0])
+            latest = self.dir / self.LATEST
+            if latest.exists():
+                self._place(latest, self.dir / self.BACKUP)
+            os.replace(tmp, latest)
+            names.append(latest)
+            if epoch_completed is not None:
+                names.append(self.epoch_path(epoch_completed))
+                self._place(latest, names[-1])
+            if is_best:
+                names.append(self.dir / self.BEST)
+                self._place(latest, names[-1])
+            fsync_dir(self.dir)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.prune()
+        return [p.name for p in names]
+
+    def _place(self, src: Path, dst: Path) -> None:
+        """Atomically make `dst` the same content as `src`: a hard link, or a durable copy where links fail."""
+        tmp = self.dir / f".tmp-link-{dst.name}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 16 << 20)
+                fout.flush()
+                os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+
+    def prune(self) -> list[str]:
+        """Delete rolling checkpoints beyond the newest keep_last. latest/backup/epoch/best are never pruned."""
+        rolling = self._numbered("rolling_step_")
+        doomed = [p for _, p in rolling[:-self.keep_last]] if len(rolling) > self.keep_last else []
+        for p in doomed:
+            p.unlink(missing_ok=True)
+        return [p.name for p in doomed]
+
+    # reading ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def load(path: Path, verify: bool = True) -> dict[str, Any]:
+        """Load a checkpoint without running code from it (weights_only) and check its content hash.
+
+        Tensors are memory-mapped, so reading the metadata of a multi-GB file costs almost nothing."""
+        if not path.is_file():
+            raise CheckpointInvalid("no such file")
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off one has no central directory
+            raise CheckpointInvalid("truncated, or not a checkpoint at all (no complete zip archive)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises several types for truncated or foreign files
+            first_line = (str(e).strip().splitlines() or [""])[0][:160]
+            raise CheckpointInvalid(f"unreadable ({type(e).__name__}: {first_line})") from None
+        if not isinstance(state, dict) or "format_version" not in state or "integrity" not in state:
+            raise CheckpointInvalid("not a checkpoint written by train_improved.py")
+        if state["format_version"] > CHECKPOINT_FORMAT_VERSION:
+            raise CheckpointInvalid(f"format version {state['format_version']} is newer than this script's "
+                                    f"{CHECKPOINT_FORMAT_VERSION}; update the script")
+        if verify:
+            expected = state["integrity"]["digest"]
+            actual = content_digest({k: v for k, v in state.items() if k != "integrity"})
+            if actual != expected:
+                raise CheckpointInvalid("content hash mismatch: the file is corrupted")
+        return state
+
+    def resolve(self, spec: str) -> Path | None:
+        """The checkpoint that --resume `spec` means, verified; None for `auto` in an empty directory.
+
+        latest and auto fall back, in order, to latest_backup.pt, the newest valid rolling checkpoint and the
+        newest valid epoch checkpoint, saying loudly why each skipped file was skipped."""
+        if spec in ("latest", "auto"):
+            candidates = [self.dir / self.LATEST, self.dir / self.BACKUP]
+            candidates += [p for _, p in reversed(self._numbered("rolling_step_"))]
+            candidates += [p for _, p in reversed(self._numbered("epoch_"))]
+            present = [p for p in candidates if p.exists()]
+            if not present:
+                if spec == "auto":
+                    return None
+                raise UserError(f"--resume latest: no checkpoint in {self.dir}/; start without --resume, or "
+                                "point --checkpoint_dir at the run's checkpoint folder")
+            problems = []
+            for p in present:
+                try:
+                    self.load(p)
+                except CheckpointInvalid as e:
+                    problems.append(f"{p.name}: {e}")
+                    log.error("checkpoint %s is not usable (%s); falling back to the next one", p, e)
+                    continue
+                if problems:
+                    log.warning("resuming from %s after skipping %d unusable checkpoint(s)", p.name, len(problems))
+                return p
+            raise UserError(f"no valid checkpoint in {self.dir}/ ({'; '.join(problems)}); nothing was changed. "
+                            "Restore a copy of the folder, or start a new run in another --checkpoint_dir")
+        named = {"latest_backup": self.BACKUP, "best": self.BEST}
+        path = self.dir / named[spec] if spec in named else Path(spec)
+        if not path.exists():
+            raise UserError(f"--resume {spec}: {path} does not exist; run ./list_checkpoints.sh to see what there is")
+        try:
+            self.load(path)
+        except CheckpointInvalid as e:
+            raise UserError(f"--resume {spec}: {path} is not usable ({e}); try --resume latest, which falls back "
+                            "to the newest valid checkpoint") from None
+        return path
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints_cli(argv: list[str] | None = None) -> int:
+    """./list_checkpoints.sh: one row per checkpoint, from metadata only unless --verify is given."""
+    parser = argparse.ArgumentParser(prog="list_checkpoints.sh", description="List the checkpoints of a run.")
+    parser.add_argument("--checkpoint_dir", default="checkpoints")
+    parser.add_argument("--verify", action="store_true", help="also check every file's content hash (reads it all)")
+    args = parser.parse_args(argv)
+    manager = CheckpointManager(args.checkpoint_dir)
+    paths = manager.all_checkpoints()
+    if not paths:
+        print(f"no checkpoints in {args.checkpoint_dir}/")
+        return 0
+    print(f"{'name':<28} {'step':>8} {'epoch':>5} {'train_loss':>10} {'val_loss':>9} {'size':>9} {'age':>8}  status")
+    bad = 0
+    for p in paths:
+        st = p.stat()
+        size, age = f"{st.st_size / 2**20:.1f}M", format_age(time.time() - st.st_mtime)
+        try:
+            s = manager.load(p, verify=args.verify)
+            status = "valid" if args.verify else "readable"
+            row = (s["step"], s["epoch"], fmt_loss(s["train_loss"]), fmt_loss(s["val_loss"]))
+        except CheckpointInvalid as e:
+            bad += 1
+            status, row = f"INVALID: {e}", ("-", "-", "-", "-")
+        print(f"{p.name:<28} {row[0]:>8} {row[1]:>5} {row[2]:>10} {row[3]:>9} {size:>9} {age:>8}  {status}")
+    return 1 if bad else 0
+
+
+def fmt_loss(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def format_age(seconds: float) -> str:
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. optimization
+# ---------------------------------------------------------------------------------------------------------------
+
+def configure_optimizer(raw_model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; fused on CUDA."""
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Re-apply weight decay after load_state_dict, which restores the saved group settings."""
+    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if step >= total_steps:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: ShardedLoader, env: DistEnv,
+               lr: float, grad_clip: float, autocast) -> tuple[float, float]:
+    """One optimizer step over grad_accum_steps micro-batches. Returns (mean loss over all ranks, grad norm)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=env.device)
+    for micro_step in range(loader.grad_accum_steps):
+        x, y = loader.micro_batch(micro_step)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model.require_backward_grad_sync = micro_step == loader.grad_accum_steps - 1  # sync on the last only
+        with autocast():
+            _, loss = model(x, y)
+        loss = loss / loader.grad_accum_steps
+        loss_sum += loss.detach()
+        loss.backward()
+    if env.distributed:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        loss_sum /= env.world_size
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum.item(), grad_norm.item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val_loader: ValLoader, env: DistEnv, val_steps: int, autocast) -> float:
+    """Mean validation loss over val_steps micro-batches per rank, averaged over ranks. Uses no randomness."""
+    model.eval()
+    total = torch.zeros((), device=env.device)
+    for i in range(val_steps):
+        x, y = val_loader.batch(i)
+        with autocast():
+            _, loss = model(x, y)
+        total += loss.float()
+    total /= val_steps
+    if env.distributed:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        total /= env.world_size
+    model.train()
+    return total.item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. training loop
+# ---------------------------------------------------------------------------------------------------------------
+
+class StopSignal:
+    """Turns SIGINT, SIGTERM and SIGUSR1 into a request to stop at the next step boundary.
+
+    torchrun forwards the signal it receives, and a terminal's Ctrl+C reaches the workers directly too, so one
+    Ctrl+C can arrive twice within milliseconds: repeats inside `repeat_window_seconds` are ignored. A deliberate
+    second signal after that aborts at once (the atomic writes keep every earlier checkpoint intact).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, repeat_window_seconds: float = 2.0, announce: bool = True):
+        self.repeat_window_seconds, self.announce = repeat_window_seconds, announce
+        self.signum: int | None = None
+        self.first_at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self.first_at = signum, now
+            if self.announce:
+                os.write(2, f"\n{name} received: stopping at the next step boundary and saving a checkpoint "
+                            f"(send it again after {self.repeat_window_seconds:.0f}s to abort at once)\n".encode())
+        elif now - self.first_at > self.repeat_window_seconds:
+            os.write(2, f"\nsecond {name}: aborting now without saving\n".encode())
+            os._exit(128 + signum)
+
+
+class SavePolicy:
+    """Decides, at each step boundary, whether a checkpoint is due and why."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.every_steps = cfg.checkpoint_freq
+        self.every_seconds = None if cfg.checkpoint_minutes is None else cfg.checkpoint_minutes * 60
+        self.last_save_time = time.monotonic()
+
+    def time_due(self) -> bool:
+        """Wall-clock trigger; rank 0's clock decides, agreed through all_reduce_max."""
+        return self.every_seconds is not None and time.monotonic() - self.last_save_time >= self.every_seconds
+
+    def step_due(self, step: int) -> bool:
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+    def saved(self) -> None:
+        self.last_save_time = time.monotonic()
+
+
+def resume_command(env: DistEnv, cfg: TrainConfig) -> str:
+    """The exact command that continues this run."""
+    script = os.path.relpath(__file__) if not os.path.isabs(sys.argv[0] or "") else __file__
+    launcher = "python"
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        nnodes = env.world_size // int(os.environ["LOCAL_WORLD_SIZE"])
+        launcher = f"torchrun --standalone --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"
+        if nnodes > 1:
+            launcher = f"torchrun --nnodes={nnodes} --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']} ..."
+    extra = "" if cfg.checkpoint_dir == "checkpoints" else f" --checkpoint_dir {cfg.checkpoint_dir}"
+    return f"{launcher} {script}{extra} --resume latest"
+
+
+def resolve_config(flags: dict[str, Any], ckpt: dict[str, Any] | None) -> TrainConfig:
+    """The run's settings: the checkpoint's, overridden by the flags given now. Architecture must not change."""
+    if ckpt is None:
+        return TrainConfig(**flags)
+    saved_args, saved_shape = ckpt["args"], ckpt["model_config"]
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = {k: v for k, v in saved_args.items() if k in known and k not in LAUNCH_FIELDS}
+    merged.update(flags)
+    cfg = TrainConfig(**merged)
+    wanted = dataclasses.asdict(cfg.gpt_config())
+    for name in ARCH_FIELDS:
+        if wanted[name] != saved_shape[name] and (name in flags or "preset" in flags):
+            raise UserError(f"the checkpoint's model has {name}={saved_shape[name]} but the flags ask for "
+                            f"{wanted[name]}; the architecture comes from the checkpoint: drop the conflicting "
+                            "flag, or start a new run in another --checkpoint_dir")
+    changed = [f"{k}: {saved_args.get(k)!r} -> {v!r}" for k, v in flags.items()
+               if k not in LAUNCH_FIELDS and k in saved_args and saved_args[k] != v]
+    if changed:
+        log.warning("settings changed since the checkpoint (the new values apply): %s", "; ".join(changed))
+    return cfg
+
+
+def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSignal) -> dict[str, Any]:
+    """Build everything, restore the checkpoint if any, and run the loop. Returns a summary."""
+    ckpt = CheckpointManager.load(ckpt_path, verify=False) if ckpt_path else None  # verified by resolve()
+    model_config = GPTConfig(**{**ckpt["model_config"], "dropout": cfg.dropout}) if ckpt else cfg.gpt_config()
+
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if env.device.type == "cuda" else "float32")
+
+    def autocast():
+        if dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=env.device.type, dtype=torch.bfloat16)
+
+    # data
+    train_shards, val_shards = find_shards(cfg.data_dir, "train"), find_shards(cfg.data_dir, "val")
+    micro_batch = cfg.batch_size
+    loader = ShardedLoader(train_shards, model_config.block_size, cfg.total_batch_size, micro_batch,
+                           env.rank, env.world_size, cfg.seed, env.device)
+    val_loader = ValLoader(val_shards, model_config.block_size, micro_batch, env.rank, env.world_size, env.device)
+    if val_loader.tokens is None and cfg.eval_freq:
+        log.warning("no validation shards (names containing 'val') in %s: evaluation is off", cfg.data_dir)
+
+    # model and optimizer
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    raw_model = GPT(model_config).to(env.device)
+    optimizer = configure_optimizer(raw_model, cfg, env.device)
+    torch.manual_seed(cfg.seed + 1 + env.rank)  # per-rank dropout streams
+    step, best_val_loss, val_loss, train_loss, elapsed_before = 0, None, None, None, 0.0
+    if ckpt:
+        restore_state(ckpt, raw_model=raw_model, optimizer=optimizer, loader=loader, cfg=cfg, env=env)
+        step, best_val_loss, val_loss = ckpt["step"], ckpt["best_val_loss"], ckpt["val_loss"]
+        train_loss, elapsed_before = ckpt["train_loss"], ckpt["elapsed_seconds"]
+        if ckpt["world_size"] != env.world_size:
+            log.warning("resuming a %d-process checkpoint on %d processes: the token stream continues exactly "
+                        "(same global batch, %d accumulation steps now), but losses will not match the original "
+                        "run bit for bit", ckpt["world_size"], env.world_size, loader.grad_accum_steps)
+        log.info("resumed from %s: step %d, epoch %d, %d tokens seen", ckpt_path, step, ckpt["epoch"],
+                 ckpt["tokens"])
+        del ckpt
+    model: nn.Module = torch.compile(raw_model) if cfg.compile else raw_model
+    eval_model = model
+    if env.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda"
+                                                    else None)
+        settle_ddp_buckets(model, loader, autocast)
+
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.num_epochs * loader.steps_per_epoch
+    manager = CheckpointManager(cfg.checkpoint_dir, cfg.keep_last)
+    if env.is_main:
+        manager.clean_stale_temporaries()
+    metrics = MetricsLog(Path(cfg.log_dir) / "metrics.jsonl", env.is_main)
+    metrics.truncate_after(step)
+    policy = SavePolicy(cfg)
+    log.info("model: %s parameters, %s | data: %d train shards, %d windows of %d tokens, %d steps per epoch",
+             f"{raw_model.num_parameters():,}", model_config, len(train_shards), loader.num_windows,
+             model_config.block_size, loader.steps_per_epoch)
+    log.info("batch: %d tokens per step = %d sequences x %d tokens x %d ranks x %d accumulation steps | "
+             "%d total steps | device %s, dtype %s", cfg.total_batch_size, micro_batch, model_config.block_size,
+             env.world_size, loader.grad_accum_steps, total_steps, env.device, dtype)
+
+    def save(reasons: list[str], epoch_completed: int | None, is_best: bool) -> None:
+        rng_states = gather_rng_states(env)  # collective: every rank takes part
+        if not env.is_main:
+            return
+        t0 = time.monotonic()
+        state = build_state(raw_model=raw_model, optimizer=optimizer, loader=loader, cfg=cfg, step=step,
+                            train_loss=train_loss, val_loss=val_loss, best_val_loss=best_val_loss,
+                            rng_states=rng_states, elapsed_seconds=elapsed_before + time.monotonic() - t_start,
+                            world_size=env.world_size)
+        try:
+            names = manager.save(state, epoch_completed=epoch_completed, is_best=is_best)
+        except OSError as e:
+            log.error("CHECKPOINT SAVE FAILED at step %d (%s): the previous checkpoints are intact, training "
+                      "continues; free disk space or fix %s", step, e, manager.dir)
+            return
+        log.info("checkpoint step %d (%s) -> %s in %.2fs", step, ", ".join(reasons), ", ".join(names),
+                 time.monotonic() - t0)
+
+    t_start = time.monotonic()
+    saved_step = step
+    ema_step_seconds = None
+    while step < total_steps:
+        t0 = time.monotonic()
+        lr = lr_at(step, cfg, total_steps)
+        train_loss, grad_norm = train_step(model, optimizer, loader, env, lr, cfg.grad_clip, autocast)
+        epoch_ended = loader.advance()
+        step += 1
+        dt = time.monotonic() - t0
+        ema_step_seconds = dt if ema_step_seconds is None else 0.9 * ema_step_seconds + 0.1 * dt
+        tokens_per_second = cfg.total_batch_size / dt
+        metrics.write(step=step, epoch=loader.epoch_progress, loss=train_loss, lr=lr, grad_norm=grad_norm,
+                      tokens=step * cfg.total_batch_size, time=elapsed_before + time.monotonic() - t_start,
+                      step_ms=dt * 1000, tokens_per_second=tokens_per_second)
+        if step % cfg.log_freq == 0 or step == total_steps:
+            eta = datetime.timedelta(seconds=round(ema_step_seconds * (total_steps - step)))
+            log.info("step %7d/%d | epoch %.3f | loss %.6f | lr %.3e | grad_norm %.4f | %.1f ms | %.0f tok/s | "
+                     "eta %s", step, total_steps, loader.epoch_progress, train_loss, lr, grad_norm, dt * 1000,
+                     tokens_per_second, eta)
+
+        is_best = False
+        if val_loader.tokens is not None and cfg.eval_freq and (step % cfg.eval_freq == 0 or step == total_steps):
+            val_loss = evaluate(eval_model, val_loader, env, cfg.val_steps, autocast)
+            is_best = best_val_loss is None or val_loss < best_val_loss
+            best_val_loss = val_loss if is_best else best_val_loss
+            metrics.write(step=step, val_loss=val_loss)
+            log.info("step %7d | val_loss %.6f%s", step, val_loss, " (best)" if is_best else "")
+
+        stop_requested, time_due = (v > 0 for v in all_reduce_max(env, [stop.requested, policy.time_due()]))
+        reasons = [name for name, due in (
+            ("interval", policy.step_due(step)), ("timer", time_due), ("epoch end", epoch_ended),
+            ("best val", is_best), ("stop signal", stop_requested), ("final", step == total_steps)) if due]
+        if reasons:
+            save(reasons, loader.epoch if epoch_ended else None, is_best)
+            policy.saved()
+            saved_step = step
+        if stop_requested:
+            break
+
+    if saved_step != step:  # e.g. resumed at or past the end: still leave a checkpoint of the final state
+        save(["final"], None, False)
+    stopped = stop.requested and step < total_steps
+    if stopped:
+        log.info("stopped at step %d of %d. Resume with:\n  %s", step, total_steps, resume_command(env, cfg))
+    else:
+        log.info("training finished at step %d (train loss %s, val loss %s)", step, fmt_loss(train_loss),
+                 fmt_loss(val_loss))
+    return dict(step=step, total_steps=total_steps, train_loss=train_loss, val_loss=val_loss,
+                best_val_loss=best_val_loss, stopped=stopped)
+
+
+def settle_ddp_buckets(model: nn.parallel.DistributedDataParallel, loader: ShardedLoader, autocast) -> None:
+    """Run one throw-away forward/backward so DDP rebuilds its gradient buckets before the first real step.
+
+    DDP regroups gradients after its first iteration. Without this, the first step after a resume would reduce
+    gradients in a different bucket layout than the same step of an uninterrupted run, which can change the
+    summation order across more than two ranks. The weights, the optimizer and the RNG are left untouched."""
+    rng = capture_rng_state()
+    x, y = loader.micro_batch(0)
+    with autocast():
+        _, loss = model(x, y)
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    restore_rng_state(rng)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse flags, set up, train, clean up. Returns a summary; user errors exit 2 with a one-line message."""
+    flags = parse_flags(argv)
+    env = None
+    stop = StopSignal(announce=os.environ.get("RANK", "0") == "0")
+    try:
+        device_flag = flags.get("device", "auto")
+        env = setup_distributed(device_flag)
+        setup_logging(env)
+        stop.install()
+        checkpoint_dir = Path(flags.get("checkpoint_dir", "checkpoints"))
+        manager = CheckpointManager(checkpoint_dir)
+        resume = flags.get("resume")
+        if resume is None:
+            TrainConfig(**flags)  # validate before touching anything
+
+            def refuse_clobber():
+                existing = manager.all_checkpoints()
+                if existing:
+                    raise UserError(f"{checkpoint_dir}/ already holds checkpoints ({existing[0].name}, ...): "
+                                    "continue that run with --resume latest, or start a new one with another "
+                                    "--checkpoint_dir")
+
+            broadcast_from_main(env, refuse_clobber)
+            ckpt_path = None
+        else:
+            ckpt_path = broadcast_from_main(env, lambda: manager.resolve(resume))
+            if ckpt_path is None:
+                log.info("--resume auto: no checkpoint in %s/, starting a new run", checkpoint_dir)
+        ckpt_meta = CheckpointManager.load(ckpt_path, verify=False) if ckpt_path else None
+        cfg = resolve_config(flags, ckpt_meta)
+        del ckpt_meta
+        attach_log_file(env, Path(cfg.log_dir))
+        log.info("train_improved.py at %s | torch %s | python %s | world size %d | %s",
+                 code_version(), torch.__version__, sys.version.split()[0], env.world_size,
+                 "resuming " + str(ckpt_path) if ckpt_path else "new run")
+        log.info("config: %s", json.dumps(dataclasses.asdict(cfg)))
+        summary = train(cfg, env, ckpt_path, stop)
+        if env.distributed:
+            dist.barrier()  # nobody exits while rank 0 may still be writing
+        return summary
+    except UserError as e:
+        if env is None or env.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        stop.uninstall()
+        cleanup_distributed()
+        logging.shutdown()
+
+
+if __name__ == "__main__":
+    main()

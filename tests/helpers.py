@@ -1,0 +1,138 @@
+"""Helpers for the tests: synthetic shards and a runner for real torchrun / python trainer processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINER = ROOT / "src" / "train_improved.py"
+
+# A model small enough that a step takes milliseconds on one CPU core, with the real GPT-2 vocabulary.
+TINY_ARGS = ["--preset", "tiny", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+             "--batch_size", "2", "--warmup_steps", "3", "--learning_rate", "3e-3", "--min_lr", "3e-4",
+             "--val_steps", "2", "--seed", "7"]
+
+
+def consecutive_tokens(start: int, count: int) -> np.ndarray:
+    return (np.arange(start, start + count) % 50000).astype(np.uint16)
+
+
+def write_bin_shard(path: Path, start: int, count: int) -> np.ndarray:
+    """An llm.c .bin shard holding start, start+1, ... (mod 50000)."""
+    tokens = consecutive_tokens(start, count)
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = (20240520, 1, count)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.tobytes())
+    return tokens
+
+
+def write_npy_shard(path: Path, start: int, count: int) -> np.ndarray:
+    tokens = consecutive_tokens(start, count)
+    np.save(path, tokens)
+    return tokens
+
+
+def trainer_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    return env
+
+
+def launch(args: list[str], nproc: int | None = 2, **popen_kwargs) -> subprocess.Popen:
+    """Start the trainer under torchrun (nproc processes) or as a plain python process (nproc=None).
+
+    The launch gets its own process group, so a test can signal or kill -9 the whole job like a terminal would."""
+    if nproc is None:
+        cmd = [sys.executable, str(TRAINER), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(TRAINER), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **popen_kwargs)
+
+
+def run(args: list[str], nproc: int | None = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run the trainer to completion and return its result (stdout and stderr merged)."""
+    proc = launch(args, nproc)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"trainer timed out after {timeout}s:\n{out[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, None)
+
+
+def read_metrics(log_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """(train loss by step, val loss by step) from metrics.jsonl."""
+    train, val = {}, {}
+    for line in (log_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "val_loss" in record:
+            val[record["step"]] = record["val_loss"]
+        else:
+            train[record["step"]] = record["loss"]
+    return train, val
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, interval: float = 0.05) -> None:
+    """Poll until predicate() is true; fail early if proc exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before the condition held:\n"
+                                 f"{proc.stdout.read()[-4000:]}")
+        time.sleep(interval)
+    raise AssertionError("timed out waiting")
+
+
+def last_step(log_dir: Path) -> int:
+    path = log_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendant process ids of pid (torchrun starts each worker in a session of its own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_9_everything(proc: subprocess.Popen) -> None:
+    """kill -9 the launcher and every process under it, at the same instant as far as the OS allows."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in pids[1:]:  # wait until the orphans are really gone
+        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z":
+            time.sleep(0.01)

@@ -1,0 +1,214 @@
+"""CheckpointManager and the checkpoint's content: names, links, retention, hashes, fallback, kill -9 mid-write."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train_improved as T
+from helpers import ROOT
+
+CPU = torch.device("cpu")
+ENV = T.DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)
+
+
+def make_state(shard_dir, step=1, **cfg_overrides):
+    """A real checkpoint state from a tiny model after one optimizer step."""
+    cfg = T.TrainConfig(**{**dict(preset="tiny", n_layer=1, n_head=2, n_embd=16, block_size=32, batch_size=2,
+                                  total_batch_size=256, data_dir=str(shard_dir)), **cfg_overrides})
+    torch.manual_seed(0)
+    model = T.GPT(cfg.gpt_config())
+    optimizer = T.configure_optimizer(model, cfg, CPU)
+    loader = T.ShardedLoader(T.find_shards(str(shard_dir), "train"), 32, 256, 2, 0, 1, 0, CPU)
+    T.train_step(model, optimizer, loader, ENV, 1e-3, 1.0, __import__("contextlib").nullcontext)
+    loader.advance()
+    return T.build_state(raw_model=model, optimizer=optimizer, loader=loader, cfg=cfg, step=step, train_loss=5.0,
+                         val_loss=None, best_val_loss=None, rng_states=T.gather_rng_states(ENV),
+                         elapsed_seconds=1.0, world_size=1)
+
+
+def with_step(state, step):
+    return {**state, "step": step}
+
+
+def test_checkpoint_holds_everything_in_plain_types_and_loads_with_weights_only(tmp_path, shard_dir):
+    state = make_state(shard_dir)
+    manager = T.CheckpointManager(tmp_path / "ck")
+    manager.save(state)
+    loaded = torch.load(tmp_path / "ck" / "latest.pt", weights_only=True)
+    for key in ("step epoch model optimizer train_loss val_loss best_val_loss rng_state dataloader_state args "
+                "model_config world_size timestamp format_version integrity").split():
+        assert key in loaded, key
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in loaded["model"])
+    assert set(loaded["rng_state"][0]) == {"python", "numpy", "torch", "cuda"}
+    # the tied embedding is stored once: the file is about params + 2 Adam moments, not more
+    params = sum(v.numel() for k, v in loaded["model"].items() if k != "lm_head.weight") * 4
+    assert os.path.getsize(tmp_path / "ck" / "latest.pt") < 3 * params * 1.05
+    assert loaded["model"]["lm_head.weight"].data_ptr() == loaded["model"]["transformer.wte.weight"].data_ptr()
+
+
+def test_rng_state_round_trips():
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = T.capture_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.random(), np.random.rand(), torch.rand(3)
+    T.restore_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_names_links_backup_epoch_best_and_retention(tmp_path, shard_dir):
+    manager = T.CheckpointManager(tmp_path / "ck", keep_last=3)
+    base = make_state(shard_dir)
+    for step in range(1, 8):
+        names = manager.save(with_step(base, step), epoch_completed=1 if step == 2 else None, is_best=step == 4)
+        assert names[:2] == [f"rolling_step_{step:06d}.pt", "latest.pt"]
+    ck = tmp_path / "ck"
+    assert sorted(p.name for p in ck.iterdir()) == ["best_model.pt", "epoch_00001.pt", "latest.pt",
+                                                    "latest_backup.pt", "rolling_step_000005.pt",
+                                                    "rolling_step_000006.pt", "rolling_step_000007.pt"]
+    step_of = {p.name: T.CheckpointManager.load(p)["step"] for p in ck.iterdir()}
+    assert step_of["latest.pt"] == 7 and step_of["latest_backup.pt"] == 6
+    assert step_of["epoch_00001.pt"] == 2 and step_of["best_model.pt"] == 4
+    # identical contents are written once: names of the same step share one file
+    assert os.path.samefile(ck / "latest.pt", ck / "rolling_step_000007.pt")
+    assert os.path.samefile(ck / "latest_backup.pt", ck / "rolling_step_000006.pt")
+
+
+def test_copies_where_hard_links_fail(tmp_path, shard_dir, monkeypatch):
+    def no_links(src, dst):
+        raise OSError("links not supported here")
+    monkeypatch.setattr(os, "link", no_links)
+    manager = T.CheckpointManager(tmp_path / "ck")
+    manager.save(make_state(shard_dir), is_best=True)
+    assert not os.path.samefile(tmp_path / "ck" / "latest.pt", tmp_path / "ck" / "best_model.pt")
+    assert T.CheckpointManager.load(tmp_path / "ck" / "best_model.pt")["step"] == 1
+
+
+def test_corruption_and_truncation_are_detected(tmp_path, shard_dir):
+    manager = T.CheckpointManager(tmp_path / "ck")
+    manager.save(make_state(shard_dir))
+    path = tmp_path / "ck" / "latest.pt"
+    data = bytearray(path.read_bytes())
+    T.CheckpointManager.load(path)
+    i = data.find(b"data/0") + 200  # inside the first tensor's bytes
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+    with pytest.raises(T.CheckpointInvalid, match="hash mismatch|unreadable"):
+        T.CheckpointManager.load(flipped)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[:len(data) // 2])
+    with pytest.raises(T.CheckpointInvalid, match="truncated"):
+        T.CheckpointManager.load(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(T.CheckpointInvalid, match="not a checkpoint written by train_improved.py"):
+        T.CheckpointManager.load(foreign)
+
+
+def test_loading_never_runs_code_from_the_file(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "integrity": {}, "x": Payload()}, evil)
+    with pytest.raises(T.CheckpointInvalid, match="unreadable"):
+        T.CheckpointManager.load(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_resolve_falls_back_in_order(tmp_path, shard_dir, caplog):
+    manager = T.CheckpointManager(tmp_path / "ck", keep_last=10)
+    base = make_state(shard_dir)
+    manager.save(with_step(base, 1), epoch_completed=1)
+    for step in (2, 3, 4):
+        manager.save(with_step(base, step))
+    ck = tmp_path / "ck"
+    assert manager.resolve("latest") == ck / "latest.pt"
+    (ck / "latest.pt").write_bytes(b"garbage")  # in place: rolling_step_000004.pt is the same file, hit too
+    assert manager.resolve("latest") == ck / "latest_backup.pt"
+    assert "latest.pt is not usable (truncated, or not a checkpoint" in caplog.text
+    (ck / "latest_backup.pt").unlink()
+    assert manager.resolve("latest") == ck / "rolling_step_000003.pt"
+    for p in ck.glob("rolling_*"):  # replaced by cut-off copies (new files: epoch_00001.pt keeps its own)
+        (tmp_path / "cut").write_bytes(p.read_bytes()[:-10])
+        os.replace(tmp_path / "cut", p)
+    assert manager.resolve("auto") == ck / "epoch_00001.pt"
+    (ck / "epoch_00001.pt").unlink()
+    with pytest.raises(T.UserError, match="no valid checkpoint"):
+        manager.resolve("latest")
+    assert sorted(p.name for p in ck.iterdir())[:2] == ["latest.pt", "rolling_step_000001.pt"]  # nothing deleted
+
+
+def test_resolve_errors_for_named_and_missing_checkpoints(tmp_path, shard_dir):
+    manager = T.CheckpointManager(tmp_path / "ck")
+    assert manager.resolve("auto") is None
+    with pytest.raises(T.UserError, match="no checkpoint in"):
+        manager.resolve("latest")
+    with pytest.raises(T.UserError, match="does not exist"):
+        manager.resolve(str(tmp_path / "nope.pt"))
+    with pytest.raises(T.UserError, match="does not exist"):
+        manager.resolve("best")
+    not_ckpt = tmp_path / "notes.txt"
+    not_ckpt.write_text("hello")
+    with pytest.raises(T.UserError, match="is not usable"):
+        manager.resolve(str(not_ckpt))
+
+
+def test_a_failed_save_leaves_the_previous_checkpoints_intact(tmp_path, shard_dir, monkeypatch):
+    manager = T.CheckpointManager(tmp_path / "ck")
+    base = make_state(shard_dir)
+    manager.save(with_step(base, 1))
+    manager.save(with_step(base, 2))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        manager.save(with_step(base, 3))
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "latest.pt", "latest_backup.pt", "rolling_step_000001.pt", "rolling_step_000002.pt"]
+    assert T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"] == 2
+
+
+WRITER = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import train_improved as T
+manager = T.CheckpointManager(sys.argv[2], keep_last=3)
+big = {"w": torch.randn(4_000_000)}
+step = 0
+while True:
+    step += 1
+    manager.save(dict(format_version=1, step=step, model=big, epoch=0, train_loss=0.0, val_loss=None))
+    print(step, flush=True)
+"""
+
+
+def test_kill_9_at_any_instant_of_writing_leaves_a_valid_recent_checkpoint(tmp_path):
+    """A real writer process saving 16 MB checkpoints in a loop is SIGKILLed at many different instants."""
+    ck = tmp_path / "ck"
+    rng = random.Random(0)
+    for trial in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT / "src"), str(ck)],
+                                stdout=subprocess.PIPE, text=True)
+        completed = [int(proc.stdout.readline())]  # at least one save finished
+        time.sleep(rng.uniform(0.0, 0.4))
+        os.kill(proc.pid, signal.SIGKILL)
+        completed += [int(line) for line in proc.stdout.read().split()]
+        proc.wait()
+        manager = T.CheckpointManager(ck)
+        resumed = manager.resolve("latest")
+        assert resumed == ck / "latest.pt"  # latest is always complete, even mid-write
+        step = T.CheckpointManager.load(resumed)["step"]
+        assert step >= completed[-1]  # nothing acknowledged as saved is lost
+        for p in manager.all_checkpoints():
+            T.CheckpointManager.load(p)  # every name is a complete, valid file
+        manager.clean_stale_temporaries()
+        assert not list(ck.glob(".tmp-*"))
+        manager.dir.rename(tmp_path / f"done{trial}")

@@ -1,0 +1,194 @@
+"""The checkpointing promises, end to end: real torchrun processes, real signals, real kill -9, real files.
+
+A reference run trains 40 steps uninterrupted (2 ranks, dropout on). Every interrupted run must then reproduce
+its per-step losses and its final weights bit for bit."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+import train_improved as T
+from helpers import TINY_ARGS, kill_9_everything, last_step, launch, read_metrics, run, wait_for
+
+STEPS = 40
+
+
+def run_args(root, shard_dir, *extra):
+    return [*TINY_ARGS, "--data_dir", str(shard_dir), "--total_batch_size", "256", "--max_steps", str(STEPS),
+            "--dropout", "0.1", "--checkpoint_freq", "5", "--eval_freq", "10", "--log_freq", "10",
+            "--checkpoint_dir", str(root / "ck"), "--log_dir", str(root / "logs"), *extra]
+
+
+def final_weights(root):
+    return torch.load(root / "ck" / "latest.pt", weights_only=True)["model"]
+
+
+def assert_same_run(root, reference):
+    train, val = read_metrics(root / "logs")
+    ref_train, ref_val = read_metrics(reference / "logs")
+    assert sorted(train) == list(range(1, STEPS + 1))
+    assert train == ref_train  # every step's loss, bit for bit (floats written in full)
+    assert val == ref_val
+    mine, ref = final_weights(root), final_weights(reference)
+    assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from helpers import write_bin_shard
+    d = tmp_path_factory.mktemp("data")
+    write_bin_shard(d / "syn_val_000000.bin", start=0, count=4000)
+    write_bin_shard(d / "syn_train_000001.bin", start=10_000, count=6000)
+    write_bin_shard(d / "syn_train_000002.bin", start=20_000, count=5000)
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("reference")
+    result = run(run_args(root, data))
+    assert result.returncode == 0, result.stdout[-3000:]
+    return root
+
+
+def interrupt(root, data, send, after_step=12):
+    """Launch the run, let it pass `after_step`, then call send(proc). Returns the finished process's output."""
+    proc = launch(run_args(root, data))
+    wait_for(lambda: last_step(root / "logs") >= after_step, timeout=120, proc=proc)
+    send(proc)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out
+
+
+def resume(root, data, *extra, nproc=2):
+    result = run(run_args(root, data, "--resume", "latest", *extra), nproc=nproc)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return result.stdout
+
+
+def test_kill_9_of_every_process_then_resume_is_bit_exact(tmp_path, data, reference):
+    code, _ = interrupt(tmp_path, data, kill_9_everything, after_step=17)
+    assert code == -signal.SIGKILL
+    killed_at = last_step(tmp_path / "logs")
+    saved = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]
+    assert saved % 5 == 0 and saved <= killed_at < STEPS
+    out = resume(tmp_path, data)
+    assert f"resumed from {tmp_path / 'ck' / 'latest.pt'}: step {saved}," in out
+    assert_same_run(tmp_path, reference)
+
+
+def test_ctrl_c_saves_at_the_step_boundary_and_resume_is_bit_exact(tmp_path, data, reference):
+    # a terminal's Ctrl+C goes to its foreground process group: torchrun, which forwards it to the workers
+    code, out = interrupt(tmp_path, data, lambda p: os.killpg(p.pid, signal.SIGINT))
+    stopped = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]
+    assert stopped == last_step(tmp_path / "logs") < STEPS  # the checkpoint is of the very step it stopped at
+    assert f"checkpoint step {stopped} (stop signal" in out
+    assert f"stopped at step {stopped} of {STEPS}. Resume with:" in out and "--resume latest" in out
+    assert "second SIGINT" not in out  # the forwarded duplicate did not abort the save
+    resume(tmp_path, data)
+    assert_same_run(tmp_path, reference)
+
+
+def test_sigterm_to_torchrun_alone_stops_all_ranks_and_resume_is_bit_exact(tmp_path, data, reference):
+    code, out = interrupt(tmp_path, data, lambda p: os.kill(p.pid, signal.SIGTERM))
+    stopped = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]
+    assert stopped == last_step(tmp_path / "logs")
+    assert "SIGTERM received" in out and "exitcode" not in out  # no worker failed: both exited 0
+    resume(tmp_path, data)
+    assert_same_run(tmp_path, reference)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncate"])
+def test_damaged_latest_falls_back_to_the_backup_and_still_ends_bit_exact(tmp_path, data, reference, damage):
+    interrupt(tmp_path, data, kill_9_everything, after_step=17)
+    latest = tmp_path / "ck" / "latest.pt"
+    backup_step = T.CheckpointManager.load(tmp_path / "ck" / "latest_backup.pt")["step"]
+    with open(latest, "r+b") as f:  # damage the file in place, as a failing disk would
+        if damage == "corrupt":
+            f.seek(os.path.getsize(latest) // 2)
+            f.write(b"\xde\xad\xbe\xef" * 64)
+        else:
+            f.truncate(os.path.getsize(latest) // 3)
+    out = resume(tmp_path, data)
+    assert "latest.pt is not usable" in out and "falling back" in out
+    assert f"resumed from {tmp_path / 'ck' / 'latest_backup.pt'}: step {backup_step}," in out
+    assert_same_run(tmp_path, reference)
+
+
+def test_retention_across_two_epochs(tmp_path, data):
+    # 512 tokens per step = 16 windows: 343 // 16 = 21 steps per epoch
+    args = [*TINY_ARGS, "--data_dir", str(data), "--total_batch_size", "512", "--num_epochs", "2",
+            "--checkpoint_freq", "4", "--keep_last", "3", "--eval_freq", "0",
+            "--checkpoint_dir", str(tmp_path / "ck"), "--log_dir", str(tmp_path / "logs")]
+    result = run(args)
+    assert result.returncode == 0, result.stdout[-3000:]
+    ck = tmp_path / "ck"
+    assert sorted(p.name for p in ck.iterdir()) == [
+        "epoch_00001.pt", "epoch_00002.pt", "latest.pt", "latest_backup.pt",
+        "rolling_step_000036.pt", "rolling_step_000040.pt", "rolling_step_000042.pt"]
+    step = {p.name: T.CheckpointManager.load(p)["step"] for p in ck.iterdir()}
+    assert step["epoch_00001.pt"] == 21 and step["epoch_00002.pt"] == 42 == step["latest.pt"]
+    assert T.CheckpointManager.load(ck / "epoch_00001.pt")["epoch"] == 1
+    for p in ck.iterdir():  # every file loads without running code from it
+        assert torch.load(p, weights_only=True)["format_version"] == 1
+
+
+def test_starting_again_without_resume_refuses_to_touch_the_checkpoints(tmp_path, data, reference):
+    ck = reference / "ck"
+    before = {p.name: p.stat().st_mtime_ns for p in ck.iterdir()}
+    result = run(run_args(reference, data), nproc=None)
+    assert result.returncode == 2
+    assert "already holds checkpoints" in result.stdout and "--resume latest" in result.stdout
+    assert "Traceback" not in result.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in ck.iterdir()} == before
+
+
+def test_resume_on_another_world_size_continues_the_same_token_stream(tmp_path, data, reference):
+    interrupt(tmp_path, data, lambda p: os.killpg(p.pid, signal.SIGINT))
+    out = resume(tmp_path, data, nproc=None)  # a GPU died: one process instead of two
+    assert "resuming a 2-process checkpoint on 1 processes" in out and "bit for bit" in out
+    mine = torch.load(tmp_path / "ck" / "latest.pt", weights_only=True)
+    ref = torch.load(reference / "ck" / "latest.pt", weights_only=True)
+    assert mine["step"] == STEPS and mine["dataloader_state"] == ref["dataloader_state"]
+    train, _ = read_metrics(tmp_path / "logs")
+    ref_train, _ = read_metrics(reference / "logs")
+    assert sorted(train) == list(range(1, STEPS + 1))
+    assert abs(train[STEPS] - ref_train[STEPS]) < 0.05  # same data, same schedule: close, not identical
+
+
+def test_resume_auto_starts_fresh_then_continues(tmp_path, data):
+    args = run_args(tmp_path, data, "--resume", "auto")
+    args[args.index("--max_steps") + 1] = "6"
+    first = run(args, nproc=None)
+    assert first.returncode == 0 and "no checkpoint" in first.stdout
+    args[args.index("--max_steps") + 1] = "9"
+    second = run(args, nproc=None)
+    assert second.returncode == 0 and "resumed from" in second.stdout and ": step 6," in second.stdout
+    assert "max_steps: 6 -> 9" in second.stdout  # changed settings are listed
+    assert last_step(tmp_path / "logs") == 9
+
+
+@pytest.mark.parametrize("make_path,extra,message", [
+    (lambda ck: ck / "nothing_here.pt", [], "does not exist"),
+    (lambda ck: ck, [], "is not usable"),  # a directory
+    (lambda ck: ck / "notes.pt", [], "not usable (truncated, or not a checkpoint"),
+    (lambda ck: ck / "latest.pt", ["--n_layer", "3"], "n_layer=2 but the flags ask for 3"),
+])
+def test_bad_resume_targets_are_one_line_errors(tmp_path, data, reference, make_path, extra, message):
+    (reference / "ck" / "notes.pt").write_text("not a checkpoint") if not (reference / "ck" / "notes.pt").exists() \
+        else None
+    args = run_args(tmp_path, data, "--resume", str(make_path(reference / "ck")), *extra)
+    args[args.index("--checkpoint_dir") + 1] = str(reference / "ck")
+    result = run(args, nproc=None)
+    (reference / "ck" / "notes.pt").unlink(missing_ok=True)
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("error: ") and message in result.stdout
+    assert "Traceback" not in result.stdout
+
+
+def test_empty_checkpoint_dir_with_resume_latest_is_a_one_line_error(tmp_path, data):
+    (tmp_path / "ck").mkdir()
+    result = run(run_args(tmp_path, data, "--resume", "latest"), nproc=None)
+    assert result.returncode == 2 and "no checkpoint in" in result.stdout and "Traceback" not in result.stdout
