@@ -1093,7 +1093,7 @@ class SavePolicy:
 
 def resume_command(env: DistEnv, cfg: TrainConfig) -> str:
     """The exact command that continues this run."""
-    script = os.path.relpath(__file__) if not os.path.isabs(sys.argv[0] or "") else __file__
+    script = sys.argv[0] if sys.argv[0].endswith(".py") else os.path.relpath(__file__)  # as the user typed it
     launcher = "python"
     if "LOCAL_WORLD_SIZE" in os.environ:
         nnodes = env.world_size // int(os.environ["LOCAL_WORLD_SIZE"])
