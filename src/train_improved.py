@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import shutil
 import signal
@@ -148,8 +149,12 @@ class TrainConfig:
     checkpoint_dir: str = opt("checkpoints", "where checkpoints are written and looked for", "checkpointing")
     checkpoint_freq: int = opt(250, "save every this many steps (0: only epoch ends, best, stop, end)",
                                "checkpointing")
-    checkpoint_minutes: float | None = opt(None, "also save when this many minutes passed since the last save",
-                                           "checkpointing", type=float)
+    checkpoint_minutes: float = opt(1.0, "also save when this many minutes passed since the last save (0: off)",
+                                    "checkpointing")
+    async_checkpoint: bool = opt(True, "write checkpoints in the background; training waits only for the copy "
+                                 "to host memory", "checkpointing")
+    max_checkpoint_overhead: float = opt(0.02, "fraction of training time checkpointing may block the loop; "
+                                         "saves are spaced out to stay within it", "checkpointing")
     keep_last: int = opt(10, "rolling checkpoints to keep", "checkpointing")
     resume: str | None = opt(None, "latest | latest_backup | best | auto | PATH", "checkpointing", type=str)
 
@@ -163,8 +168,10 @@ class TrainConfig:
                 raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"--max_steps must be at least 1, got {self.max_steps}")
-        if self.checkpoint_minutes is not None and self.checkpoint_minutes <= 0:
-            raise UserError("--checkpoint_minutes must be positive (leave it out to save by steps only)")
+        if self.checkpoint_minutes < 0:
+            raise UserError("--checkpoint_minutes must be 0 (off) or positive")
+        if not 0 < self.max_checkpoint_overhead <= 1:
+            raise UserError("--max_checkpoint_overhead is a fraction of training time in (0, 1], e.g. 0.02")
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
             raise UserError(f"need 0 <= --min_lr ({self.min_lr}) <= --learning_rate ({self.learning_rate}), "
                             "and --learning_rate > 0")
@@ -612,6 +619,10 @@ class ValLoader:
 # 6. checkpointing
 # ---------------------------------------------------------------------------------------------------------------
 
+class InsufficientDiskSpace(OSError):
+    """A save skipped because the checkpoint would not fit on the disk."""
+
+
 class CheckpointInvalid(Exception):
     """A checkpoint file that must not be used: missing, unreadable, not ours, or failing its content hash."""
 
@@ -702,13 +713,16 @@ def build_state(*, raw_model: nn.Module, optimizer: torch.optim.Optimizer, loade
                 cfg: TrainConfig, step: int, train_loss: float | None, val_loss: float | None,
                 best_val_loss: float | None, rng_states: list, elapsed_seconds: float,
                 world_size: int) -> dict[str, Any]:
-    """The one place that knows what a checkpoint holds. Plain types only, so weights_only loading works."""
+    """The one place that knows what a checkpoint holds. Plain types only, so weights_only loading works.
+
+    Tensors are the live ones: hand the result to CheckpointWriter.submit (which snapshots them) before the next
+    optimizer step."""
     return dict(
         format_version=CHECKPOINT_FORMAT_VERSION,
         step=step,
         epoch=loader.epoch,  # completed epochs
-        model=to_cpu_copy(raw_model.state_dict()),
-        optimizer=to_cpu_copy(optimizer.state_dict()),
+        model=raw_model.state_dict(),  # live tensors: CheckpointWriter snapshots them
+        optimizer=optimizer.state_dict(),
         train_loss=train_loss,
         val_loss=val_loss,
         best_val_loss=best_val_loss,
@@ -787,6 +801,7 @@ class CheckpointManager:
         """Write `state` and give it its names. Raises OSError on failure, leaving every old name intact."""
         self.dir.mkdir(parents=True, exist_ok=True)
         step = state["step"]
+        self.make_room(expected_size(state))
         state["integrity"] = dict(algorithm="sha256", digest=content_digest(state))
         tmp = self.dir / f".tmp-{step:06d}-{os.getpid()}.pt"
         try:
@@ -812,6 +827,31 @@ class CheckpointManager:
             tmp.unlink(missing_ok=True)
         self.prune()
         return [p.name for p in names]
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.dir).free
+
+    def make_room(self, needed_bytes: int) -> None:
+        """Make sure a checkpoint of needed_bytes fits: delete the oldest rolling checkpoints if it does not
+        (only files no other name shares, never the newest one), else raise InsufficientDiskSpace."""
+        needed = int(needed_bytes * 1.05) + (16 << 20)  # serialization overhead and a margin
+        free = self.free_bytes()
+        if free >= needed:
+            return
+        for _, path in self._numbered("rolling_step_")[:-1]:
+            st = path.stat()
+            if st.st_nlink > 1:  # also latest, latest_backup, an epoch or the best file: deleting frees nothing
+                continue
+            path.unlink()
+            free += st.st_size
+            log.warning("disk nearly full: deleted %s (%s) to make room for the next checkpoint", path.name,
+                        format_bytes(st.st_size))
+            if free >= needed:
+                return
+        raise InsufficientDiskSpace(
+            f"not enough free space in {self.dir}/ for a checkpoint: need about {format_bytes(needed)}, "
+            f"{format_bytes(free)} free; this save is skipped and the earlier checkpoints are kept. Free space or "
+            "lower --keep_last")
 
     def _place(self, src: Path, dst: Path) -> None:
         """Atomically make `dst` the same content as `src`: a hard link, or a durable copy where links fail."""
@@ -901,6 +941,122 @@ class CheckpointManager:
         return path
 
 
+class CheckpointWriter:
+    """Saves checkpoints without stopping training for the write.
+
+    submit() snapshots the state into host buffers that are allocated once and reused (pinned memory filled on
+    a side CUDA stream on GPU; a background copy on CPU). The training loop may run the next forward and
+    backward passes meanwhile; fence(), called before the next optimizer step, waits until the copy is complete,
+    because that step changes the tensors being copied. Hashing, serialization, fsync, renames and pruning run
+    in a background thread. At most one save is in flight, so the extra host memory is one checkpoint.
+    With asynchronous=False, submit() does all of it before returning (a plain synchronous save).
+    """
+
+    def __init__(self, manager: CheckpointManager, asynchronous: bool = True):
+        self.manager, self.asynchronous = manager, asynchronous
+        self._buffers: dict[Any, torch.Tensor] = {}
+        self._thread: threading.Thread | None = None
+        self._copied = threading.Event()
+        self._copied.set()
+        self._cuda_event: Any = None
+        self._stream: Any = None
+        self._fence_pending = False
+        self.results: queue.SimpleQueue = queue.SimpleQueue()  # one dict per finished save
+        self.blocked_seconds = 0.0  # of the save in progress: submit() plus the fence's wait
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, state: dict[str, Any], *, epoch_completed: int | None = None, is_best: bool = False) -> None:
+        t0 = time.monotonic()
+        self.wait()
+        if not self.asynchronous:
+            self._write(to_cpu_copy(state), epoch_completed, is_best, t0)
+            self.blocked_seconds = time.monotonic() - t0
+            return
+        snapshot, copies = self._plan(state)
+        cuda = [(src, dst) for src, dst in copies if src.is_cuda]
+        self._cuda_event = None
+        if cuda:
+            self._stream = self._stream or torch.cuda.Stream()
+            self._stream.wait_stream(torch.cuda.current_stream())  # the step that produced the state is done
+            with torch.cuda.stream(self._stream):
+                for src, dst in cuda:
+                    dst.copy_(src, non_blocking=True)
+            self._cuda_event = torch.cuda.Event()
+            self._cuda_event.record(self._stream)
+        self._copied.clear()
+        self._fence_pending = True
+        cpu = [(src, dst) for src, dst in copies if not src.is_cuda]
+        self._thread = threading.Thread(target=self._run, args=(snapshot, cpu, epoch_completed, is_best, t0),
+                                        name="checkpoint-writer", daemon=True)
+        self._thread.start()
+        self.blocked_seconds = time.monotonic() - t0
+
+    def fence(self) -> None:
+        """Call before anything changes the model or optimizer tensors (the optimizer step)."""
+        if not self._fence_pending:
+            return
+        t0 = time.monotonic()
+        if self._cuda_event is not None:
+            torch.cuda.current_stream().wait_event(self._cuda_event)  # orders the GPU, does not block the host
+        self._copied.wait()
+        self._fence_pending = False
+        self.blocked_seconds += time.monotonic() - t0
+
+    def wait(self) -> None:
+        """Block until the save in flight, if any, is on disk (or failed)."""
+        self.fence()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _plan(self, state: Any) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The state with every tensor replaced by its host buffer, and the (source, buffer) copies to make.
+        Tensors that share memory (tied weights) share one buffer, so they stay shared in the file."""
+        copies: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def walk(o: Any, path: tuple) -> Any:
+            if isinstance(o, torch.Tensor):
+                key = (o.device, o.untyped_storage().data_ptr(), o.storage_offset(), o.shape, o.stride(), o.dtype)
+                if key not in copies:
+                    buf = self._buffers.get(path)
+                    if buf is None or buf.shape != o.shape or buf.dtype != o.dtype:
+                        buf = torch.empty(o.shape, dtype=o.dtype, pin_memory=o.is_cuda)
+                        self._buffers[path] = buf
+                    copies[key] = (o.detach(), buf)
+                return copies[key][1]
+            if isinstance(o, dict):
+                return {k: walk(v, path + (k,)) for k, v in o.items()}
+            if isinstance(o, (list, tuple)):
+                return type(o)(walk(v, path + (i,)) for i, v in enumerate(o))
+            return o
+
+        snapshot = walk(state, ())
+        return snapshot, list(copies.values())
+
+    def _run(self, snapshot: dict[str, Any], cpu_copies: list, epoch_completed: int | None, is_best: bool,
+             t0: float) -> None:
+        try:
+            for src, dst in cpu_copies:
+                dst.copy_(src)
+        finally:
+            self._copied.set()
+        if self._cuda_event is not None:
+            self._cuda_event.synchronize()
+        self._write(snapshot, epoch_completed, is_best, t0)
+
+    def _write(self, snapshot: dict[str, Any], epoch_completed: int | None, is_best: bool, t0: float) -> None:
+        result = dict(step=snapshot["step"], names=[], error=None)
+        try:
+            result["names"] = self.manager.save(snapshot, epoch_completed=epoch_completed, is_best=is_best)
+        except Exception as e:  # reported by the training loop; the run goes on
+            result["error"] = f"{type(e).__name__}: {e}"
+        result["write_seconds"] = time.monotonic() - t0
+        self.results.put(result)
+
+
 def fsync_dir(directory: Path) -> None:
     """Make renames in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)
@@ -935,6 +1091,31 @@ def list_checkpoints_cli(argv: list[str] | None = None) -> int:
             status, row = f"INVALID: {e}", ("-", "-", "-", "-")
         print(f"{p.name:<28} {row[0]:>8} {row[1]:>5} {row[2]:>10} {row[3]:>9} {size:>9} {age:>8}  {status}")
     return 1 if bad else 0
+
+
+def expected_size(state: Any) -> int:
+    """Bytes of tensor data in a state, counting shared tensors once (about the file's size)."""
+    seen, total, todo = set(), 0, [state]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, torch.Tensor):
+            key = (o.untyped_storage().data_ptr(), o.storage_offset(), o.shape)
+            if key not in seen:
+                seen.add(key)
+                total += o.numel() * o.element_size()
+        elif isinstance(o, dict):
+            todo.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            todo.extend(o)
+    return total
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def fmt_loss(x: float | None) -> str:
@@ -977,8 +1158,11 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: ShardedLoader, env: DistEnv,
-               lr: float, grad_clip: float, autocast) -> tuple[float, float]:
-    """One optimizer step over grad_accum_steps micro-batches. Returns (mean loss over all ranks, grad norm)."""
+               lr: float, grad_clip: float, autocast, fence=lambda: None) -> tuple[float, float]:
+    """One optimizer step over grad_accum_steps micro-batches. Returns (mean loss over all ranks, grad norm).
+
+    fence() is called right before the weights change, so a checkpoint snapshot can finish copying them while
+    the forward and backward passes run."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=env.device)
@@ -997,6 +1181,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Shard
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    fence()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum.item(), grad_norm.item()
@@ -1073,22 +1258,54 @@ class StopSignal:
 
 
 class SavePolicy:
-    """Decides, at each step boundary, whether a checkpoint is due and why."""
+    """When a periodic checkpoint is due: every checkpoint_freq steps and every checkpoint_minutes, spaced out
+    when saving that often would block training for more than max_checkpoint_overhead of the time, or would
+    start before the previous save has finished writing. Rank 0 decides; all_reduce_max hands the decision to
+    every rank, so no rank saves or waits alone. Epoch ends, new best models, stops and the end always save."""
 
     def __init__(self, cfg: TrainConfig):
         self.every_steps = cfg.checkpoint_freq
-        self.every_seconds = None if cfg.checkpoint_minutes is None else cfg.checkpoint_minutes * 60
+        self.every_seconds = cfg.checkpoint_minutes * 60
+        self.budget = cfg.max_checkpoint_overhead
+        self.stretch = 1  # the step interval in force is every_steps * stretch
+        self.min_gap_seconds = 0.0
         self.last_save_time = time.monotonic()
+        self.waiting_for_writer = False
 
-    def time_due(self) -> bool:
-        """Wall-clock trigger; rank 0's clock decides, agreed through all_reduce_max."""
-        return self.every_seconds is not None and time.monotonic() - self.last_save_time >= self.every_seconds
-
-    def step_due(self, step: int) -> bool:
-        return self.every_steps > 0 and step % self.every_steps == 0
+    def periodic_due(self, step: int, writer_busy: bool) -> bool:
+        since = time.monotonic() - self.last_save_time
+        by_steps = self.every_steps > 0 and step % (self.every_steps * self.stretch) == 0
+        by_time = self.every_seconds > 0 and since >= max(self.every_seconds, self.min_gap_seconds)
+        if not (by_steps or by_time) or since < self.min_gap_seconds:
+            return False
+        if writer_busy:  # never two saves in flight: this one moves to the next step after the write ends
+            if not self.waiting_for_writer:
+                log.warning("a checkpoint is due at step %d but the previous one is still being written; "
+                            "saving as soon as it is done", step)
+            self.waiting_for_writer = True
+            return False
+        self.waiting_for_writer = False
+        return True
 
     def saved(self) -> None:
         self.last_save_time = time.monotonic()
+
+    def record(self, blocked_seconds: float, write_seconds: float, step_seconds: float | None) -> None:
+        """Space saves so that blocked time stays within the budget and writes never overlap."""
+        self.min_gap_seconds = max(blocked_seconds / self.budget, write_seconds)
+        if self.every_steps and step_seconds:
+            stretch = max(1, math.ceil(self.min_gap_seconds / (step_seconds * self.every_steps)))
+            if stretch > self.stretch:
+                log.warning("checkpoint cost: %.3f s of blocked training and %.2f s of writing per save; saving "
+                            "every %d steps (%.1f s) would exceed the %.1f%% overhead budget or overlap writes: "
+                            "saving every %d steps (%.1f s) instead", blocked_seconds, write_seconds,
+                            self.every_steps * self.stretch, self.every_steps * self.stretch * step_seconds,
+                            100 * self.budget, self.every_steps * stretch, self.every_steps * stretch * step_seconds)
+            self.stretch = stretch
+
+    @property
+    def interval_steps(self) -> int:
+        return self.every_steps * self.stretch
 
 
 def resume_command(env: DistEnv, cfg: TrainConfig) -> str:
@@ -1191,31 +1408,44 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
              "%d total steps | device %s, dtype %s", cfg.total_batch_size, micro_batch, model_config.block_size,
              env.world_size, loader.grad_accum_steps, total_steps, env.device, dtype)
 
+    writer = CheckpointWriter(manager, asynchronous=cfg.async_checkpoint)
+
     def save(reasons: list[str], epoch_completed: int | None, is_best: bool) -> None:
         rng_states = gather_rng_states(env)  # collective: every rank takes part
         if not env.is_main:
             return
-        t0 = time.monotonic()
         state = build_state(raw_model=raw_model, optimizer=optimizer, loader=loader, cfg=cfg, step=step,
                             train_loss=train_loss, val_loss=val_loss, best_val_loss=best_val_loss,
                             rng_states=rng_states, elapsed_seconds=elapsed_before + time.monotonic() - t_start,
                             world_size=env.world_size)
-        try:
-            names = manager.save(state, epoch_completed=epoch_completed, is_best=is_best)
-        except OSError as e:
-            log.error("CHECKPOINT SAVE FAILED at step %d (%s): the previous checkpoints are intact, training "
-                      "continues; free disk space or fix %s", step, e, manager.dir)
-            return
-        log.info("checkpoint step %d (%s) -> %s in %.2fs", step, ", ".join(reasons), ", ".join(names),
-                 time.monotonic() - t0)
+        writer.submit(state, epoch_completed=epoch_completed, is_best=is_best)
+        policy.saved()
+        pending_reasons[step] = reasons
+
+    def report_saves() -> None:
+        """Log the saves the writer finished since the last call, and let the policy learn their cost."""
+        while not writer.results.empty():
+            r = writer.results.get()
+            reasons = ", ".join(pending_reasons.pop(r["step"], []))
+            if r["error"]:
+                log.error("CHECKPOINT SAVE FAILED at step %d (%s): %s. The previous checkpoints are intact and "
+                          "training continues", r["step"], reasons, r["error"])
+                continue
+            blocked = writer.blocked_seconds
+            log.info("checkpoint step %d (%s) -> %s | blocked %.1f ms, written in %.2f s", r["step"], reasons,
+                     ", ".join(r["names"]), blocked * 1000, r["write_seconds"])
+            metrics.write(step=r["step"], checkpoint_blocked_seconds=blocked,
+                          checkpoint_write_seconds=r["write_seconds"], checkpoint_interval_steps=policy.interval_steps)
+            policy.record(blocked, r["write_seconds"], ema_step_seconds)
 
     t_start = time.monotonic()
     saved_step = step
     ema_step_seconds = None
+    pending_reasons: dict[int, list[str]] = {}
     while step < total_steps:
         t0 = time.monotonic()
         lr = lr_at(step, cfg, total_steps)
-        train_loss, grad_norm = train_step(model, optimizer, loader, env, lr, cfg.grad_clip, autocast)
+        train_loss, grad_norm = train_step(model, optimizer, loader, env, lr, cfg.grad_clip, autocast, writer.fence)
         epoch_ended = loader.advance()
         step += 1
         dt = time.monotonic() - t0
@@ -1238,19 +1468,22 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
             metrics.write(step=step, val_loss=val_loss)
             log.info("step %7d | val_loss %.6f%s", step, val_loss, " (best)" if is_best else "")
 
-        stop_requested, time_due = (v > 0 for v in all_reduce_max(env, [stop.requested, policy.time_due()]))
+        report_saves()
+        periodic = env.is_main and policy.periodic_due(step, writer.busy)
+        stop_requested, periodic = (v > 0 for v in all_reduce_max(env, [stop.requested, periodic]))
         reasons = [name for name, due in (
-            ("interval", policy.step_due(step)), ("timer", time_due), ("epoch end", epoch_ended),
-            ("best val", is_best), ("stop signal", stop_requested), ("final", step == total_steps)) if due]
+            ("periodic", periodic), ("epoch end", epoch_ended), ("best val", is_best),
+            ("stop signal", stop_requested), ("final", step == total_steps)) if due]
         if reasons:
             save(reasons, loader.epoch if epoch_ended else None, is_best)
-            policy.saved()
             saved_step = step
         if stop_requested:
             break
 
     if saved_step != step:  # e.g. resumed at or past the end: still leave a checkpoint of the final state
         save(["final"], None, False)
+    writer.wait()  # the last save is on disk before we report or exit
+    report_saves()
     stopped = stop.requested and step < total_steps
     if stopped:
         log.info("stopped at step %d of %d. Resume with:\n  %s", step, total_steps, resume_command(env, cfg))

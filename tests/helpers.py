@@ -18,7 +18,7 @@ TRAINER = ROOT / "src" / "train_improved.py"
 # A model small enough that a step takes milliseconds on one CPU core, with the real GPT-2 vocabulary.
 TINY_ARGS = ["--preset", "tiny", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
              "--batch_size", "2", "--warmup_steps", "3", "--learning_rate", "3e-3", "--min_lr", "3e-4",
-             "--val_steps", "2", "--seed", "7"]
+             "--val_steps", "2", "--seed", "7", "--checkpoint_minutes", "0"]
 
 
 def consecutive_tokens(start: int, count: int) -> np.ndarray:
@@ -80,7 +80,7 @@ def read_metrics(log_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
         record = json.loads(line)
         if "val_loss" in record:
             val[record["step"]] = record["val_loss"]
-        else:
+        elif "loss" in record:  # checkpoint records carry neither
             train[record["step"]] = record["loss"]
     return train, val
 
@@ -102,7 +102,7 @@ def last_step(log_dir: Path) -> int:
     path = log_dir / "metrics.jsonl"
     if not path.exists():
         return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
     return max(steps, default=0)
 
 

@@ -32,7 +32,8 @@ def test_preset_overrides():
     (dict(preset="tiny", n_head=3), "divisible by n_head"),
     (dict(batch_size=0), "--batch_size must be at least 1"),
     (dict(min_lr=1.0, learning_rate=0.1), "--min_lr"),
-    (dict(checkpoint_minutes=0.0), "--checkpoint_minutes"),
+    (dict(checkpoint_minutes=-1.0), "--checkpoint_minutes"),
+    (dict(max_checkpoint_overhead=0.0), "--max_checkpoint_overhead"),
     (dict(dropout=1.0), "dropout"),
     (dict(max_steps=0), "--max_steps"),
 ])
