@@ -21,6 +21,11 @@ TINY_ARGS = ["--preset", "tiny", "--n_layer", "2", "--n_head", "2", "--n_embd", 
              "--val_steps", "2", "--seed", "7", "--checkpoint_minutes", "0"]
 
 
+# Saves exactly when due (no background writer that may still be busy, no overhead budget to stretch the
+# interval): for tests that assert which checkpoint files exist.
+EXACT_SAVES = ["--no-async_checkpoint", "--max_checkpoint_overhead", "1"]
+
+
 def consecutive_tokens(start: int, count: int) -> np.ndarray:
     return (np.arange(start, start + count) % 50000).astype(np.uint16)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_improved as T
-from helpers import TINY_ARGS, read_metrics, run
+from helpers import EXACT_SAVES, TINY_ARGS, read_metrics, run
 
 
 def args_for(tmp_path, shard_dir, *extra):
@@ -16,7 +16,7 @@ def args_for(tmp_path, shard_dir, *extra):
 
 def test_two_process_torchrun_run_trains_logs_and_checkpoints(tmp_path, shard_dir):
     result = run(args_for(tmp_path, shard_dir, "--max_steps", "12", "--eval_freq", "6", "--checkpoint_freq", "5",
-                          "--learning_rate", "1e-2"))
+                          "--learning_rate", "1e-2", *EXACT_SAVES))
     assert result.returncode == 0, result.stdout[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]

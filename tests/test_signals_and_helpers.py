@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_improved as T
-from helpers import ROOT, TINY_ARGS, TRAINER, last_step, launch, run, trainer_env, wait_for
+from helpers import EXACT_SAVES, ROOT, TINY_ARGS, TRAINER, last_step, launch, run, trainer_env, wait_for
 
 STOPPER = """
 import os, signal, sys, time
@@ -43,7 +43,7 @@ def test_a_repeated_signal_is_ignored_but_a_deliberate_second_one_aborts():
 
 
 def base_args(tmp_path, shard_dir, *extra):
-    return [*TINY_ARGS, "--data_dir", str(shard_dir), "--total_batch_size", "128", "--checkpoint_dir",
+    return [*TINY_ARGS, *EXACT_SAVES, "--data_dir", str(shard_dir), "--total_batch_size", "128", "--checkpoint_dir",
             str(tmp_path / "ck"), "--log_dir", str(tmp_path / "logs"), "--eval_freq", "4", "--checkpoint_freq",
             "4", *extra]
 
@@ -79,7 +79,7 @@ def test_list_checkpoints_shows_every_file_and_flags_damage(tmp_path, shard_dir)
                                "--verify"], capture_output=True, text=True, env=trainer_env())
     assert verified.returncode == 1
     status = {line.split()[0]: line for line in verified.stdout.splitlines()[1:]}
-    assert "INVALID: content hash mismatch" in status["rolling_step_000004.pt"]
+    assert "INVALID: checksum mismatch" in status["rolling_step_000004.pt"]
     assert "INVALID" in status["latest_backup.pt"]  # the same file under its other name
     assert status["latest.pt"].endswith("valid")
 
