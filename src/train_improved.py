@@ -333,15 +333,17 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
 
-    def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step` (work lost in a crash), so a resumed run continues one clean history."""
+    def truncate_after(self, step: int) -> int:
+        """Drop lines logged after `step` (work lost in a crash), so a resumed run continues one clean history.
+        Returns the last training step the file had recorded."""
         if not self.enabled or not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+            return step
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        last = max([r["step"] for r in records if "loss" in r], default=step)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
         os.replace(tmp, self.path)
+        return last
 
     def write(self, **record: Any) -> None:
         if self.enabled:
@@ -1383,7 +1385,9 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
     optimizer = configure_optimizer(raw_model, cfg, env.device)
     torch.manual_seed(cfg.seed + 1 + env.rank)  # per-rank dropout streams
     step, best_val_loss, val_loss, train_loss, elapsed_before = 0, None, None, None, 0.0
+    resumed_from = None
     if ckpt:
+        resumed_from = ckpt["step"]
         restore_state(ckpt, raw_model=raw_model, optimizer=optimizer, loader=loader, cfg=cfg, env=env)
         step, best_val_loss, val_loss = ckpt["step"], ckpt["best_val_loss"], ckpt["val_loss"]
         train_loss, elapsed_before = ckpt["train_loss"], ckpt["elapsed_seconds"]
@@ -1406,7 +1410,14 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
     if env.is_main:
         manager.clean_stale_temporaries()
     metrics = MetricsLog(Path(cfg.log_dir) / "metrics.jsonl", env.is_main)
-    metrics.truncate_after(step)
+    last_logged_step = metrics.truncate_after(step)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # set by torchrun --max-restarts
+    if restart or (resumed_from is not None and last_logged_step > step):
+        lost = max(0, last_logged_step - step)
+        log.warning("%sresumed at step %d: %d step(s) of work lost%s",
+                    f"torchrun restart {restart} after a worker failure: " if restart else "", step, lost,
+                    f" (steps {step + 1}-{last_logged_step} are redone)" if lost else "")
+        metrics.write(step=step, restart=restart, resumed_from_step=step, lost_steps=lost)
     policy = SavePolicy(cfg)
     log.info("model: %s parameters, %s | data: %d train shards, %d windows of %d tokens, %d steps per epoch",
              f"{raw_model.num_parameters():,}", model_config, len(train_shards), loader.num_windows,
@@ -1450,46 +1461,49 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
     t_start = time.monotonic()
     ema_step_seconds = None
     pending_reasons: dict[int, list[str]] = {}
-    while step < total_steps:
-        t0 = time.monotonic()
-        lr = lr_at(step, cfg, total_steps)
-        writer_was_busy = writer.busy
-        train_loss, grad_norm = train_step(model, optimizer, loader, env, lr, cfg.grad_clip, autocast, writer.fence)
-        epoch_ended = loader.advance()
-        step += 1
-        dt = time.monotonic() - t0
-        ema_step_seconds = dt if ema_step_seconds is None else 0.9 * ema_step_seconds + 0.1 * dt
-        policy.observe_step(dt, writer_was_busy)
-        tokens_per_second = cfg.total_batch_size / dt
-        metrics.write(step=step, epoch=loader.epoch_progress, loss=train_loss, lr=lr, grad_norm=grad_norm,
-                      tokens=step * cfg.total_batch_size, time=elapsed_before + time.monotonic() - t_start,
-                      step_ms=dt * 1000, tokens_per_second=tokens_per_second)
-        if step % cfg.log_freq == 0 or step == total_steps:
-            eta = datetime.timedelta(seconds=round(ema_step_seconds * (total_steps - step)))
-            log.info("step %7d/%d | epoch %.3f | loss %.6f | lr %.3e | grad_norm %.4f | %.1f ms | %.0f tok/s | "
-                     "eta %s", step, total_steps, loader.epoch_progress, train_loss, lr, grad_norm, dt * 1000,
-                     tokens_per_second, eta)
+    try:
+        while step < total_steps:
+            t0 = time.monotonic()
+            lr = lr_at(step, cfg, total_steps)
+            writer_was_busy = writer.busy
+            train_loss, grad_norm = train_step(model, optimizer, loader, env, lr, cfg.grad_clip, autocast, writer.fence)
+            epoch_ended = loader.advance()
+            step += 1
+            dt = time.monotonic() - t0
+            ema_step_seconds = dt if ema_step_seconds is None else 0.9 * ema_step_seconds + 0.1 * dt
+            policy.observe_step(dt, writer_was_busy)
+            tokens_per_second = cfg.total_batch_size / dt
+            metrics.write(step=step, epoch=loader.epoch_progress, loss=train_loss, lr=lr, grad_norm=grad_norm,
+                          tokens=step * cfg.total_batch_size, time=elapsed_before + time.monotonic() - t_start,
+                          step_ms=dt * 1000, tokens_per_second=tokens_per_second)
+            if step % cfg.log_freq == 0 or step == total_steps:
+                eta = datetime.timedelta(seconds=round(ema_step_seconds * (total_steps - step)))
+                log.info("step %7d/%d | epoch %.3f | loss %.6f | lr %.3e | grad_norm %.4f | %.1f ms | %.0f tok/s | "
+                         "eta %s", step, total_steps, loader.epoch_progress, train_loss, lr, grad_norm, dt * 1000,
+                         tokens_per_second, eta)
 
-        is_best = False
-        if val_loader.tokens is not None and cfg.eval_freq and (step % cfg.eval_freq == 0 or step == total_steps):
-            val_loss = evaluate(eval_model, val_loader, env, cfg.val_steps, autocast)
-            is_best = best_val_loss is None or val_loss < best_val_loss
-            best_val_loss = val_loss if is_best else best_val_loss
-            metrics.write(step=step, val_loss=val_loss)
-            log.info("step %7d | val_loss %.6f%s", step, val_loss, " (best)" if is_best else "")
+            is_best = False
+            if val_loader.tokens is not None and cfg.eval_freq and (step % cfg.eval_freq == 0 or step == total_steps):
+                val_loss = evaluate(eval_model, val_loader, env, cfg.val_steps, autocast)
+                is_best = best_val_loss is None or val_loss < best_val_loss
+                best_val_loss = val_loss if is_best else best_val_loss
+                metrics.write(step=step, val_loss=val_loss)
+                log.info("step %7d | val_loss %.6f%s", step, val_loss, " (best)" if is_best else "")
 
-        report_saves()
-        periodic = env.is_main and policy.periodic_due(step, writer.busy)
-        stop_requested, periodic = (v > 0 for v in all_reduce_max(env, [stop.requested, periodic]))
-        reasons = [name for name, due in (
-            ("periodic", periodic), ("epoch end", epoch_ended), ("best val", is_best),
-            ("stop signal", stop_requested), ("final", step == total_steps)) if due]
-        if reasons:  # the last step always has one ("final"), and so does a stop
-            save(reasons, loader.epoch if epoch_ended else None, is_best)
-        if stop_requested:
-            break
-
-    writer.wait()  # the last save is on disk before we report or exit
+            report_saves()
+            periodic = env.is_main and policy.periodic_due(step, writer.busy)
+            stop_requested, periodic = (v > 0 for v in all_reduce_max(env, [stop.requested, periodic]))
+            reasons = [name for name, due in (
+                ("periodic", periodic), ("epoch end", epoch_ended), ("best val", is_best),
+                ("stop signal", stop_requested), ("final", step == total_steps)) if due]
+            if reasons:  # the last step always has one ("final"), and so does a stop
+                save(reasons, loader.epoch if epoch_ended else None, is_best)
+            if stop_requested:
+                break
+    finally:
+        # On every way out, a crash of another rank included, finish the save in flight: its snapshot is of a
+        # step boundary every rank completed, so it is a good checkpoint.
+        writer.wait()
     report_saves()
     stopped = stop.requested and step < total_steps
     if stopped:

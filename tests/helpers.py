@@ -53,7 +53,8 @@ def trainer_env() -> dict[str, str]:
     return env
 
 
-def launch(args: list[str], nproc: int | None = 2, **popen_kwargs) -> subprocess.Popen:
+def launch(args: list[str], nproc: int | None = 2, launcher_args: tuple[str, ...] = (),
+           extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start the trainer under torchrun (nproc processes) or as a plain python process (nproc=None).
 
     The launch gets its own process group, so a test can signal or kill -9 the whole job like a terminal would."""
@@ -61,9 +62,9 @@ def launch(args: list[str], nproc: int | None = 2, **popen_kwargs) -> subprocess
         cmd = [sys.executable, str(TRAINER), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(TRAINER), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, **popen_kwargs)
+               *launcher_args, str(TRAINER), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**trainer_env(), **(extra_env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def run(args: list[str], nproc: int | None = 2, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -128,6 +129,19 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def workers(proc: subprocess.Popen) -> list[int]:
+    """The trainer processes torchrun started, in start order (local rank 0 first)."""
+    found = []
+    for pid in descendants(proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"train_improved" in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return sorted(found)
 
 
 def kill_9_everything(proc: subprocess.Popen) -> None:

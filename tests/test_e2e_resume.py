@@ -3,6 +3,7 @@
 A reference run trains 40 steps uninterrupted (2 ranks, dropout on). Every interrupted run must then reproduce
 its per-step losses and its final weights bit for bit."""
 
+import json
 import os
 import signal
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import train_improved as T
-from helpers import EXACT_SAVES, TINY_ARGS, kill_9_everything, last_step, launch, read_metrics, run, wait_for
+from helpers import EXACT_SAVES, TINY_ARGS, kill_9_everything, last_step, launch, read_metrics, run, wait_for, workers
 
 STEPS = 40
 
@@ -76,6 +77,22 @@ def test_kill_9_of_every_process_then_resume_is_bit_exact(tmp_path, data, refere
     assert 5 <= saved <= killed_at < STEPS
     out = resume(tmp_path, data)
     assert f"resumed from {tmp_path / 'ck' / 'latest.pt'}: step {saved}," in out
+    assert_same_run(tmp_path, reference)
+
+
+def test_torchrun_restarts_after_a_worker_is_killed_and_the_run_ends_bit_exact(tmp_path, data, reference):
+    """The recommended long-run command: torchrun --max-restarts with --resume auto. No human steps in."""
+    proc = launch(run_args(tmp_path, data, "--resume", "auto"), launcher_args=("--max-restarts=1",),
+                  extra_env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    wait_for(lambda: last_step(tmp_path / "logs") >= 17, timeout=120, proc=proc)
+    os.kill(workers(proc)[-1], signal.SIGKILL)  # one rank dies (an OOM kill, a segfault...)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "torchrun restart 1 after a worker failure: resumed at step " in out
+    restart = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
+               if '"restart"' in line]
+    assert len(restart) == 1 and restart[0]["restart"] == 1
+    assert restart[0]["resumed_from_step"] >= 5 and restart[0]["lost_steps"] >= 2  # killed after step 17
     assert_same_run(tmp_path, reference)
 
 
