@@ -787,6 +787,18 @@ class CheckpointManager:
         return fixed + rolling + epochs
 
     # writing ------------------------------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Fail early, before any training, if checkpoints could not be written."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".tmp-probe-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"--checkpoint_dir {self.dir} is not writable ({e.strerror or e}); rank 0 writes every "
+                            "checkpoint there: pick a folder you can write (on several machines, storage every node "
+                            "shares)") from None
+
     def clean_stale_temporaries(self) -> None:
         """Remove half-written files a killed writer left behind (they never carry a checkpoint name)."""
         for p in self.dir.glob(".tmp-*") if self.dir.is_dir() else []:
@@ -1460,6 +1472,7 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
 
     t_start = time.monotonic()
     ema_step_seconds = None
+    stop_agreed = False
     pending_reasons: dict[int, list[str]] = {}
     try:
         while step < total_steps:
@@ -1499,13 +1512,14 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
             if reasons:  # the last step always has one ("final"), and so does a stop
                 save(reasons, loader.epoch if epoch_ended else None, is_best)
             if stop_requested:
+                stop_agreed = True
                 break
     finally:
         # On every way out, a crash of another rank included, finish the save in flight: its snapshot is of a
         # step boundary every rank completed, so it is a good checkpoint.
         writer.wait()
     report_saves()
-    stopped = stop.requested and step < total_steps
+    stopped = stop_agreed and step < total_steps  # agreed: a rank that got no signal itself stops too
     if stopped:
         log.info("stopped at step %d of %d. Resume with:\n  %s", step, total_steps, resume_command(env, cfg))
     else:
@@ -1552,6 +1566,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             TrainConfig(**flags)  # validate before touching anything
 
             def refuse_clobber():
+                manager.check_writable()
                 existing = manager.all_checkpoints()
                 if existing:
                     raise UserError(f"{checkpoint_dir}/ already holds checkpoints ({existing[0].name}, ...): "
@@ -1561,9 +1576,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             broadcast_from_main(env, refuse_clobber)
             ckpt_path = None
         else:
-            ckpt_path = broadcast_from_main(env, lambda: manager.resolve(resume))
+            def resolve():
+                manager.check_writable()
+                return manager.resolve(resume)
+
+            ckpt_path = broadcast_from_main(env, resolve)
             if ckpt_path is None:
                 log.info("--resume auto: no checkpoint in %s/, starting a new run", checkpoint_dir)
+            elif not ckpt_path.is_file():  # rank 0 found it; this rank, on another machine, may not see it
+                log.error("rank %d cannot see %s: on several machines the checkpoint folder must be on storage "
+                          "every node shares", env.rank, ckpt_path)
+                raise UserError(f"rank {env.rank} cannot see {ckpt_path}; put --checkpoint_dir on shared storage")
         ckpt_meta = CheckpointManager.load(ckpt_path, verify=False) if ckpt_path else None
         cfg = resolve_config(flags, ckpt_meta)
         del ckpt_meta

@@ -49,6 +49,7 @@ def test_main_runs_in_process_and_returns_a_summary(tmp_path, shard_dir):
     (["--preset", "gpt5"], "unknown --preset 'gpt5'; choose one of tiny, gpt2"),
     (["--resume", "latest"], "no checkpoint in"),
     (["--resume", "/nonexistent/ck.pt"], "does not exist"),
+    (["--checkpoint_dir", "/dev/null/ck"], "is not writable"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, shard_dir, extra, message):
     result = run(args_for(tmp_path, shard_dir, "--max_steps", "2", *extra), nproc=None)

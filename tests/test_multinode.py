@@ -1,0 +1,64 @@
+"""Several machines, simulated on this one: two torchrun launchers joined by c10d rendezvous on 127.0.0.1."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+from helpers import ROOT, TRAINER, kill_9_everything, last_step, trainer_env, wait_for, workers
+from test_e2e_resume import assert_same_run, data, reference, resume, run_args  # noqa: F401 (fixtures)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_node(args, port, node_rank):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=multinode-test",
+           f"--node_rank={node_rank}", str(TRAINER), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def test_two_nodes_train_stop_on_one_signal_and_resume_on_two_nodes_or_one_bit_exact(tmp_path, data, reference):
+    port = free_port()
+    nodes = [launch_node(run_args(tmp_path, data), port, rank) for rank in (0, 1)]
+    try:
+        wait_for(lambda: last_step(tmp_path / "logs") >= 12, timeout=180, proc=nodes[0])
+        node0_worker = workers(nodes[0])
+        os.kill(nodes[1].pid, signal.SIGTERM)  # the scheduler signals one machine only
+        out1 = nodes[1].communicate(timeout=120)[0]
+        # node 0's worker learns of the stop through the per-step all-reduce, saves (global rank 0 writes) and
+        # exits by itself. Its torchrun then waits up to 300 s in its exit barrier for the signalled agent, which
+        # left through its signal handler: that launcher's work is done, so end it.
+        wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read()
+                                 .split(") ")[1][:1] for pid in node0_worker), timeout=120)
+        kill_9_everything(nodes[0])
+        out0 = nodes[0].communicate(timeout=60)[0]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                kill_9_everything(n)
+    assert "world size 2" in out0 and "SIGTERM received" not in out0  # node 0 was never signalled itself
+    assert "exitcode" not in out1, out1[-3000:]  # node 1's worker exited 0 after its signal
+    stopped = last_step(tmp_path / "logs")
+    assert f"checkpoint step {stopped} (stop signal" in out0  # global rank 0 wrote it, at the agreed step
+    assert f"stopped at step {stopped} of 40. Resume with:\n  torchrun --nnodes=2" in out0, "\n".join(line for line in out0.splitlines() if "INFO" in line)[-1500:]
+    assert stopped < 40
+    # the same stopped run, continued twice: on two machines again, and on one machine with two processes
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "ck", again / "ck")
+    shutil.copytree(tmp_path / "logs", again / "logs")
+    port = free_port()
+    nodes = [launch_node(run_args(again, data, "--resume", "latest"), port, rank) for rank in (0, 1)]
+    outs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outs[0][-3000:]
+    assert f"resumed from {again / 'ck' / 'latest.pt'}: step {stopped}," in outs[0]
+    assert_same_run(again, reference)
+    resume(tmp_path, data)  # one machine, two processes: same world size, so still bit-exact
+    assert_same_run(tmp_path, reference)
