@@ -779,12 +779,18 @@ class CheckpointManager:
                 found.append((int(digits), p))
         return sorted(found)
 
-    def all_checkpoints(self) -> list[Path]:
-        """Every checkpoint name in the directory, in fallback order."""
-        fixed = [self.dir / n for n in (self.LATEST, self.BACKUP, self.BEST) if (self.dir / n).exists()]
+    def fallback_order(self) -> list[Path]:
+        """The checkpoints --resume latest may use, in the order it tries them: latest, latest_backup, rolling
+        newest first, epoch newest first."""
+        fixed = [self.dir / n for n in (self.LATEST, self.BACKUP) if (self.dir / n).exists()]
         rolling = [p for _, p in reversed(self._numbered("rolling_step_"))]
         epochs = [p for _, p in reversed(self._numbered("epoch_"))]
         return fixed + rolling + epochs
+
+    def all_checkpoints(self) -> list[Path]:
+        """Every checkpoint name in the directory: the fallback order, then best_model.pt."""
+        best = self.dir / self.BEST
+        return self.fallback_order() + ([best] if best.exists() else [])
 
     # writing ------------------------------------------------------------------------------------------------
     def check_writable(self) -> None:
@@ -917,10 +923,7 @@ class CheckpointManager:
         latest and auto fall back, in order, to latest_backup.pt, the newest valid rolling checkpoint and the
         newest valid epoch checkpoint, saying loudly why each skipped file was skipped."""
         if spec in ("latest", "auto"):
-            candidates = [self.dir / self.LATEST, self.dir / self.BACKUP]
-            candidates += [p for _, p in reversed(self._numbered("rolling_step_"))]
-            candidates += [p for _, p in reversed(self._numbered("epoch_"))]
-            present = [p for p in candidates if p.exists()]
+            present = self.fallback_order()
             if not present:
                 if spec == "auto":
                     return None
@@ -1275,7 +1278,7 @@ class SavePolicy:
     def periodic_due(self, step: int, writer_busy: bool) -> bool:
         since = time.monotonic() - self.last_save_time
         by_steps = self.every_steps > 0 and step % (self.every_steps * self.stretch) == 0
-        by_time = self.every_seconds > 0 and since >= max(self.every_seconds, self.min_gap_seconds)
+        by_time = self.every_seconds > 0 and since >= self.every_seconds
         if not (by_steps or by_time) or since < self.min_gap_seconds:
             return False
         if writer_busy:  # never two saves in flight: this one moves to the next step after the write ends
@@ -1587,9 +1590,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log.error("rank %d cannot see %s: on several machines the checkpoint folder must be on storage "
                           "every node shares", env.rank, ckpt_path)
                 raise UserError(f"rank {env.rank} cannot see {ckpt_path}; put --checkpoint_dir on shared storage")
-        ckpt_meta = CheckpointManager.load(ckpt_path, verify=False) if ckpt_path else None
-        cfg = resolve_config(flags, ckpt_meta)
-        del ckpt_meta
+        # only the settings are needed here: with mmap, loading reads the small metadata record, not the tensors;
+        # train() loads again and drops the state once restored, so it is not held for the whole run
+        cfg = resolve_config(flags, CheckpointManager.load(ckpt_path, verify=False) if ckpt_path else None)
         attach_log_file(env, Path(cfg.log_dir))
         log.info("train_improved.py at %s | torch %s | python %s | world size %d | %s",
                  code_version(), torch.__version__, sys.version.split()[0], env.world_size,
