@@ -60,6 +60,6 @@ def test_bad_input_is_a_one_line_error(tmp_path, shard_dir, extra, message):
 
 def test_empty_data_dir_is_a_one_line_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    result = run([*TINY_ARGS, "--data_dir", str(tmp_path / "empty"), "--checkpoint_dir", str(tmp_path / "ck")],
-                 nproc=None)
+    result = run([*TINY_ARGS, "--data_dir", str(tmp_path / "empty"), "--checkpoint_dir", str(tmp_path / "ck"),
+                  "--log_dir", str(tmp_path / "logs")], nproc=None)
     assert result.returncode == 2 and "no training shards" in result.stdout and "Traceback" not in result.stdout
