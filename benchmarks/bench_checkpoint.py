@@ -205,7 +205,8 @@ def main():
           f"phase; medians of {args.rounds} phases of {args.phase_seconds:.0f} s)")
     print(f"1. blocked per async save / plain sync save      = {statistics.median(blocked) / sync_save:.4f}")
     print(f"2. tokens/s with checkpoints / without            = forced every {args.save_every_seconds:.0f} s: "
-          f"{statistics.median(tps['forced']) / off:.3f} | under the 2% policy: {statistics.median(tps['policy']) / off:.3f}")
+          f"{statistics.median(tps['forced']) / off:.3f} | under the 2% policy: "
+          f"{statistics.median(tps['policy']) / off:.3f}")
     print(f"3. checkpoint write throughput / raw write        = {ours_throughput / raw_throughput:.3f} "
           f"({ours_throughput / 1e9:.2f} vs {raw_throughput / 1e9:.2f} GB/s; the background write, sharing the CPU "
           f"with training at lower priority: {async_write_throughput / 1e9:.2f} GB/s)")

@@ -1400,9 +1400,7 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
     optimizer = configure_optimizer(raw_model, cfg, env.device)
     torch.manual_seed(cfg.seed + 1 + env.rank)  # per-rank dropout streams
     step, best_val_loss, val_loss, train_loss, elapsed_before = 0, None, None, None, 0.0
-    resumed_from = None
     if ckpt:
-        resumed_from = ckpt["step"]
         restore_state(ckpt, raw_model=raw_model, optimizer=optimizer, loader=loader, cfg=cfg, env=env)
         step, best_val_loss, val_loss = ckpt["step"], ckpt["best_val_loss"], ckpt["val_loss"]
         train_loss, elapsed_before = ckpt["train_loss"], ckpt["elapsed_seconds"]
@@ -1427,7 +1425,7 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
     metrics = MetricsLog(Path(cfg.log_dir) / "metrics.jsonl", env.is_main)
     last_logged_step = metrics.truncate_after(step)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # set by torchrun --max-restarts
-    if restart or (resumed_from is not None and last_logged_step > step):
+    if restart or (ckpt_path is not None and last_logged_step > step):
         lost = max(0, last_logged_step - step)
         log.warning("%sresumed at step %d: %d step(s) of work lost%s",
                     f"torchrun restart {restart} after a worker failure: " if restart else "", step, lost,
@@ -1482,7 +1480,8 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
             t0 = time.monotonic()
             lr = lr_at(step, cfg, total_steps)
             writer_was_busy = writer.busy
-            train_loss, grad_norm = train_step(model, optimizer, loader, env, lr, cfg.grad_clip, autocast, writer.fence)
+            train_loss, grad_norm = train_step(model, optimizer, loader, env, lr, cfg.grad_clip, autocast,
+                                               writer.fence)
             epoch_ended = loader.advance()
             step += 1
             dt = time.monotonic() - t0
@@ -1494,12 +1493,13 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                           step_ms=dt * 1000, tokens_per_second=tokens_per_second)
             if step % cfg.log_freq == 0 or step == total_steps:
                 eta = datetime.timedelta(seconds=round(ema_step_seconds * (total_steps - step)))
-                log.info("step %7d/%d | epoch %.3f | loss %.6f | lr %.3e | grad_norm %.4f | %.1f ms | %.0f tok/s | "
-                         "eta %s", step, total_steps, loader.epoch_progress, train_loss, lr, grad_norm, dt * 1000,
+                log.info("step %7d/%d | epoch %.3f | loss %.6f | lr %.3e | grad_norm %.4f | %.1f ms | %.0f tok/s "
+                         "| eta %s", step, total_steps, loader.epoch_progress, train_loss, lr, grad_norm, dt * 1000,
                          tokens_per_second, eta)
 
             is_best = False
-            if val_loader.tokens is not None and cfg.eval_freq and (step % cfg.eval_freq == 0 or step == total_steps):
+            eval_due = cfg.eval_freq and (step % cfg.eval_freq == 0 or step == total_steps)
+            if val_loader.tokens is not None and eval_due:
                 val_loss = evaluate(eval_model, val_loader, env, cfg.val_steps, autocast)
                 is_best = best_val_loss is None or val_loss < best_val_loss
                 best_val_loss = val_loss if is_best else best_val_loss
@@ -1565,11 +1565,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         checkpoint_dir = Path(flags.get("checkpoint_dir", "checkpoints"))
         manager = CheckpointManager(checkpoint_dir)
         resume = flags.get("resume")
+        broadcast_from_main(env, manager.check_writable)  # rank 0 writes every checkpoint: fail before training
         if resume is None:
             TrainConfig(**flags)  # validate before touching anything
 
             def refuse_clobber():
-                manager.check_writable()
                 existing = manager.all_checkpoints()
                 if existing:
                     raise UserError(f"{checkpoint_dir}/ already holds checkpoints ({existing[0].name}, ...): "
@@ -1579,11 +1579,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             broadcast_from_main(env, refuse_clobber)
             ckpt_path = None
         else:
-            def resolve():
-                manager.check_writable()
-                return manager.resolve(resume)
-
-            ckpt_path = broadcast_from_main(env, resolve)
+            ckpt_path = broadcast_from_main(env, lambda: manager.resolve(resume))
             if ckpt_path is None:
                 log.info("--resume auto: no checkpoint in %s/, starting a new run", checkpoint_dir)
             elif not ckpt_path.is_file():  # rank 0 found it; this rank, on another machine, may not see it
