@@ -8,18 +8,19 @@ List checkpoints:      ./list_checkpoints.sh [--verify]
 
 Ctrl+C (SIGINT), SIGTERM or SIGUSR1 stop the run at the next step boundary on every rank, save a checkpoint of
 that step and exit 0. A checkpoint resumes bit-exactly (same settings and world size), on CPU and on GPU with
---deterministic.
+--deterministic. A non-finite loss or gradient norm skips that update; --max_nonfinite_steps of them in a row
+stop the run without saving (exit 3). Curves: tensorboard --logdir logs/tensorboard.
 
 Sections, in dependency order:
   1. config            TrainConfig (all run settings, argparse generated from it), GPTConfig (model shape)
   2. distributed       DistEnv, setup / cleanup, small collectives
-  3. logging           rank 0 narrates to stdout and <log_dir>/train.log; metrics.jsonl
-  4. model             GPT-2
+  3. logging           rank 0 narrates to stdout and <log_dir>/train.log; metrics.jsonl; TensorBoard; GPU stats
+  4. model             GPT-2, generate()
   5. data              shard readers (.npy and llm.c .bin), ShardedLoader with a rank-independent position
   6. checkpointing     build_state / restore_state, CheckpointManager (files, atomic writes, retention, fallback)
   7. optimization      AdamW groups, learning-rate schedule, train_step
-  8. evaluation        validation loss
-  9. training loop     StopSignal, SavePolicy, train()
+  8. evaluation        validation loss, text samples
+  9. training loop     StopSignal, DivergenceGuard, SavePolicy, train()
  10. entry point       main(argv) -> summary dict
 
 Importing this file defines things and does nothing else.
@@ -28,6 +29,7 @@ Importing this file defines things and does nothing else.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -39,6 +41,7 @@ import queue
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -144,6 +147,18 @@ class TrainConfig:
     # logging
     log_dir: str = opt("logs", "train.log and metrics.jsonl go here", "logging")
     log_freq: int = opt(1, "print a step line every this many steps", "logging")
+    tensorboard: bool = opt(True, "write TensorBoard curves to <log_dir>/tensorboard (rank 0)", "logging")
+    sample_freq: int = opt(500, "log a text sample from --sample_prompt every this many steps and at the end "
+                           "(0 disables)", "logging")
+    sample_prompt: str = opt("Hello, I'm a language model,", "prompt of the periodic text sample", "logging")
+    sample_tokens: int = opt(48, "tokens generated per periodic sample", "logging")
+    peak_tflops: float = opt(0.0, "one accelerator's peak TFLOP/s for the MFU estimate (0: look up the GPU's "
+                             "dense bf16 peak)", "logging")
+    # early problem detection
+    max_nonfinite_steps: int = opt(5, "stop (without saving) after this many consecutive steps whose loss or "
+                                   "gradient norm was not finite; each such update is skipped", "divergence")
+    spike_factor: float = opt(1.5, "report a loss spike when a step's loss exceeds this times the median of the "
+                              "last 100 steps (0 disables)", "divergence")
     # checkpointing
     checkpoint_dir: str = opt("checkpoints", "where checkpoints are written and looked for", "checkpointing")
     checkpoint_freq: int = opt(250, "save every this many steps (0: only epoch ends, best, stop, end)",
@@ -158,11 +173,12 @@ class TrainConfig:
     resume: str | None = opt(None, "latest | latest_backup | best | auto | PATH", "checkpointing", type=str)
 
     def __post_init__(self):
-        positive = ("batch_size", "total_batch_size", "num_epochs", "val_steps", "keep_last", "log_freq")
+        positive = ("batch_size", "total_batch_size", "num_epochs", "val_steps", "keep_last", "log_freq",
+                    "sample_tokens", "max_nonfinite_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("checkpoint_freq", "eval_freq", "warmup_steps"):
+        for name in ("checkpoint_freq", "eval_freq", "warmup_steps", "sample_freq", "peak_tflops"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -174,6 +190,8 @@ class TrainConfig:
         if self.learning_rate <= 0 or self.min_lr < 0 or self.min_lr > self.learning_rate:
             raise UserError(f"need 0 <= --min_lr ({self.min_lr}) <= --learning_rate ({self.learning_rate}), "
                             "and --learning_rate > 0")
+        if self.spike_factor != 0 and self.spike_factor <= 1:
+            raise UserError(f"--spike_factor must be above 1 (e.g. 1.5) or 0 to disable, got {self.spike_factor}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise UserError("--grad_clip and --weight_decay must be 0 or more")
         for f in dataclasses.fields(self):
@@ -351,6 +369,91 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+class TensorBoardLog:
+    """Rank 0's TensorBoard curves under <log_dir>/tensorboard, one unbroken line per curve across resumes.
+
+    A run that resumes at step S opens its event file with purge_step=S+1: TensorBoard then drops every event
+    an earlier process logged after step S (work lost in a crash and redone now), so the curve is not doubled.
+    Events are flushed at every checkpoint, so whatever a resume keeps is on disk."""
+
+    def __init__(self, directory: Path, enabled: bool, resumed_step: int):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                            "(or pass --no-tensorboard)") from None
+        self.writer = SummaryWriter(str(directory), purge_step=resumed_step + 1, flush_secs=30)
+
+    def scalars(self, step: int, **values: float | None) -> None:
+        """Log each value under its tag ('loss/train' is passed as loss__train); None values are skipped."""
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(name.replace("__", "/"), value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class DeviceStats:
+    """GPU numbers for the curves: an MFU estimate, memory in use and, where nvidia-ml-py is installed,
+    utilization. Everything is None on CPU."""
+
+    # dense bf16 tensor-core peaks from the vendor datasheets, TFLOP/s per GPU; --peak_tflops covers the rest
+    PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0), ("A100", 312.0))
+
+    def __init__(self, device: torch.device, peak_tflops: float, flops_per_token: float):
+        self.device, self.flops_per_token = device, flops_per_token
+        self.peak_flops = peak_tflops * 1e12 if peak_tflops else None
+        self.nvml_handle = None
+        if device.type != "cuda":
+            return
+        name = torch.cuda.get_device_name(device)
+        if self.peak_flops is None:
+            known = next((tflops for key, tflops in self.PEAK_TFLOPS if key in name), None)
+            self.peak_flops = known * 1e12 if known else None
+            if known is None:
+                log.info("no peak TFLOP/s known for %s: pass --peak_tflops to get an MFU estimate", name)
+        try:
+            import pynvml  # the nvidia-ml-py package
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception:  # not installed, or no NVML on this machine: utilization is simply not logged
+            self.nvml_handle = None
+
+    def mfu(self, tokens_per_second: float, world_size: int) -> float | None:
+        """Model FLOPs utilization: achieved training FLOP/s per GPU over its peak (PaLM appendix B)."""
+        if self.peak_flops is None:
+            return None
+        return self.flops_per_token * tokens_per_second / world_size / self.peak_flops
+
+    def memory_gb(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 1e9
+
+    def utilization(self) -> float | None:
+        if self.nvml_handle is None:
+            return None
+        import pynvml
+        return float(pynvml.nvmlDeviceGetUtilizationRates(self.nvml_handle).gpu)
+
+
 def code_version() -> str:
     """The git commit of this script's checkout, if it is one (logged at start, like modded-nanogpt)."""
     try:
@@ -446,6 +549,13 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 per weight (forward and backward matmuls, the tied lm_head included,
+        the position table excluded) plus the attention scores, 12 * n_layer * n_embd * block_size."""
+        c = self.config
+        weights = self.num_parameters() - self.transformer.wpe.weight.numel()
+        return 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         B, T = idx.size()
         if T > self.config.block_size:
@@ -459,6 +569,34 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
+
+
+@torch.no_grad()
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             generator: torch.Generator | None = None, allowed_vocab: int | None = None) -> torch.Tensor:
+    """Extend idx (B, T) by max_new_tokens sampled tokens. temperature 0 picks the most likely token.
+
+    Draws only from `generator`, never from the global RNG, so sampling during training leaves the run's random
+    streams (and its bit-exact resume) untouched. allowed_vocab masks the padded vocabulary entries that no
+    tokenizer can decode."""
+    was_training = model.training
+    model.eval()
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        logits = logits[:, -1, :].float()  # (B, vocab)
+        if allowed_vocab is not None:
+            logits[:, allowed_vocab:] = float("-inf")
+        if temperature == 0:
+            next_token = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+        idx = torch.cat((idx, next_token), dim=1)
+    model.train(was_training)
+    return idx
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -758,6 +896,7 @@ class CheckpointManager:
     """
 
     LATEST, BACKUP, BEST = "latest.pt", "latest_backup.pt", "best_model.pt"
+    DIVERGED = "DIVERGED.txt"  # written when the loss diverged; stops torchrun's restarts from replaying it
 
     def __init__(self, directory: str | Path, keep_last: int = 10):
         self.dir = Path(directory)
@@ -769,6 +908,10 @@ class CheckpointManager:
 
     def epoch_path(self, epoch: int) -> Path:
         return self.dir / f"epoch_{epoch:05d}.pt"
+
+    def rolling(self) -> list[tuple[int, Path]]:
+        """(step, path) of the rolling checkpoints on disk, oldest first."""
+        return self._numbered("rolling_step_")
 
     def _numbered(self, prefix: str) -> list[tuple[int, Path]]:
         """(number, path) of rolling or epoch files, oldest first."""
@@ -917,7 +1060,7 @@ class CheckpointManager:
                 raise CheckpointInvalid(f"checksum mismatch in {bad}: the file is corrupted")
         return state
 
-    def resolve(self, spec: str) -> Path | None:
+    def resolve(self, spec: str, flag: str = "--resume") -> Path | None:
         """The checkpoint that --resume `spec` means, verified; None for `auto` in an empty directory.
 
         latest and auto fall back, in order, to latest_backup.pt, the newest valid rolling checkpoint and the
@@ -927,8 +1070,9 @@ class CheckpointManager:
             if not present:
                 if spec == "auto":
                     return None
-                raise UserError(f"--resume latest: no checkpoint in {self.dir}/; start without --resume, or "
-                                "point --checkpoint_dir at the run's checkpoint folder")
+                start_fresh = "start without --resume, or " if flag == "--resume" else ""
+                raise UserError(f"{flag} latest: no checkpoint in {self.dir}/; {start_fresh}point --checkpoint_dir at "
+                                "the run's checkpoint folder")
             problems = []
             for p in present:
                 try:
@@ -945,11 +1089,11 @@ class CheckpointManager:
         named = {"latest_backup": self.BACKUP, "best": self.BEST}
         path = self.dir / named[spec] if spec in named else Path(spec)
         if not path.exists():
-            raise UserError(f"--resume {spec}: {path} does not exist; run ./list_checkpoints.sh to see what there is")
+            raise UserError(f"{flag} {spec}: {path} does not exist; run ./list_checkpoints.sh to see what there is")
         try:
             self.load(path)
         except CheckpointInvalid as e:
-            raise UserError(f"--resume {spec}: {path} is not usable ({e}); try --resume latest, which falls back "
+            raise UserError(f"{flag} {spec}: {path} is not usable ({e}); try {flag} latest, which falls back "
                             "to the newest valid checkpoint") from None
         return path
 
@@ -1158,11 +1302,13 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: ShardedLoader, env: DistEnv,
-               lr: float, grad_clip: float, autocast, fence=lambda: None) -> tuple[float, float]:
-    """One optimizer step over grad_accum_steps micro-batches. Returns (mean loss over all ranks, grad norm).
+               lr: float, grad_clip: float, autocast, fence=lambda: None) -> tuple[float, float, bool]:
+    """One optimizer step over grad_accum_steps micro-batches. Returns (mean loss over all ranks, grad norm,
+    skipped).
 
-    fence() is called right before the weights change, so a checkpoint snapshot can finish copying them while
-    the forward and backward passes run."""
+    When the loss or the gradient norm is not finite on any rank, the update is skipped on every rank (skipped is
+    True): the weights and the optimizer state stay as they were. fence() is called right before the weights
+    change, so a checkpoint snapshot can finish copying them while the forward and backward passes run."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=env.device)
@@ -1175,16 +1321,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Shard
         loss = loss / loader.grad_accum_steps
         loss_sum += loss.detach()
         loss.backward()
-    if env.distributed:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-        loss_sum /= env.world_size
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    fence()
-    optimizer.step()
+    # one reduction carries the loss and each rank's verdict on its gradient norm, so all ranks skip together
+    stats = torch.stack([loss_sum.float(), (~torch.isfinite(grad_norm)).float()])
+    if env.distributed:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    loss, nonfinite_ranks = stats[0].item() / env.world_size, stats[1].item()
+    skipped = nonfinite_ranks > 0 or not math.isfinite(loss)
+    if not skipped:
+        fence()
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum.item(), grad_norm.item()
+    return loss, grad_norm.item(), skipped
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1207,6 +1357,23 @@ def evaluate(model: nn.Module, val_loader: ValLoader, env: DistEnv, val_steps: i
         total /= env.world_size
     model.train()
     return total.item()
+
+
+def load_gpt2_tokenizer():
+    """tiktoken's GPT-2 encoding (offline when TIKTOKEN_CACHE_DIR points at a cached copy)."""
+    import tiktoken
+    return tiktoken.get_encoding("gpt2")
+
+
+def sample_text(raw_model: GPT, tokenizer, prompt: str, max_new_tokens: int, seed: int, autocast) -> str:
+    """A sample from a fixed prompt and seed (top-k 50), so samples from different steps are comparable."""
+    device = next(raw_model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(prompt, allowed_special={"<|endoftext|>"})], device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with autocast():
+        out = generate(raw_model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=generator,
+                       allowed_vocab=min(tokenizer.n_vocab, raw_model.config.vocab_size))
+    return tokenizer.decode(out[0].tolist())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1255,6 +1422,51 @@ class StopSignal:
         elif now - self.first_at > self.repeat_window_seconds:
             os.write(2, f"\nsecond {name}: aborting now without saving\n".encode())
             os._exit(128 + signum)
+
+
+class DivergenceGuard:
+    """Early problem detection. Counts consecutive steps whose update train_step skipped (non-finite loss or
+    gradient norm); after max_nonfinite_steps in a row the run is diverged and stops. Reports loss spikes: a loss
+    above spike_factor times the median of the last `window_steps` finite losses. Every rank sees the same agreed
+    losses and skips, so every rank reaches the same verdict."""
+
+    def __init__(self, max_nonfinite_steps: int, spike_factor: float, window_steps: int = 100,
+                 min_history_steps: int = 20):
+        self.max_nonfinite_steps, self.spike_factor = max_nonfinite_steps, spike_factor
+        self.recent: collections.deque[float] = collections.deque(maxlen=window_steps)
+        self.min_history_steps = min_history_steps
+        self.consecutive_skips, self.total_skips, self.first_skipped_step = 0, 0, 0
+        self.window_steps = window_steps
+        self.spike_steps: collections.deque[int] = collections.deque(maxlen=window_steps)
+
+    def observe(self, step: int, loss: float, skipped: bool) -> float | None:
+        """Record one step. Returns loss / recent median when the loss is a spike, else None."""
+        if skipped:
+            if self.consecutive_skips == 0:
+                self.first_skipped_step = step
+            self.consecutive_skips += 1
+            self.total_skips += 1
+            return None
+        self.consecutive_skips = 0
+        spike = None
+        if self.spike_factor and len(self.recent) >= self.min_history_steps:
+            median = statistics.median(self.recent)
+            if median > 0 and loss > self.spike_factor * median:
+                spike = loss / median
+                self.spike_steps.append(step)
+        self.recent.append(loss)
+        return spike
+
+    @property
+    def diverged(self) -> bool:
+        return self.consecutive_skips >= self.max_nonfinite_steps
+
+    @property
+    def trouble_began_step(self) -> int:
+        """Where the divergence began: the earliest loss spike in the window before the first non-finite step
+        of the current run of them, else that step."""
+        recent = [s for s in self.spike_steps if 0 <= self.first_skipped_step - s <= self.window_steps]
+        return min(recent, default=self.first_skipped_step)
 
 
 class SavePolicy:
@@ -1331,9 +1543,19 @@ class SavePolicy:
     def interval_steps(self) -> int:
         return self.every_steps * self.stretch
 
+    @property
+    def interval_seconds(self) -> float | None:
+        """The wall-clock spacing of periodic saves in force now (None until the step time is known)."""
+        candidates = []
+        if self.every_steps and self.baseline_step_seconds:
+            candidates.append(self.interval_steps * self.baseline_step_seconds)
+        if self.every_seconds:
+            candidates.append(self.every_seconds)
+        return max(min(candidates), self.min_gap_seconds) if candidates else None
 
-def resume_command(env: DistEnv, cfg: TrainConfig) -> str:
-    """The exact command that continues this run."""
+
+def resume_command(env: DistEnv, cfg: TrainConfig, spec: str = "latest") -> str:
+    """The exact command that continues this run from checkpoint `spec`."""
     script = sys.argv[0] if sys.argv[0].endswith(".py") else os.path.relpath(__file__)  # as the user typed it
     launcher = "python"
     if "LOCAL_WORLD_SIZE" in os.environ:
@@ -1342,7 +1564,34 @@ def resume_command(env: DistEnv, cfg: TrainConfig) -> str:
         if nnodes > 1:
             launcher = f"torchrun --nnodes={nnodes} --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']} ..."
     extra = "" if cfg.checkpoint_dir == "checkpoints" else f" --checkpoint_dir {cfg.checkpoint_dir}"
-    return f"{launcher} {script}{extra} --resume latest"
+    return f"{launcher} {script}{extra} --resume {spec}"
+
+
+def divergence_advice(env: DistEnv, cfg: TrainConfig, manager: CheckpointManager, trouble_step: int,
+                      last_saved_step: int | None) -> str:
+    """Which checkpoint to resume from after a divergence, and how. The loss of step N is computed on the weights
+    saved at step N-1, so the newest checkpoint that predates the trouble is the one before step trouble_step-1."""
+    good = [(s, p) for s, p in manager.rolling() if s < trouble_step - 1]
+    if not good:
+        return (f"No checkpoint older than step {trouble_step - 1}, where the trouble began, is left: start again "
+                "with a lower --learning_rate (./list_checkpoints.sh shows what there is)")
+    good_step, path = good[-1]
+    spec = "latest" if good_step == last_saved_step else str(path)
+    return (f"The trouble began at step {trouble_step}; the newest checkpoint from before it is step {good_step}. "
+            f"Resume from it with a lower learning rate, for example:\n  {resume_command(env, cfg, spec)} "
+            f"--learning_rate {cfg.learning_rate / 2:g}")
+
+
+def refuse_to_replay_divergence(manager: CheckpointManager) -> None:
+    """Under torchrun --max-restarts, a run that stopped because its loss diverged would be restarted from the same
+    checkpoint with the same settings and, resume being exact, diverge again at the same step. A restart refuses
+    to start while the divergence marker is there; a launch by hand (restart 0) clears it and starts."""
+    marker = manager.dir / manager.DIVERGED
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
+        marker.unlink(missing_ok=True)
+    elif marker.exists():
+        raise UserError("not restarting: the previous attempt of this run stopped because " + marker.read_text().strip()
+                        + "\n(a restart with the same settings would diverge again at the same step)")
 
 
 def resolve_config(flags: dict[str, Any], ckpt: dict[str, Any] | None) -> TrainConfig:
@@ -1432,6 +1681,16 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                     f" (steps {step + 1}-{last_logged_step} are redone)" if lost else "")
         metrics.write(step=step, restart=restart, resumed_from_step=step, lost_steps=lost)
     policy = SavePolicy(cfg)
+    guard = DivergenceGuard(cfg.max_nonfinite_steps, cfg.spike_factor)
+    tb = TensorBoardLog(Path(cfg.log_dir) / "tensorboard", cfg.tensorboard and env.is_main, step)
+    device_stats = DeviceStats(env.device, cfg.peak_tflops, raw_model.flops_per_token())
+    tokenizer = None
+    if env.is_main and cfg.sample_freq:
+        try:
+            tokenizer = load_gpt2_tokenizer()
+        except Exception as e:  # offline without a cached vocabulary: training goes on without samples
+            log.warning("text samples are off: the GPT-2 tokenizer did not load (%s: %s); point TIKTOKEN_CACHE_DIR "
+                        "at a cached copy", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
     log.info("model: %s parameters, %s | data: %d train shards, %d windows of %d tokens, %d steps per epoch",
              f"{raw_model.num_parameters():,}", model_config, len(train_shards), loader.num_windows,
              model_config.block_size, loader.steps_per_epoch)
@@ -1452,6 +1711,7 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
         writer.submit(state, epoch_completed=epoch_completed, is_best=is_best)
         policy.saved()
         pending_reasons[step] = reasons
+        tb.flush()  # the curves up to this checkpoint are on disk before it can be resumed from
 
     def report_saves() -> None:
         """Log the saves the writer finished since the last call, and let the policy learn their cost."""
@@ -1470,32 +1730,58 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
             metrics.write(step=r["step"], checkpoint_blocked_seconds=writer.blocked_seconds,
                           checkpoint_cost_seconds=cost, checkpoint_write_seconds=r["write_seconds"],
                           checkpoint_interval_steps=policy.interval_steps)
+            tb.scalars(r["step"], checkpoint__blocked_ms=writer.blocked_seconds * 1000, checkpoint__cost_ms=cost * 1000,
+                       checkpoint__write_seconds=r["write_seconds"], checkpoint__interval_steps=policy.interval_steps,
+                       checkpoint__interval_seconds=policy.interval_seconds)
 
     t_start = time.monotonic()
     ema_step_seconds = None
-    stop_agreed = False
+    stop_agreed = diverged = False
+    last_saved_step = step if ckpt_path else None
     pending_reasons: dict[int, list[str]] = {}
     try:
         while step < total_steps:
             t0 = time.monotonic()
             lr = lr_at(step, cfg, total_steps)
             writer_was_busy = writer.busy
-            train_loss, grad_norm = train_step(model, optimizer, loader, env, lr, cfg.grad_clip, autocast,
-                                               writer.fence)
+            train_loss, grad_norm, skipped = train_step(model, optimizer, loader, env, lr, cfg.grad_clip, autocast,
+                                                        writer.fence)
             epoch_ended = loader.advance()
             step += 1
             dt = time.monotonic() - t0
             ema_step_seconds = dt if ema_step_seconds is None else 0.9 * ema_step_seconds + 0.1 * dt
             policy.observe_step(dt, writer_was_busy)
             tokens_per_second = cfg.total_batch_size / dt
+            spike = guard.observe(step, train_loss, skipped)
             metrics.write(step=step, epoch=loader.epoch_progress, loss=train_loss, lr=lr, grad_norm=grad_norm,
                           tokens=step * cfg.total_batch_size, time=elapsed_before + time.monotonic() - t_start,
-                          step_ms=dt * 1000, tokens_per_second=tokens_per_second)
-            if step % cfg.log_freq == 0 or step == total_steps:
+                          step_ms=dt * 1000, tokens_per_second=tokens_per_second,
+                          **({"skipped_update": True} if skipped else {}))
+            tb.scalars(step, loss__train=None if skipped else train_loss, optim__lr=lr,
+                       optim__grad_norm=grad_norm if math.isfinite(grad_norm) else None,
+                       perf__tokens_per_second=tokens_per_second, perf__step_ms=dt * 1000,
+                       perf__mfu=device_stats.mfu(tokens_per_second, env.world_size),
+                       perf__gpu_max_memory_gb=device_stats.memory_gb(),
+                       perf__gpu_utilization_percent=device_stats.utilization(),
+                       progress__tokens=step * cfg.total_batch_size, progress__epoch=loader.epoch_progress)
+            if step % cfg.log_freq == 0 or step == total_steps or skipped:
                 eta = datetime.timedelta(seconds=round(ema_step_seconds * (total_steps - step)))
                 log.info("step %7d/%d | epoch %.3f | loss %.6f | lr %.3e | grad_norm %.4f | %.1f ms | %.0f tok/s "
                          "| eta %s", step, total_steps, loader.epoch_progress, train_loss, lr, grad_norm, dt * 1000,
                          tokens_per_second, eta)
+            if skipped and env.is_main:
+                log.error("step %d: NON-FINITE loss %s / gradient norm %s: this update was skipped, the weights are "
+                          "unchanged (%d such step(s) in a row; the run stops at %d)", step, train_loss, grad_norm,
+                          guard.consecutive_skips, cfg.max_nonfinite_steps)
+                tb.scalars(step, optim__skipped_updates=guard.total_skips)
+            if guard.diverged:
+                diverged = True
+                break  # every rank agreed on each skip, so every rank breaks here; nothing is saved
+            if spike is not None and env.is_main:
+                log.warning("step %d: LOSS SPIKE: %.4f is %.1fx the recent median loss (%.4f)", step, train_loss,
+                            spike, train_loss / spike)
+                tb.scalars(step, loss__spike_ratio=spike)
+                metrics.write(step=step, loss_spike_ratio=spike)
 
             is_best = False
             eval_due = cfg.eval_freq and (step % cfg.eval_freq == 0 or step == total_steps)
@@ -1504,16 +1790,24 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                 is_best = best_val_loss is None or val_loss < best_val_loss
                 best_val_loss = val_loss if is_best else best_val_loss
                 metrics.write(step=step, val_loss=val_loss)
+                tb.scalars(step, loss__val=val_loss)
                 log.info("step %7d | val_loss %.6f%s", step, val_loss, " (best)" if is_best else "")
+            if tokenizer is not None and (step % cfg.sample_freq == 0 or step == total_steps):
+                text = sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed, autocast)
+                log.info("step %7d | sample: %r", step, text)
+                tb.text("sample", text, step)
+                metrics.write(step=step, sample=text)
 
             report_saves()
-            periodic = env.is_main and policy.periodic_due(step, writer.busy)
+            # never a periodic save right after a skipped update: wait for a step that trained normally
+            periodic = env.is_main and not skipped and policy.periodic_due(step, writer.busy)
             stop_requested, periodic = (v > 0 for v in all_reduce_max(env, [stop.requested, periodic]))
             reasons = [name for name, due in (
                 ("periodic", periodic), ("epoch end", epoch_ended), ("best val", is_best),
                 ("stop signal", stop_requested), ("final", step == total_steps)) if due]
             if reasons:  # the last step always has one ("final"), and so does a stop
                 save(reasons, loader.epoch if epoch_ended else None, is_best)
+                last_saved_step = step
             if stop_requested:
                 stop_agreed = True
                 break
@@ -1521,15 +1815,22 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
         # On every way out, a crash of another rank included, finish the save in flight: its snapshot is of a
         # step boundary every rank completed, so it is a good checkpoint.
         writer.wait()
-    report_saves()
+        report_saves()
+        tb.close()
     stopped = stop_agreed and step < total_steps  # agreed: a rank that got no signal itself stops too
-    if stopped:
+    if diverged and env.is_main:
+        advice = divergence_advice(env, cfg, manager, guard.trouble_began_step, last_saved_step)
+        log.error("TRAINING STOPPED: %d consecutive steps (%d-%d) had a non-finite loss or gradient norm. Their "
+                  "updates were skipped and nothing was saved after them, so the checkpoints in %s/ are untouched. "
+                  "%s", guard.consecutive_skips, guard.first_skipped_step, step, cfg.checkpoint_dir, advice)
+        (manager.dir / manager.DIVERGED).write_text(f"the loss diverged at step {guard.first_skipped_step}. {advice}\n")
+    elif stopped:
         log.info("stopped at step %d of %d. Resume with:\n  %s", step, total_steps, resume_command(env, cfg))
     else:
         log.info("training finished at step %d (train loss %s, val loss %s)", step, fmt_loss(train_loss),
                  fmt_loss(val_loss))
     return dict(step=step, total_steps=total_steps, train_loss=train_loss, val_loss=val_loss,
-                best_val_loss=best_val_loss, stopped=stopped)
+                best_val_loss=best_val_loss, stopped=stopped, diverged=diverged, skipped_steps=guard.total_skips)
 
 
 def settle_ddp_buckets(model: nn.parallel.DistributedDataParallel, loader: ShardedLoader, autocast) -> None:
@@ -1566,6 +1867,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         manager = CheckpointManager(checkpoint_dir)
         resume = flags.get("resume")
         broadcast_from_main(env, manager.check_writable)  # rank 0 writes every checkpoint: fail before training
+        broadcast_from_main(env, lambda: refuse_to_replay_divergence(manager))
         if resume is None:
             TrainConfig(**flags)  # validate before touching anything
 
@@ -1609,10 +1911,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    summary = main()
     # Everything is closed by now (process group destroyed, logs closed, the last checkpoint on disk). Skipping the
     # interpreter's finalization avoids a rare SIGABRT ("terminate called without an active exception") from gloo's
     # C++ threads racing Python's teardown, which would make torchrun report a finished run as failed.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(3 if summary["diverged"] else 0)  # 3: stopped because the loss diverged

@@ -91,6 +91,15 @@ def read_metrics(log_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
     return train, val
 
 
+def tensorboard_scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one TensorBoard curve, read back from the event files the way TensorBoard reads them
+    (several files in order, events a restarted run purged left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(log_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
 def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, interval: float = 0.05) -> None:
     """Poll until predicate() is true; fail early if proc exits first."""
     deadline = time.monotonic() + timeout

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_improved as T
-from helpers import TINY_ARGS, read_metrics, run
+from helpers import TINY_ARGS, read_metrics, run, tensorboard_scalars
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -40,3 +40,18 @@ def test_bf16_training_on_gpu_resumes_bit_exactly_with_deterministic_kernels(tmp
     resumed, reference = read_metrics(tmp_path / "cut" / "logs")[0], read_metrics(tmp_path / "ref" / "logs")[0]
     assert sorted(resumed) == list(range(11, 21))
     assert all(resumed[s] == reference[s] for s in resumed)
+
+
+def test_gpu_curves_mfu_memory_and_sampling_on_cuda(tmp_path, shard_dir):
+    result = run([*TINY_ARGS, "--data_dir", str(shard_dir), "--total_batch_size", "128", "--device", "cuda",
+                  "--max_steps", "6", "--sample_freq", "3", "--sample_tokens", "8", "--checkpoint_dir",
+                  str(tmp_path / "ck"), "--log_dir", str(tmp_path / "logs")], nproc=None)
+    assert result.returncode == 0, result.stdout[-3000:]
+    logs = tmp_path / "logs"
+    memory = tensorboard_scalars(logs, "perf/gpu_max_memory_gb")
+    assert [s for s, _ in memory] == list(range(1, 7)) and all(v > 0 for _, v in memory)
+    name = torch.cuda.get_device_name()
+    if any(key in name for key, _ in T.DeviceStats.PEAK_TFLOPS):
+        assert all(0 < v < 1 for _, v in tensorboard_scalars(logs, "perf/mfu"))
+    assert result.stdout.count("| sample: \"Hello, I'm a language model,") + \
+        result.stdout.count("| sample: 'Hello, I'm a language model,") == 2

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import train_improved as T
-from helpers import EXACT_SAVES, TINY_ARGS, kill_9_everything, last_step, launch, read_metrics, run, wait_for, workers
+from helpers import (EXACT_SAVES, TINY_ARGS, kill_9_everything, last_step, launch, read_metrics, run,
+                     tensorboard_scalars, wait_for, workers)
 
 STEPS = 40
 
@@ -34,6 +35,12 @@ def assert_same_run(root, reference):
     assert val == ref_val
     mine, ref = final_weights(root), final_weights(reference)
     assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
+    # TensorBoard shows one unbroken curve: the steps redone after the interruption replaced the lost ones
+    for tag in ("loss/train", "loss/val"):
+        curve = tensorboard_scalars(root / "logs", tag)
+        assert [s for s, _ in curve] == sorted({s for s, _ in curve})  # each step once, in order
+        assert curve == tensorboard_scalars(reference / "logs", tag)
+    assert [s for s, _ in tensorboard_scalars(root / "logs", "loss/train")] == list(range(1, STEPS + 1))
 
 
 @pytest.fixture(scope="module")
