@@ -1,0 +1,119 @@
+"""Export a train_improved.py checkpoint to the Hugging Face format, so transformers can load it.
+
+  python src/export_hf.py --checkpoint best --out_dir exports/my-gpt2
+  python -c "from transformers import pipeline; print(pipeline('text-generation', 'exports/my-gpt2')('Hello')[0])"
+
+Writes into --out_dir:
+  model.safetensors   the weights under GPT-2's names (GPT2LMHeadModel); Linear weights transposed to GPT-2's
+                      Conv1D layout; the vocabulary padding (50304 -> 50257 rows) dropped
+  config.json         a GPT-2 config with this model's shape
+  vocab.json, merges.txt, tokenizer_config.json
+                      the GPT-2 tokenizer, taken from tiktoken's cached copy of the same files (works offline with
+                      TIKTOKEN_CACHE_DIR), so AutoTokenizer.from_pretrained(out_dir) works too
+Needs only torch, safetensors and tiktoken; transformers is needed to use the export, not to write it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import train_improved as T
+
+GPT2_VOCAB = 50257  # the tokenizer's real vocabulary; the model's table is padded to 50304
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+TIKTOKEN_GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"  # tiktoken's own source URLs
+
+
+def hf_state_dict(model_state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """Our GPT's weights under GPT2LMHeadModel's names and layouts. The tied lm_head is left out (transformers
+    ties it to transformer.wte again), and only the first vocab_size rows of the embedding are kept."""
+    out = {}
+    for name, tensor in model_state.items():
+        if name == "lm_head.weight":
+            continue
+        if name.endswith(TRANSPOSED):
+            tensor = tensor.t()  # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out)
+        if name == "transformer.wte.weight":
+            tensor = tensor[:vocab_size]
+        out[name] = tensor.detach().to(torch.float32).contiguous().clone()
+    return out
+
+
+def hf_config(model_config: dict, vocab_size: int, dropout: float) -> dict:
+    """A transformers GPT2Config, as the dict config.json holds."""
+    return dict(
+        architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=vocab_size,
+        n_positions=model_config["block_size"], n_ctx=model_config["block_size"], n_embd=model_config["n_embd"],
+        n_layer=model_config["n_layer"], n_head=model_config["n_head"], n_inner=None,
+        activation_function="gelu_new",  # the tanh approximation, as in our MLP
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, layer_norm_epsilon=1e-5,
+        initializer_range=0.02, scale_attn_weights=True, use_cache=True, tie_word_embeddings=True,
+        bos_token_id=T.EOT_TOKEN, eos_token_id=T.EOT_TOKEN, torch_dtype="float32",
+    )
+
+
+def write_tokenizer(out_dir: Path, block_size: int) -> None:
+    """GPT-2's vocab.json and merges.txt: tiktoken's encoder.json and vocab.bpe, which are the same files."""
+    from tiktoken.load import read_file_cached
+    try:
+        vocab, merges = (read_file_cached(TIKTOKEN_GPT2 + name) for name in ("encoder.json", "vocab.bpe"))
+    except Exception as e:  # offline without a cached copy: requests' connection errors, tiktoken's ValueError
+        raise T.UserError(f"the GPT-2 tokenizer files did not load ({type(e).__name__}); point TIKTOKEN_CACHE_DIR "
+                          "at a cached copy, or pass --no-tokenizer") from None
+    (out_dir / "vocab.json").write_bytes(vocab)
+    (out_dir / "merges.txt").write_bytes(merges)
+    eot = "<|endoftext|>"
+    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=block_size, bos_token=eot, eos_token=eot,
+                  unk_token=eot, add_prefix_space=False)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def export(checkpoint: Path, out_dir: Path, tokenizer: bool = True) -> Path:
+    """Write the Hugging Face folder for `checkpoint` into out_dir and return out_dir."""
+    from safetensors.torch import save_file
+    state = T.CheckpointManager.load(checkpoint)
+    shape = state["model_config"]
+    if shape["vocab_size"] < GPT2_VOCAB:
+        raise T.UserError(f"the model's vocabulary ({shape['vocab_size']}) is smaller than GPT-2's ({GPT2_VOCAB}); "
+                          "only GPT-2-tokenized models can be exported")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state_dict(state["model"], GPT2_VOCAB), str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    dropout = state["args"].get("dropout", 0.0)
+    (out_dir / "config.json").write_text(json.dumps(hf_config(shape, GPT2_VOCAB, dropout), indent=2) + "\n")
+    if tokenizer:
+        write_tokenizer(out_dir, shape["block_size"])
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="export_hf.py", description="Export a checkpoint to the Hugging Face "
+                                     "GPT-2 format (safetensors + config.json + tokenizer files).")
+    parser.add_argument("--checkpoint", default="best", help="best | latest | latest_backup | PATH (default: best)")
+    parser.add_argument("--checkpoint_dir", default="checkpoints", help="where best/latest are looked for")
+    parser.add_argument("--out_dir", required=True, help="folder to write (created if missing)")
+    parser.add_argument("--no-tokenizer", dest="tokenizer", action="store_false",
+                        help="write only the weights and config.json")
+    args = parser.parse_args(argv)
+    try:
+        if args.checkpoint == "auto":
+            raise T.UserError("--checkpoint auto is for resuming; name a checkpoint: best, latest or a path")
+        path = T.CheckpointManager(args.checkpoint_dir).resolve(args.checkpoint, flag="--checkpoint")
+        try:
+            out = export(path, Path(args.out_dir), tokenizer=args.tokenizer)
+        except OSError as e:
+            raise T.UserError(f"could not write {args.out_dir}: {e}") from None
+    except T.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported {path} -> {out}/ (load with transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
+    return out
+
+
+if __name__ == "__main__":
+    main()
