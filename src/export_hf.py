@@ -40,7 +40,7 @@ def hf_state_dict(model_state: dict[str, torch.Tensor], vocab_size: int) -> dict
             tensor = tensor.t()  # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out)
         if name == "transformer.wte.weight":
             tensor = tensor[:vocab_size]
-        out[name] = tensor.detach().to(torch.float32).contiguous().clone()
+        out[name] = tensor.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
     return out
 
 
@@ -73,10 +73,9 @@ def write_tokenizer(out_dir: Path, block_size: int) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def export(checkpoint: Path, out_dir: Path, tokenizer: bool = True) -> Path:
-    """Write the Hugging Face folder for `checkpoint` into out_dir and return out_dir."""
+def export(state: dict, out_dir: Path, tokenizer: bool = True) -> Path:
+    """Write the Hugging Face folder for a loaded checkpoint `state` into out_dir and return out_dir."""
     from safetensors.torch import save_file
-    state = T.CheckpointManager.load(checkpoint)
     shape = state["model_config"]
     if shape["vocab_size"] < GPT2_VOCAB:
         raise T.UserError(f"the model's vocabulary ({shape['vocab_size']}) is smaller than GPT-2's ({GPT2_VOCAB}); "
@@ -101,11 +100,9 @@ def main(argv: list[str] | None = None) -> Path:
                         help="write only the weights and config.json")
     args = parser.parse_args(argv)
     try:
-        if args.checkpoint == "auto":
-            raise T.UserError("--checkpoint auto is for resuming; name a checkpoint: best, latest or a path")
-        path = T.CheckpointManager(args.checkpoint_dir).resolve(args.checkpoint, flag="--checkpoint")
+        path, state = T.CheckpointManager(args.checkpoint_dir).load_named(args.checkpoint)
         try:
-            out = export(path, Path(args.out_dir), tokenizer=args.tokenizer)
+            out = export(state, Path(args.out_dir), tokenizer=args.tokenizer)
         except OSError as e:
             raise T.UserError(f"could not write {args.out_dir}: {e}") from None
     except T.UserError as e:

@@ -11,6 +11,7 @@ from the shape stored in it. Decoding uses tiktoken's GPT-2 encoding (set TIKTOK
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -43,10 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_model(spec: str, checkpoint_dir: str, device: torch.device) -> tuple[T.GPT, Path, dict]:
     """The model of checkpoint `spec` (best, latest, latest_backup or a path), verified, in eval mode."""
-    if spec == "auto":
-        raise T.UserError("--checkpoint auto is for resuming; name a checkpoint: best, latest or a path")
-    path = T.CheckpointManager(checkpoint_dir).resolve(spec, flag="--checkpoint")
-    state = T.CheckpointManager.load(path, verify=False)  # resolve() verified its checksums
+    path, state = T.CheckpointManager(checkpoint_dir).load_named(spec)
     model = T.GPT(T.GPTConfig(**{**state["model_config"], "dropout": 0.0}))
     model.load_state_dict(state["model"])
     info = dict(step=state["step"], val_loss=state["val_loss"], train_loss=state["train_loss"])
@@ -72,15 +70,12 @@ def main(argv: list[str] | None = None) -> list[str]:
         sys.exit(2)
     print(f"# {path}: step {info['step']}, train loss {T.fmt_loss(info['train_loss'])}, "
           f"val loss {T.fmt_loss(info['val_loss'])}", file=sys.stderr)
-    prompt = tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [T.EOT_TOKEN]  # "" starts a text
-    idx = torch.tensor([prompt] * args.num_samples, device=device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_cuda
-                else torch.autocast(device_type="cpu", enabled=False))
-    with autocast:
-        out = T.generate(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
-                         generator=generator, allowed_vocab=min(tokenizer.n_vocab, model.config.vocab_size))
-    samples = [tokenizer.decode(row.tolist()) for row in out]
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
+
+    samples = T.sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.seed, autocast,
+                            temperature=args.temperature, top_k=args.top_k or None, num_samples=args.num_samples)
     for i, text in enumerate(samples):
         if i:
             print("-" * 80)

@@ -1060,6 +1060,14 @@ class CheckpointManager:
                 raise CheckpointInvalid(f"checksum mismatch in {bad}: the file is corrupted")
         return state
 
+    def load_named(self, spec: str) -> tuple[Path, dict[str, Any]]:
+        """For the tools that use a run's model (sample.py, export_hf.py): the checkpoint --checkpoint `spec` names
+        (best, latest, latest_backup or a path, with latest's fallback), verified, and its loaded state."""
+        if spec == "auto":
+            raise UserError("--checkpoint auto is for resuming; name a checkpoint: best, latest or a path")
+        path = self.resolve(spec, flag="--checkpoint")
+        return path, self.load(path, verify=False)  # resolve() verified its checksums
+
     def resolve(self, spec: str, flag: str = "--resume") -> Path | None:
         """The checkpoint that --resume `spec` means, verified; None for `auto` in an empty directory.
 
@@ -1365,15 +1373,18 @@ def load_gpt2_tokenizer():
     return tiktoken.get_encoding("gpt2")
 
 
-def sample_text(raw_model: GPT, tokenizer, prompt: str, max_new_tokens: int, seed: int, autocast) -> str:
-    """A sample from a fixed prompt and seed (top-k 50), so samples from different steps are comparable."""
+def sample_text(raw_model: GPT, tokenizer, prompt: str, max_new_tokens: int, seed: int, autocast,
+                temperature: float = 1.0, top_k: int | None = 50, num_samples: int = 1) -> list[str]:
+    """num_samples continuations of prompt. The same seed gives the same text, so the samples taken during training
+    from one prompt and seed are comparable from step to step. An empty prompt starts a new document."""
     device = next(raw_model.parameters()).device
-    idx = torch.tensor([tokenizer.encode(prompt, allowed_special={"<|endoftext|>"})], device=device)
+    prompt_tokens = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
+    idx = torch.tensor([prompt_tokens] * num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with autocast():
-        out = generate(raw_model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=generator,
+        out = generate(raw_model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
                        allowed_vocab=min(tokenizer.n_vocab, raw_model.config.vocab_size))
-    return tokenizer.decode(out[0].tolist())
+    return [tokenizer.decode(row.tolist()) for row in out]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1433,11 +1444,10 @@ class DivergenceGuard:
     def __init__(self, max_nonfinite_steps: int, spike_factor: float, window_steps: int = 100,
                  min_history_steps: int = 20):
         self.max_nonfinite_steps, self.spike_factor = max_nonfinite_steps, spike_factor
-        self.recent: collections.deque[float] = collections.deque(maxlen=window_steps)
-        self.min_history_steps = min_history_steps
-        self.consecutive_skips, self.total_skips, self.first_skipped_step = 0, 0, 0
-        self.window_steps = window_steps
+        self.window_steps, self.min_history_steps = window_steps, min_history_steps
+        self.recent: collections.deque[float] = collections.deque(maxlen=window_steps)  # finite losses
         self.spike_steps: collections.deque[int] = collections.deque(maxlen=window_steps)
+        self.consecutive_skips, self.total_skips, self.first_skipped_step = 0, 0, 0
 
     def observe(self, step: int, loss: float, skipped: bool) -> float | None:
         """Record one step. Returns loss / recent median when the loss is a spike, else None."""
@@ -1793,7 +1803,7 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                 tb.scalars(step, loss__val=val_loss)
                 log.info("step %7d | val_loss %.6f%s", step, val_loss, " (best)" if is_best else "")
             if tokenizer is not None and (step % cfg.sample_freq == 0 or step == total_steps):
-                text = sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed, autocast)
+                text = sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed, autocast)[0]
                 log.info("step %7d | sample: %r", step, text)
                 tb.text("sample", text, step)
                 metrics.write(step=step, sample=text)
