@@ -387,13 +387,13 @@ class TensorBoardLog:
                             "(or pass --no-tensorboard)") from None
         self.writer = SummaryWriter(str(directory), purge_step=resumed_step + 1, flush_secs=30)
 
-    def scalars(self, step: int, **values: float | None) -> None:
-        """Log each value under its tag ('loss/train' is passed as loss__train); None values are skipped."""
+    def scalars(self, step: int, values: dict[str, float | None]) -> None:
+        """Log each value under its tag ('loss/train': the curve train in the group loss); None values are skipped."""
         if self.writer is None:
             return
-        for name, value in values.items():
+        for tag, value in values.items():
             if value is not None:
-                self.writer.add_scalar(name.replace("__", "/"), value, step)
+                self.writer.add_scalar(tag, value, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:
@@ -1740,9 +1740,10 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
             metrics.write(step=r["step"], checkpoint_blocked_seconds=writer.blocked_seconds,
                           checkpoint_cost_seconds=cost, checkpoint_write_seconds=r["write_seconds"],
                           checkpoint_interval_steps=policy.interval_steps)
-            tb.scalars(r["step"], checkpoint__blocked_ms=writer.blocked_seconds * 1000, checkpoint__cost_ms=cost * 1000,
-                       checkpoint__write_seconds=r["write_seconds"], checkpoint__interval_steps=policy.interval_steps,
-                       checkpoint__interval_seconds=policy.interval_seconds)
+            tb.scalars(r["step"], {"checkpoint/blocked_ms": writer.blocked_seconds * 1000,
+                                   "checkpoint/cost_ms": cost * 1000, "checkpoint/write_seconds": r["write_seconds"],
+                                   "checkpoint/interval_steps": policy.interval_steps,
+                                   "checkpoint/interval_seconds": policy.interval_seconds})
 
     t_start = time.monotonic()
     ema_step_seconds = None
@@ -1767,13 +1768,13 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                           tokens=step * cfg.total_batch_size, time=elapsed_before + time.monotonic() - t_start,
                           step_ms=dt * 1000, tokens_per_second=tokens_per_second,
                           **({"skipped_update": True} if skipped else {}))
-            tb.scalars(step, loss__train=None if skipped else train_loss, optim__lr=lr,
-                       optim__grad_norm=grad_norm if math.isfinite(grad_norm) else None,
-                       perf__tokens_per_second=tokens_per_second, perf__step_ms=dt * 1000,
-                       perf__mfu=device_stats.mfu(tokens_per_second, env.world_size),
-                       perf__gpu_max_memory_gb=device_stats.memory_gb(),
-                       perf__gpu_utilization_percent=device_stats.utilization(),
-                       progress__tokens=step * cfg.total_batch_size, progress__epoch=loader.epoch_progress)
+            tb.scalars(step, {"loss/train": None if skipped else train_loss, "optim/lr": lr,
+                              "optim/grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                              "perf/tokens_per_second": tokens_per_second, "perf/step_ms": dt * 1000,
+                              "perf/mfu": device_stats.mfu(tokens_per_second, env.world_size),
+                              "perf/gpu_max_memory_gb": device_stats.memory_gb(),
+                              "perf/gpu_utilization_percent": device_stats.utilization(),
+                              "progress/tokens": step * cfg.total_batch_size, "progress/epoch": loader.epoch_progress})
             if step % cfg.log_freq == 0 or step == total_steps or skipped:
                 eta = datetime.timedelta(seconds=round(ema_step_seconds * (total_steps - step)))
                 log.info("step %7d/%d | epoch %.3f | loss %.6f | lr %.3e | grad_norm %.4f | %.1f ms | %.0f tok/s "
@@ -1783,14 +1784,14 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                 log.error("step %d: NON-FINITE loss %s / gradient norm %s: this update was skipped, the weights are "
                           "unchanged (%d such step(s) in a row; the run stops at %d)", step, train_loss, grad_norm,
                           guard.consecutive_skips, cfg.max_nonfinite_steps)
-                tb.scalars(step, optim__skipped_updates=guard.total_skips)
+                tb.scalars(step, {"optim/skipped_updates": guard.total_skips})
             if guard.diverged:
                 diverged = True
                 break  # every rank agreed on each skip, so every rank breaks here; nothing is saved
             if spike is not None and env.is_main:
                 log.warning("step %d: LOSS SPIKE: %.4f is %.1fx the recent median loss (%.4f)", step, train_loss,
                             spike, train_loss / spike)
-                tb.scalars(step, loss__spike_ratio=spike)
+                tb.scalars(step, {"loss/spike_ratio": spike})
                 metrics.write(step=step, loss_spike_ratio=spike)
 
             is_best = False
@@ -1800,7 +1801,7 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                 is_best = best_val_loss is None or val_loss < best_val_loss
                 best_val_loss = val_loss if is_best else best_val_loss
                 metrics.write(step=step, val_loss=val_loss)
-                tb.scalars(step, loss__val=val_loss)
+                tb.scalars(step, {"loss/val": val_loss})
                 log.info("step %7d | val_loss %.6f%s", step, val_loss, " (best)" if is_best else "")
             if tokenizer is not None and (step % cfg.sample_freq == 0 or step == total_steps):
                 text = sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed, autocast)[0]
