@@ -65,6 +65,19 @@ def test_spikes_are_measured_against_the_median_of_recent_losses():
     ratio = guard.observe(21, 9.0, False)
     assert ratio == pytest.approx(9.0 / sorted(losses + [30.0, 5.0])[10])  # one big outlier barely moves the median
     assert guard.observe(22, float("nan"), True) is None  # skipped steps are not spikes, and not history
+    assert guard.trouble_began_step == 21  # the divergence advice looks before the spike that led up to it
+
+
+def test_trouble_begins_at_the_first_non_finite_step_when_no_spike_came_shortly_before():
+    guard = T.DivergenceGuard(max_nonfinite_steps=2, spike_factor=1.5, window_steps=30, min_history_steps=5)
+    for step in range(1, 11):
+        guard.observe(step, 3.0, False)
+    assert guard.observe(11, 9.0, False) is not None  # a spike at step 11...
+    for step in range(12, 50):
+        guard.observe(step, 3.0, False)
+    guard.observe(50, float("nan"), True)  # ...39 steps before the trouble: too long ago to be its start
+    guard.observe(51, float("nan"), True)
+    assert guard.diverged and guard.trouble_began_step == 50
 
 
 # --- sampling -----------------------------------------------------------------------------------------------------
