@@ -1699,8 +1699,8 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
         try:
             tokenizer = load_gpt2_tokenizer()
         except Exception as e:  # offline without a cached vocabulary: training goes on without samples
-            log.warning("text samples are off: the GPT-2 tokenizer did not load (%s: %s); point TIKTOKEN_CACHE_DIR "
-                        "at a cached copy", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            log.warning("text samples are off: the GPT-2 tokenizer did not load (%s); point TIKTOKEN_CACHE_DIR at a "
+                        "cached copy", type(e).__name__)
     log.info("model: %s parameters, %s | data: %d train shards, %d windows of %d tokens, %d steps per epoch",
              f"{raw_model.num_parameters():,}", model_config, len(train_shards), loader.num_windows,
              model_config.block_size, loader.steps_per_epoch)

@@ -191,3 +191,14 @@ def test_divergence_skips_updates_then_stops_without_touching_the_checkpoints(tm
                           "--learning_rate", "3e-3", "--max_steps", "12"))
     assert again.returncode == 0, again.stdout[-3000:]
     assert not (tmp_path / "ck" / "DIVERGED.txt").exists() and "NON-FINITE" not in again.stdout
+
+
+def test_without_the_tokenizer_training_goes_on_without_samples(tmp_path, shard_dir):
+    empty = tmp_path / "no_cache"
+    empty.mkdir()
+    proc = launch(base_args(tmp_path, shard_dir, "--max_steps", "3", "--sample_freq", "1", "--no-tensorboard"),
+                  nproc=None, extra_env={"TIKTOKEN_CACHE_DIR": str(empty)})
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    assert "text samples are off: the GPT-2 tokenizer did not load" in out and "| sample:" not in out
+    assert "training finished at step 3" in out and not (tmp_path / "logs" / "tensorboard").exists()
