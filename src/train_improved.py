@@ -387,6 +387,10 @@ class TensorBoardLog:
                             "(or pass --no-tensorboard)") from None
         self.writer = SummaryWriter(str(directory), purge_step=resumed_step + 1, flush_secs=30)
 
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
         """Log each value under its tag ('loss/train': the curve train in the group loss); None values are skipped."""
         if self.writer is None:
@@ -1693,7 +1697,7 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
     policy = SavePolicy(cfg)
     guard = DivergenceGuard(cfg.max_nonfinite_steps, cfg.spike_factor)
     tb = TensorBoardLog(Path(cfg.log_dir) / "tensorboard", cfg.tensorboard and env.is_main, step)
-    device_stats = DeviceStats(env.device, cfg.peak_tflops, raw_model.flops_per_token())
+    device_stats = DeviceStats(env.device, cfg.peak_tflops, raw_model.flops_per_token()) if tb.enabled else None
     tokenizer = None
     if env.is_main and cfg.sample_freq:
         try:
@@ -1768,13 +1772,15 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                           tokens=step * cfg.total_batch_size, time=elapsed_before + time.monotonic() - t_start,
                           step_ms=dt * 1000, tokens_per_second=tokens_per_second,
                           **({"skipped_update": True} if skipped else {}))
-            tb.scalars(step, {"loss/train": None if skipped else train_loss, "optim/lr": lr,
-                              "optim/grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                              "perf/tokens_per_second": tokens_per_second, "perf/step_ms": dt * 1000,
-                              "perf/mfu": device_stats.mfu(tokens_per_second, env.world_size),
-                              "perf/gpu_max_memory_gb": device_stats.memory_gb(),
-                              "perf/gpu_utilization_percent": device_stats.utilization(),
-                              "progress/tokens": step * cfg.total_batch_size, "progress/epoch": loader.epoch_progress})
+            if tb.enabled:  # rank 0 only: no GPU queries on the other ranks' hot path
+                tb.scalars(step, {"loss/train": None if skipped else train_loss, "optim/lr": lr,
+                                  "optim/grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                                  "perf/tokens_per_second": tokens_per_second, "perf/step_ms": dt * 1000,
+                                  "perf/mfu": device_stats.mfu(tokens_per_second, env.world_size),
+                                  "perf/gpu_max_memory_gb": device_stats.memory_gb(),
+                                  "perf/gpu_utilization_percent": device_stats.utilization(),
+                                  "progress/tokens": step * cfg.total_batch_size,
+                                  "progress/epoch": loader.epoch_progress})
             if step % cfg.log_freq == 0 or step == total_steps or skipped:
                 eta = datetime.timedelta(seconds=round(ema_step_seconds * (total_steps - step)))
                 log.info("step %7d/%d | epoch %.3f | loss %.6f | lr %.3e | grad_norm %.4f | %.1f ms | %.0f tok/s "

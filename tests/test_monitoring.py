@@ -4,6 +4,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import time
 
 import pytest
 import torch
@@ -107,6 +108,22 @@ def test_flops_per_token_counts_gpt2_small_like_the_palm_formula():
     stats = T.DeviceStats(CPU, peak_tflops=100.0, flops_per_token=model.flops_per_token())
     assert stats.mfu(100_000, world_size=4) == pytest.approx(model.flops_per_token() * 25_000 / 100e12)
     assert T.DeviceStats(CPU, 0.0, 1.0).mfu(1e6, 1) is None and stats.memory_gb() is None
+
+
+def test_tensorboard_log_purges_what_comes_after_the_step_it_starts_from(tmp_path):
+    def write(start_step, steps, value):
+        tb = T.TensorBoardLog(tmp_path, enabled=True, resumed_step=start_step)
+        for step in steps:
+            tb.scalars(step, {"loss/train": value, "perf/mfu": None})
+        tb.close()
+        time.sleep(1.1)  # event file names carry whole seconds; TensorBoard reads the files in name order
+
+    write(0, range(1, 9), 5.0)  # a run that logged 8 steps...
+    write(4, range(5, 7), 4.0)  # ...resumed from its step-4 checkpoint and logged 2 more: 7 and 8 are gone
+    assert tensorboard_scalars(tmp_path, "loss/train", subdir="") == \
+        [(1, 5.0), (2, 5.0), (3, 5.0), (4, 5.0), (5, 4.0), (6, 4.0)]
+    write(0, range(1, 3), 3.0)  # a new run in the same folder replaces the old curve
+    assert tensorboard_scalars(tmp_path, "loss/train", subdir="") == [(1, 3.0), (2, 3.0)]
 
 
 # --- end to end ---------------------------------------------------------------------------------------------------
