@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     """Print and return the samples."""
     args = parse_args(argv)
     try:
-        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        if use_cuda and not torch.cuda.is_available():
-            raise T.UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        use_cuda = T.wants_cuda(args.device)
         device = torch.device("cuda" if use_cuda else "cpu")
         model, path, info = load_model(args.checkpoint, args.checkpoint_dir, device)
         try:

@@ -259,14 +259,20 @@ class DistEnv:
         return self.world_size > 1 or dist.is_initialized()
 
 
+def wants_cuda(device_flag: str) -> bool:
+    """Whether --device (auto, cpu or cuda) means a GPU here; asking for cuda without one is a UserError."""
+    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return use_cuda
+
+
 def setup_distributed(device_flag: str) -> DistEnv:
     """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU); otherwise a single process."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    use_cuda = wants_cuda(device_flag)
     if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -1581,16 +1587,16 @@ def resume_command(env: DistEnv, cfg: TrainConfig, spec: str = "latest") -> str:
     return f"{launcher} {script}{extra} --resume {spec}"
 
 
-def divergence_advice(env: DistEnv, cfg: TrainConfig, manager: CheckpointManager, trouble_step: int,
-                      last_saved_step: int | None) -> str:
+def divergence_advice(env: DistEnv, cfg: TrainConfig, manager: CheckpointManager, trouble_step: int) -> str:
     """Which checkpoint to resume from after a divergence, and how. The loss of step N is computed on the weights
     saved at step N-1, so the newest checkpoint that predates the trouble is the one before step trouble_step-1."""
-    good = [(s, p) for s, p in manager.rolling() if s < trouble_step - 1]
+    rolling = manager.rolling()  # every save writes one, and latest.pt is the newest
+    good = [(s, p) for s, p in rolling if s < trouble_step - 1]
     if not good:
         return (f"No checkpoint older than step {trouble_step - 1}, where the trouble began, is left: start again "
                 "with a lower --learning_rate (./list_checkpoints.sh shows what there is)")
     good_step, path = good[-1]
-    spec = "latest" if good_step == last_saved_step else str(path)
+    spec = "latest" if good[-1] == rolling[-1] else str(path)
     return (f"The trouble began at step {trouble_step}; the newest checkpoint from before it is step {good_step}. "
             f"Resume from it with a lower learning rate, for example:\n  {resume_command(env, cfg, spec)} "
             f"--learning_rate {cfg.learning_rate / 2:g}")
@@ -1752,7 +1758,6 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
     t_start = time.monotonic()
     ema_step_seconds = None
     stop_agreed = diverged = False
-    last_saved_step = step if ckpt_path else None
     pending_reasons: dict[int, list[str]] = {}
     try:
         while step < total_steps:
@@ -1824,7 +1829,6 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                 ("stop signal", stop_requested), ("final", step == total_steps)) if due]
             if reasons:  # the last step always has one ("final"), and so does a stop
                 save(reasons, loader.epoch if epoch_ended else None, is_best)
-                last_saved_step = step
             if stop_requested:
                 stop_agreed = True
                 break
@@ -1836,7 +1840,7 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
         tb.close()
     stopped = stop_agreed and step < total_steps  # agreed: a rank that got no signal itself stops too
     if diverged and env.is_main:
-        advice = divergence_advice(env, cfg, manager, guard.trouble_began_step, last_saved_step)
+        advice = divergence_advice(env, cfg, manager, guard.trouble_began_step)
         log.error("TRAINING STOPPED: %d consecutive steps (%d-%d) had a non-finite loss or gradient norm. Their "
                   "updates were skipped and nothing was saved after them, so the checkpoints in %s/ are untouched. "
                   "%s", guard.consecutive_skips, guard.first_skipped_step, step, cfg.checkpoint_dir, advice)

@@ -81,6 +81,18 @@ def test_trouble_begins_at_the_first_non_finite_step_when_no_spike_came_shortly_
     assert guard.diverged and guard.trouble_began_step == 50
 
 
+def test_divergence_advice_names_the_newest_checkpoint_from_before_the_trouble(tmp_path):
+    manager = T.CheckpointManager(tmp_path)
+    for step in (3, 6):
+        manager.rolling_path(step).write_bytes(b"")  # only the names matter here
+    cfg = T.TrainConfig(checkpoint_dir=str(tmp_path), learning_rate=6e-4)
+    advice = T.divergence_advice(ENV, cfg, manager, trouble_step=8)  # step 8's loss judged step 7's weights
+    assert "newest checkpoint from before it is step 6" in advice and "--resume latest --learning_rate 0.0003" in advice
+    advice = T.divergence_advice(ENV, cfg, manager, trouble_step=7)  # step 6 is suspect: step 3, by path
+    assert "step 3" in advice and f"--resume {manager.rolling_path(3)} --learning_rate" in advice
+    assert "No checkpoint older than step 2" in T.divergence_advice(ENV, cfg, manager, trouble_step=3)
+
+
 # --- sampling -----------------------------------------------------------------------------------------------------
 
 def test_generate_is_seeded_leaves_the_global_rng_alone_and_respects_the_vocabulary():
