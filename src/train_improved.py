@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import json
@@ -903,9 +904,14 @@ class CheckpointManager:
     rolling_step_NNNNNN.pt, latest.pt (the old latest.pt becomes latest_backup.pt first), and when due
     epoch_NNNNN.pt and best_model.pt. Each name changes by an atomic rename, so at every instant every name is a
     complete file. The CRC-32 of every record in each file is checked before it is used.
+
+    A file that loses its last checkpoint name (pruned, or an old latest_backup/best replaced) is kept as
+    .tmp-spare.pt, and the next save overwrites it in place instead of making a new file: the disk blocks and the
+    page-cache pages are already there, so nothing has to be allocated (as PostgreSQL recycles WAL segments).
     """
 
     LATEST, BACKUP, BEST = "latest.pt", "latest_backup.pt", "best_model.pt"
+    SPARE = ".tmp-spare.pt"  # a pruned checkpoint file, kept for the next save to overwrite
     DIVERGED = "DIVERGED.txt"  # written when the loss diverged; stops torchrun's restarts from replaying it
 
     def __init__(self, directory: str | Path, keep_last: int = 10):
@@ -968,11 +974,20 @@ class CheckpointManager:
         """Write `state` and give it its names. Raises OSError on failure, leaving every old name intact."""
         self.dir.mkdir(parents=True, exist_ok=True)
         step = state["step"]
-        self.make_room(expected_size(state))
         tmp = self.dir / f".tmp-{step:06d}-{os.getpid()}.pt"
+        spare = self.dir / self.SPARE
+        reuse = spare.exists() and spare.stat().st_nlink == 1  # shares its file with no checkpoint name
+        if reuse:
+            os.replace(spare, tmp)
+        else:
+            spare.unlink(missing_ok=True)
         try:
-            torch.save(state, str(tmp))  # a path, not a file object: torch's C++ writer, ~2x faster
-            fsync_path(tmp)
+            self.make_room(expected_size(state) - (tmp.stat().st_size if reuse else 0))
+            with open(tmp, "r+b" if reuse else "wb") as f:  # r+b: overwrite in place, reusing blocks and pages
+                torch.save(state, EarlyWriteback(f))
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
             names = [self.rolling_path(step)]
             self._place(tmp, names[0])
             latest = self.dir / self.LATEST
@@ -1028,13 +1043,25 @@ class CheckpointManager:
                 shutil.copyfileobj(fin, fout, 16 << 20)
                 fout.flush()
                 os.fsync(fout.fileno())
+        self._keep_as_spare(dst)
         os.replace(tmp, dst)
+
+    def _keep_as_spare(self, path: Path) -> None:
+        """If `path` is the last name of its file, name that file the spare too, so that the next save overwrites
+        it instead of writing a new file."""
+        spare = self.dir / self.SPARE
+        try:
+            if not spare.exists() and path.stat().st_nlink == 1:
+                os.link(path, spare)
+        except OSError:
+            pass  # no hard links here: the file is simply freed
 
     def prune(self) -> list[str]:
         """Delete rolling checkpoints beyond the newest keep_last. latest/backup/epoch/best are never pruned."""
         rolling = self._numbered("rolling_step_")
         doomed = [p for _, p in rolling[:-self.keep_last]] if len(rolling) > self.keep_last else []
         for p in doomed:
+            self._keep_as_spare(p)
             p.unlink(missing_ok=True)
         return [p.name for p in doomed]
 
@@ -1227,6 +1254,44 @@ class CheckpointWriter:
             result["error"] = f"{type(e).__name__}: {e}"
         result["write_seconds"] = time.monotonic() - t0
         self.results.put(result)
+
+
+def _sync_file_range():
+    """Linux's sync_file_range(2), or None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, TypeError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+class EarlyWriteback:
+    """A file for torch.save to write into that hands every `chunk` new bytes to the disk at once (sync_file_range
+    with SYNC_FILE_RANGE_WRITE: start writing, do not wait), as RocksDB's bytes_per_sync does. The disk then writes
+    while torch.save is still serializing and computing checksums, instead of after it, and the fsync that follows
+    finds little left to do. Only a speed-up: durability comes from that fsync. Elsewhere than Linux, a plain file."""
+
+    SYNC_FILE_RANGE_WRITE = 2
+    sync_file_range = _sync_file_range()
+
+    def __init__(self, f, chunk: int = 32 << 20):
+        self.f, self.chunk = f, chunk
+        self.written = self.handed = 0  # bytes written from the start of the file; of those, handed to the disk
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), self.chunk):  # a large tensor goes to the disk piece by piece
+            self.written += self.f.write(view[start:start + self.chunk])
+            if self.sync_file_range is not None and self.written - self.handed >= self.chunk:
+                self.f.flush()
+                self.sync_file_range(self.f.fileno(), self.handed, self.written - self.handed,
+                                     self.SYNC_FILE_RANGE_WRITE)
+                self.handed = self.written
+        return len(view)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def fsync_path(path: Path) -> None:

@@ -1,5 +1,6 @@
 """CheckpointManager and the checkpoint's content: names, links, retention, checksums, fallback, kill -9 mid-write."""
 
+import io
 import os
 import random
 import signal
@@ -69,6 +70,7 @@ def test_names_links_backup_epoch_best_and_retention(tmp_path, shard_dir):
         names = manager.save(with_step(base, step), epoch_completed=1 if step == 2 else None, is_best=step == 4)
         assert names[:2] == [f"rolling_step_{step:06d}.pt", "latest.pt"]
     ck = tmp_path / "ck"
+    # (step 7 overwrote the file retired with rolling 3; rolling 4, also best_model.pt, freed nothing to reuse)
     assert sorted(p.name for p in ck.iterdir()) == ["best_model.pt", "epoch_00001.pt", "latest.pt",
                                                     "latest_backup.pt", "rolling_step_000005.pt",
                                                     "rolling_step_000006.pt", "rolling_step_000007.pt"]
@@ -78,6 +80,55 @@ def test_names_links_backup_epoch_best_and_retention(tmp_path, shard_dir):
     # identical contents are written once: names of the same step share one file
     assert os.path.samefile(ck / "latest.pt", ck / "rolling_step_000007.pt")
     assert os.path.samefile(ck / "latest_backup.pt", ck / "rolling_step_000006.pt")
+
+
+def test_the_next_save_overwrites_the_retired_file_but_never_one_a_checkpoint_name_uses(tmp_path, shard_dir):
+    """Retention keeps the file it retires as .tmp-spare.pt, and the next save overwrites that file in place (as
+    PostgreSQL recycles WAL segments) instead of allocating a new one."""
+    ck = tmp_path / "ck"
+    manager = T.CheckpointManager(ck, keep_last=2)
+    base = make_state(shard_dir)
+    big = {**base, "padding": torch.randn(50_000)}
+    for step in (1, 2, 3):
+        manager.save(with_step(big, step))
+    spare = ck / T.CheckpointManager.SPARE
+    retired = spare.stat()
+    assert retired.st_nlink == 1  # the pruned rolling_step_000001.pt: no checkpoint name uses it any more
+    manager.save(with_step(base, 4))
+    written = (ck / "rolling_step_000004.pt").stat()
+    assert written.st_ino == retired.st_ino  # overwritten in place...
+    assert written.st_size < retired.st_size  # ...and cut to the new checkpoint's size
+    loaded = T.CheckpointManager.load(ck / "latest.pt")  # every checksum verified
+    assert loaded["step"] == 4 and "padding" not in loaded
+    assert torch.equal(loaded["model"]["transformer.h.0.mlp.c_fc.weight"], base["model"]["transformer.h.0.mlp.c_fc.weight"])
+    # as if killed between naming the spare and removing the retired name: the spare still shares its file with
+    # latest_backup.pt (step 3), so the next save must write a new file and leave that one alone
+    spare.unlink()
+    os.link(ck / "latest_backup.pt", spare)
+    step3_inode = spare.stat().st_ino
+    manager.save(with_step(base, 5))
+    assert (ck / "rolling_step_000005.pt").stat().st_ino != step3_inode
+    assert spare.stat().st_ino == step3_inode  # retired now (pruned), so it is the spare for the save after
+    assert T.CheckpointManager.load(spare)["step"] == 3  # step 3's file, retired only now, is intact
+    for p in manager.all_checkpoints():
+        T.CheckpointManager.load(p)
+    manager.clean_stale_temporaries()
+    assert not spare.exists()
+
+
+def test_early_writeback_hands_each_chunk_to_the_disk_as_it_is_written(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(T.EarlyWriteback, "sync_file_range", staticmethod(lambda *args: calls.append(args)))
+    state = {"w": torch.randn(1_000_000)}  # 4 MB
+    with open(tmp_path / "a.pt", "wb") as f:
+        torch.save(state, T.EarlyWriteback(f, chunk=1 << 20))
+    plain = io.BytesIO()
+    torch.save(state, plain)
+    assert (tmp_path / "a.pt").read_bytes() == plain.getvalue()  # the bytes are torch.save's own
+    assert len(calls) >= 3 and all(flags == T.EarlyWriteback.SYNC_FILE_RANGE_WRITE for *_, flags in calls)
+    offsets = [(offset, n) for _, offset, n, _ in calls]
+    assert offsets[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(offsets, offsets[1:]))  # in order, no gap
+    assert all(n >= 1 << 20 for _, n in offsets)
 
 
 def test_copies_where_hard_links_fail(tmp_path, shard_dir, monkeypatch):

@@ -156,8 +156,11 @@ def test_retention_across_two_epochs(tmp_path, data):
     assert result.returncode == 0, result.stdout[-3000:]
     ck = tmp_path / "ck"
     assert sorted(p.name for p in ck.iterdir()) == [
+        ".tmp-spare.pt",  # the file retired last (rolling 32), for the next save to overwrite
         "epoch_00001.pt", "epoch_00002.pt", "latest.pt", "latest_backup.pt",
         "rolling_step_000036.pt", "rolling_step_000040.pt", "rolling_step_000042.pt"]
+    assert ck / ".tmp-spare.pt" not in T.CheckpointManager(ck).all_checkpoints()
+    assert T.CheckpointManager.load(ck / ".tmp-spare.pt")["step"] == 32
     step = {p.name: T.CheckpointManager.load(p)["step"] for p in ck.iterdir()}
     assert step["epoch_00001.pt"] == 21 and step["epoch_00002.pt"] == 42 == step["latest.pt"]
     assert T.CheckpointManager.load(ck / "epoch_00001.pt")["epoch"] == 1
