@@ -1,6 +1,6 @@
 """What checkpointing costs, measured side by side in one run (CPU by default; CUDA when --device cuda).
 
-    python benchmarks/bench_checkpoint.py                      # ~51 M parameters on CPU (a ~610 MB checkpoint), ~6 min
+    python benchmarks/bench_checkpoint.py                      # ~51 M parameters on CPU (a ~610 MB checkpoint), ~5 min
     python benchmarks/bench_checkpoint.py --device cuda --preset gpt2 --batch_size 16 --block_size 1024
 
 Reports four ratios (issue 4's targets on a 2-core CPU in brackets):
