@@ -94,7 +94,10 @@ def test_the_next_save_overwrites_the_retired_file_but_never_one_a_checkpoint_na
     spare = ck / T.CheckpointManager.SPARE
     retired = spare.stat()
     assert retired.st_nlink == 1  # the pruned rolling_step_000001.pt: no checkpoint name uses it any more
+    # 16 MB free: too little for a new file of this checkpoint plus the margin, enough to overwrite the spare
+    manager.free_bytes = lambda: 16 << 20
     manager.save(with_step(base, 4))
+    del manager.free_bytes
     written = (ck / "rolling_step_000004.pt").stat()
     assert written.st_ino == retired.st_ino  # overwritten in place...
     assert written.st_size < retired.st_size  # ...and cut to the new checkpoint's size
