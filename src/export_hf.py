@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -81,10 +82,13 @@ def export(state: dict, out_dir: Path, tokenizer: bool = True) -> Path:
         raise T.UserError(f"the model's vocabulary ({shape['vocab_size']}) is smaller than GPT-2's ({GPT2_VOCAB}); "
                           "only GPT-2-tokenized models can be exported")
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(state["model"], GPT2_VOCAB), str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
     dropout = state["args"].get("dropout", 0.0)
     (out_dir / "config.json").write_text(json.dumps(hf_config(shape, GPT2_VOCAB, dropout), indent=2) + "\n")
+    weights = out_dir / "model.safetensors"
+    save_file(hf_state_dict(state["model"], GPT2_VOCAB), str(weights), metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600): give the weights the mode every other file
+    # of the export gets from the umask, so whoever may read the config may read the model
+    os.chmod(weights, (out_dir / "config.json").stat().st_mode & 0o777)
     if tokenizer:
         write_tokenizer(out_dir, shape["block_size"])
     return out_dir

@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 EOT_TOKEN = 50256
+STDLIB_SAMPLE_PROMPT = "import os\n\n\ndef "  # how a Python module starts: the embedded default data is Python
 BIN_MAGIC, BIN_VERSION, BIN_HEADER_INTS = 20240520, 1, 256
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
 
@@ -234,6 +235,8 @@ def prepare(args: argparse.Namespace) -> dict:
         files = stdlib_files()
         documents = read_documents(files)
         description = f"Python {sys.version.split()[0]} standard library sources ({len(files)} files)"
+    # the trainer's periodic samples start from this (its --sample_prompt default): a prompt in the data's language
+    sample_prompt = None if (args.source or args.hf_dataset) else STDLIB_SAMPLE_PROMPT
     load_encoding()  # fail early, with the offline explanation, before starting workers
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -262,7 +265,8 @@ def prepare(args: argparse.Namespace) -> dict:
                            "--val_tokens or add text")
     meta = dict(tokenizer="gpt2", eot_token=EOT_TOKEN, vocab_size=50257, dtype="uint16", format=args.format,
                 shard_tokens=args.shard_tokens, val_tokens=writer.counts["val"], train_tokens=writer.counts["train"],
-                documents=num_documents, source=description, shards=writer.shards)
+                documents=num_documents, source=description, shards=writer.shards,
+                **({"sample_prompt": sample_prompt} if sample_prompt else {}))
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {len(writer.shards)} shards to {out_dir}/: {writer.counts['train']:,} train and "
           f"{writer.counts['val']:,} val tokens from {num_documents:,} documents")

@@ -36,6 +36,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import logging.handlers
 import math
 import os
 import queue
@@ -151,7 +152,8 @@ class TrainConfig:
     tensorboard: bool = opt(True, "write TensorBoard curves to <log_dir>/tensorboard (rank 0)", "logging")
     sample_freq: int = opt(500, "log a text sample from --sample_prompt every this many steps and at the end "
                            "(0 disables)", "logging")
-    sample_prompt: str = opt("Hello, I'm a language model,", "prompt of the periodic text sample", "logging")
+    sample_prompt: str | None = opt(None, "prompt of the periodic text sample (default: the data's own, from "
+                                    "<data_dir>/meta.json, else \"Hello, I'm a language model,\")", "logging", type=str)
     sample_tokens: int = opt(48, "tokens generated per periodic sample", "logging")
     peak_tflops: float = opt(0.0, "one accelerator's peak TFLOP/s for the MFU estimate (0: look up the GPU's "
                              "dense bf16 peak)", "logging")
@@ -169,8 +171,12 @@ class TrainConfig:
     async_checkpoint: bool = opt(True, "write checkpoints in the background; training waits only for the copy "
                                  "to host memory", "checkpointing")
     max_checkpoint_overhead: float = opt(0.02, "fraction of training time checkpointing may block the loop; "
-                                         "saves are spaced out to stay within it", "checkpointing")
+                                         "saves are spaced out to stay within it (1: no limit, every save exactly "
+                                         "when due)", "checkpointing")
     keep_last: int = opt(10, "rolling checkpoints to keep", "checkpointing")
+    max_unsaved_minutes: float | None = opt(None, "stop (exit 4) when saves have been failing and nothing was saved "
+                                            "for this long (default: the longer of 3 save intervals and 30 minutes)",
+                                            "checkpointing", type=float)
     resume: str | None = opt(None, "latest | latest_backup | best | auto | PATH", "checkpointing", type=str)
 
     def __post_init__(self):
@@ -184,6 +190,8 @@ class TrainConfig:
                 raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"--max_steps must be at least 1, got {self.max_steps}")
+        if self.max_unsaved_minutes is not None and self.max_unsaved_minutes <= 0:
+            raise UserError(f"--max_unsaved_minutes must be positive, got {self.max_unsaved_minutes}")
         if self.checkpoint_minutes < 0:
             raise UserError("--checkpoint_minutes must be 0 (off) or positive")
         if not 0 < self.max_checkpoint_overhead <= 1:
@@ -323,14 +331,18 @@ def broadcast_from_main(env: DistEnv, compute):
 # ---------------------------------------------------------------------------------------------------------------
 
 def setup_logging(env: DistEnv) -> None:
-    """Rank 0 logs INFO to stdout; other ranks only warn (to stderr, tagged with their rank)."""
+    """Rank 0 logs INFO to stdout, and holds every line in memory until attach_log_file opens train.log, so the file
+    has the run's whole story from its first line. The other ranks log errors only (to stderr, tagged with their
+    rank): what every rank would say alike (a setting changed, a resume on another world size) is said once."""
     log.handlers.clear()
     log.propagate = False
     handler = logging.StreamHandler(sys.stdout if env.is_main else sys.stderr)
     prefix = "" if env.is_main else f"[rank {env.rank}] "
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
-    log.setLevel(logging.INFO if env.is_main else logging.WARNING)
+    if env.is_main:
+        log.addHandler(logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1))
+    log.setLevel(logging.INFO if env.is_main else logging.ERROR)
 
 
 def teardown_logging() -> None:
@@ -342,14 +354,20 @@ def teardown_logging() -> None:
     log.setLevel(logging.NOTSET)
 
 
-def attach_log_file(env: DistEnv, log_dir: Path) -> None:
-    """Append rank 0's log to <log_dir>/train.log, so a resumed run continues the same history."""
-    if not env.is_main:
-        return
+def attach_log_file(env: DistEnv, log_dir: Path, create: bool = True) -> logging.Handler | None:
+    """Append rank 0's log to <log_dir>/train.log, so a resumed run continues the same history, starting with the
+    lines held since setup_logging. With create=False (a start that failed) only into a log folder that exists."""
+    if not env.is_main or not (create or log_dir.is_dir()):
+        return None
     log_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_dir / "train.log", mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    for early in [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        early.setTarget(handler)
+        early.close()  # flushes the held lines into train.log
+        log.removeHandler(early)
     log.addHandler(handler)
+    return handler
 
 
 class MetricsLog:
@@ -418,6 +436,22 @@ class TensorBoardLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def tensorboard_run_dir(log_dir: str) -> Path:
+    """<log_dir>/tensorboard/<name of the log folder>: TensorBoard names a run after its folder, so the run shows as
+    'logs' or 'run-124m' rather than '.', and several runs' folders can be watched side by side."""
+    return Path(log_dir) / "tensorboard" / Path(log_dir).resolve().name
+
+
+def data_sample_prompt(data_dir: str) -> str:
+    """The prompt for periodic samples when --sample_prompt is not given: the one the data's meta.json names
+    (prepare_data.py writes a Python one for its Python default data), else GPT-2's classic English one."""
+    try:
+        prompt = json.loads((Path(data_dir) / "meta.json").read_text()).get("sample_prompt")
+    except (OSError, ValueError, AttributeError):
+        prompt = None
+    return prompt if isinstance(prompt, str) else "Hello, I'm a language model,"
 
 
 class DeviceStats:
@@ -857,7 +891,7 @@ def gather_rng_states(env: DistEnv) -> list[dict[str, Any]] | None:
 def build_state(*, raw_model: nn.Module, optimizer: torch.optim.Optimizer, loader: ShardedLoader,
                 cfg: TrainConfig, step: int, train_loss: float | None, val_loss: float | None,
                 best_val_loss: float | None, rng_states: list, elapsed_seconds: float,
-                world_size: int) -> dict[str, Any]:
+                world_size: int, val_step: int | None = None) -> dict[str, Any]:
     """The one place that knows what a checkpoint holds. Plain types only, so weights_only loading works.
 
     Tensors are the live ones: hand the result to CheckpointWriter.submit (which snapshots them) before the next
@@ -870,6 +904,7 @@ def build_state(*, raw_model: nn.Module, optimizer: torch.optim.Optimizer, loade
         optimizer=optimizer.state_dict(),
         train_loss=train_loss,
         val_loss=val_loss,
+        val_step=val_step,  # the step val_loss was measured at (an earlier one for a save between evaluations)
         best_val_loss=best_val_loss,
         rng_state=rng_states,
         dataloader_state=loader.state_dict(),
@@ -888,6 +923,10 @@ def restore_state(state: dict[str, Any], *, raw_model: nn.Module, optimizer: tor
     """Put model, optimizer, data position and this rank's RNG back to the checkpoint's step boundary."""
     raw_model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    for per_param in optimizer.state.values():
+        for key, value in per_param.items():  # on CPU, load_state_dict keeps the loaded tensors as they are: views
+            if torch.is_tensor(value) and value.device.type == "cpu":  # of the memory-mapped file, which would keep
+                per_param[key] = value.clone()  # its disk space taken after the file is deleted or set aside
     apply_optimizer_settings(optimizer, cfg)  # settings changed on resume win over the saved ones
     loader.load_state_dict(state["dataloader_state"])
     if state["world_size"] == env.world_size:
@@ -900,23 +939,36 @@ def restore_state(state: dict[str, Any], *, raw_model: nn.Module, optimizer: tor
 class CheckpointManager:
     """Owns the checkpoint files: names, atomic durable writes, retention, verification and fallback.
 
-    Every save writes one new file and gives it its names by hard links (a copy where links fail):
-    rolling_step_NNNNNN.pt, latest.pt (the old latest.pt becomes latest_backup.pt first), and when due
-    epoch_NNNNN.pt and best_model.pt. Each name changes by an atomic rename, so at every instant every name is a
-    complete file. The CRC-32 of every record in each file is checked before it is used.
+    Every save writes one new file and gives it the rolling chain's names by hard links (a copy where links fail):
+    rolling_step_NNNNNN.pt and latest.pt (the old latest.pt becomes latest_backup.pt first). When due,
+    epoch_NNNNN.pt and best_model.pt get a file of their own, a durable copy: one bad block can then never take
+    the user's best or epoch model together with the newest checkpoint. Each name changes by an atomic rename, so
+    at every instant every name is a complete file. The CRC-32 of every record in each file is checked before
+    it is used; a file that fails is set aside as NAME.corrupt and never takes a name resume would use.
 
     A file that loses its last checkpoint name (pruned, or an old latest_backup/best replaced) is kept as
     .tmp-spare.pt, and the next save overwrites it in place instead of making a new file: the disk blocks and the
     page-cache pages are already there, so nothing has to be allocated (as PostgreSQL recycles WAL segments).
+
+    When the disk runs short, progress beats history (make_room): a save first gives up damaged files set aside,
+    then older rolling checkpoints, then latest_backup.pt; never latest.pt before its successor is durable, and
+    never an epoch or best file.
     """
 
     LATEST, BACKUP, BEST = "latest.pt", "latest_backup.pt", "best_model.pt"
     SPARE = ".tmp-spare.pt"  # a pruned checkpoint file, kept for the next save to overwrite
     DIVERGED = "DIVERGED.txt"  # written when the loss diverged; stops torchrun's restarts from replaying it
+    CORRUPT = ".corrupt"  # suffix of a file that failed verification, kept aside for inspection
+    # The next file's size is the previous one's plus this margin: the pickled metadata (settings, RNG states,
+    # losses) varies by a few KB between saves, and the filesystem rounds each file up to whole blocks and adds
+    # its own metadata (extents, inodes): 1 MiB covers both with room to spare at any model size.
+    SPACE_MARGIN_BYTES = 1 << 20
 
     def __init__(self, directory: str | Path, keep_last: int = 10):
         self.dir = Path(directory)
         self.keep_last = keep_last
+        self.damaged: list[Path] = []  # files resolve() found invalid, in the order it met them
+        self._announced: set[str] = set()  # kinds of disk-space sacrifice already logged
 
     # names ------------------------------------------------------------------------------------------------
     def rolling_path(self, step: int) -> Path:
@@ -951,9 +1003,38 @@ class CheckpointManager:
         best = self.dir / self.BEST
         return self.fallback_order() + ([best] if best.exists() else [])
 
+    def set_aside(self, damaged: list[Path]) -> list[str]:
+        """Rename each damaged checkpoint file to NAME.corrupt, with every other checkpoint name of the same file
+        removed, so that no name resume, a rotation or retention uses can ever point at it again. Returns one
+        description per file set aside."""
+        done = []
+        for path in damaged:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue  # another name of a file already set aside
+            names = [p for p in self.all_checkpoints() + [self.dir / self.SPARE] if p != path and p.exists()
+                     and (p.stat().st_dev, p.stat().st_ino) == (st.st_dev, st.st_ino)]
+            aside = path.with_name(path.name + self.CORRUPT)
+            os.replace(path, aside)
+            for p in names:
+                p.unlink()
+            fsync_path(self.dir)
+            shared = f" (also named {', '.join(p.name for p in names)})" if names else ""
+            log.warning("set the damaged %s%s aside as %s: no name that resume uses points at it any more; delete "
+                        "it when you no longer need it for inspection", path.name, shared, aside.name)
+            done.append(f"{path.name} -> {aside.name}")
+        return done
+
     # writing ------------------------------------------------------------------------------------------------
     def check_writable(self) -> None:
-        """Fail early, before any training, if checkpoints could not be written."""
+        """Fail early, before any training, if checkpoints could not be written. A folder that does not exist yet
+        is created for the probe and removed again: a start that fails later leaves nothing behind."""
+        missing = []
+        parent = self.dir
+        while not parent.exists() and parent != parent.parent:
+            missing.append(parent)
+            parent = parent.parent
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".tmp-probe-{os.getpid()}"
@@ -963,17 +1044,30 @@ class CheckpointManager:
             raise UserError(f"--checkpoint_dir {self.dir} is not writable ({e.strerror or e}); rank 0 writes every "
                             "checkpoint there: pick a folder you can write (on several machines, storage every node "
                             "shares)") from None
+        finally:
+            for d in missing:  # innermost first
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
     def clean_stale_temporaries(self) -> None:
         """Remove half-written files a killed writer left behind (they never carry a checkpoint name)."""
         for p in self.dir.glob(".tmp-*") if self.dir.is_dir() else []:
             p.unlink(missing_ok=True)
 
+    def estimate_size(self, state: dict[str, Any]) -> int:
+        """The size the file of `state` will have: the newest checkpoint's real size (the same tensors, so the same
+        size but for a few KB of metadata), or before the first save the tensor bytes plus zip headers."""
+        tensor_bytes = expected_size(state)
+        latest = self.dir / self.LATEST
+        previous = latest.stat().st_size if latest.exists() else 0
+        return max(previous, tensor_bytes)
+
     def save(self, state: dict[str, Any], *, epoch_completed: int | None = None,
              is_best: bool = False) -> list[str]:
         """Write `state` and give it its names. Raises OSError on failure, leaving every old name intact."""
         self.dir.mkdir(parents=True, exist_ok=True)
         step = state["step"]
+        size = self.estimate_size(state)
         tmp = self.dir / f".tmp-{step:06d}-{os.getpid()}.pt"
         spare = self.dir / self.SPARE
         reuse = spare.exists() and spare.stat().st_nlink == 1  # shares its file with no checkpoint name
@@ -982,7 +1076,7 @@ class CheckpointManager:
         else:
             spare.unlink(missing_ok=True)
         try:
-            self.make_room(expected_size(state) - (tmp.stat().st_size if reuse else 0))
+            self.make_room(size, reusable_bytes=tmp.stat().st_size if reuse else 0, step=step)
             with open(tmp, "r+b" if reuse else "wb") as f:  # r+b: overwrite in place, reusing blocks and pages
                 torch.save(state, EarlyWriteback(f))
                 f.truncate()
@@ -995,13 +1089,19 @@ class CheckpointManager:
                 self._place(latest, self.dir / self.BACKUP)
             os.replace(tmp, latest)
             names.append(latest)
-            if epoch_completed is not None:
-                names.append(self.epoch_path(epoch_completed))
-                self._place(latest, names[-1])
-            if is_best:
-                names.append(self.dir / self.BEST)
-                self._place(latest, names[-1])
-            fsync_path(self.dir)  # the renames
+            fsync_path(self.dir)  # the rolling chain is durable before anything else is attempted
+            own = ([self.epoch_path(epoch_completed)] if epoch_completed is not None else []) + (
+                [self.dir / self.BEST] if is_best else [])
+            for dst in own:  # the user's files: their own storage, never a hard link into the rolling chain
+                try:
+                    self.make_room(latest.stat().st_size, step=step)
+                except InsufficientDiskSpace as e:
+                    log.error("%s NOT WRITTEN at step %d: %s. latest.pt holds this step", dst.name, step, e)
+                    continue
+                self._place(latest, dst, copy=True)
+                names.append(dst)
+            if own:
+                fsync_path(self.dir)
         finally:
             tmp.unlink(missing_ok=True)
         self.prune()
@@ -1010,37 +1110,75 @@ class CheckpointManager:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.dir).free
 
-    def make_room(self, needed_bytes: int) -> None:
-        """Make sure a checkpoint of needed_bytes fits: delete the oldest rolling checkpoints if it does not
-        (only files no other name shares, never the newest one), else raise InsufficientDiskSpace."""
-        needed = int(needed_bytes * 1.05) + (16 << 20)  # serialization overhead and a margin
+    def make_room(self, size_bytes: int, reusable_bytes: int = 0, step: int | None = None) -> None:
+        """Make sure a file of size_bytes fits (reusable_bytes of it overwrite a file in place and need no new
+        space), giving up, in this order and only as far as needed: damaged files set aside, the older rolling
+        checkpoints oldest first, then latest_backup.pt. Never latest.pt, the newest rolling file, an epoch file
+        or best_model.pt. Raises InsufficientDiskSpace if that is not enough; nothing is deleted then that did not
+        have to go."""
+        needed = size_bytes - reusable_bytes + self.SPACE_MARGIN_BYTES
         free = self.free_bytes()
         if free >= needed:
             return
-        for _, path in self._numbered("rolling_step_")[:-1]:
-            st = path.stat()
-            if st.st_nlink > 1:  # also latest, latest_backup, an epoch or the best file: deleting frees nothing
-                continue
-            path.unlink()
-            free += st.st_size
-            log.warning("disk nearly full: deleted %s (%s) to make room for the next checkpoint", path.name,
-                        format_bytes(st.st_size))
+        for kind, paths in self._sacrifices():
+            before = free
+            for p in paths:
+                p.unlink()
+            free = self.free_bytes()
+            if kind not in self._announced:
+                self._announced.add(kind)
+                log.warning("DISK NEARLY FULL: gave up %s (%s freed) to save step %s; %s free now, %s needed. %s",
+                            " + ".join(p.name for p in paths), format_bytes(free - before), step, format_bytes(free),
+                            format_bytes(needed), self.SACRIFICE_NOTES[kind])
             if free >= needed:
                 return
+        keep = [p for _, p in self._numbered("epoch_")] + [p for p in [self.dir / self.BEST] if p.exists()]
+        kept_bytes = sum(p.stat().st_size for p in keep)
         raise InsufficientDiskSpace(
             f"not enough free space in {self.dir}/ for a checkpoint: need about {format_bytes(needed)}, "
-            f"{format_bytes(free)} free; this save is skipped and the earlier checkpoints are kept. Free space or "
-            "lower --keep_last")
+            f"{format_bytes(free)} free after giving up every older checkpoint; this save is skipped and the newest "
+            "checkpoint is kept."
+            + (f" The epoch and best files ({len(keep)}, {format_bytes(kept_bytes)}) are never deleted for space: "
+               "move some of them elsewhere" if keep else " Free space on this disk")
+            + " or lower --keep_last")
 
-    def _place(self, src: Path, dst: Path) -> None:
-        """Atomically make `dst` the same content as `src`: a hard link, or a durable copy where links fail."""
+    SACRIFICE_NOTES = dict(
+        corrupt="Damaged files set aside after a recovery are the first to go.",
+        rolling="Older rolling checkpoints go first, oldest first, whenever space is short "
+                "(this message is not repeated).",
+        backup="From now on a save gives up latest_backup.pt whenever the disk cannot hold three checkpoints: only "
+               "latest.pt is kept between saves at times (this message is not repeated).",
+    )
+
+    def _sacrifices(self):
+        """What make_room may delete, in order, as (kind, names of one file), computed as it goes."""
+        corrupt = sorted(self.dir.glob(f"*{self.CORRUPT}"))
+        if corrupt:
+            yield "corrupt", corrupt
+        protected = [self.dir / n for n in (self.LATEST, self.BEST) if (self.dir / n).exists()]
+        protected += [p for _, p in self._numbered("epoch_")]
+        backup = self.dir / self.BACKUP
+        for _, path in self._numbered("rolling_step_")[:-1]:
+            if path.exists() and not any(path.samefile(q) for q in protected + [backup] if q.exists()):
+                yield "rolling", [path]
+        latest = self.dir / self.LATEST  # without it, the backup may be the newest valid checkpoint: keep it
+        if latest.exists() and backup.exists() and not any(backup.samefile(q) for q in protected):
+            yield "backup", [backup] + [p for _, p in self._numbered("rolling_step_") if p.samefile(backup)]
+
+    def _place(self, src: Path, dst: Path, copy: bool = False) -> None:
+        """Atomically make `dst` the same content as `src`: a hard link, or a durable copy (always with copy=True,
+        and where links fail). The copy is a plain read/write loop, never a reflink, so it owns its blocks."""
         tmp = self.dir / f".tmp-link-{dst.name}"
         tmp.unlink(missing_ok=True)
         try:
+            if copy:
+                raise OSError("a copy was asked for")
             os.link(src, tmp)
         except OSError:
             with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 16 << 20)
+                out = EarlyWriteback(fout)
+                while chunk := fin.read(16 << 20):
+                    out.write(chunk)
                 fout.flush()
                 os.fsync(fout.fileno())
         self._keep_as_spare(dst)
@@ -1109,7 +1247,8 @@ class CheckpointManager:
         """The checkpoint that --resume `spec` means, verified; None for `auto` in an empty directory.
 
         latest and auto fall back, in order, to latest_backup.pt, the newest valid rolling checkpoint and the
-        newest valid epoch checkpoint, saying loudly why each skipped file was skipped."""
+        newest valid epoch checkpoint, saying loudly why each skipped file was skipped; the skipped files are listed
+        in self.damaged (a resuming run sets them aside; the read-only tools leave them)."""
         if spec in ("latest", "auto"):
             present = self.fallback_order()
             if not present:
@@ -1124,6 +1263,7 @@ class CheckpointManager:
                     self.load(p)
                 except CheckpointInvalid as e:
                     problems.append(f"{p.name}: {e}")
+                    self.damaged.append(p)
                     log.error("checkpoint %s is not usable (%s); falling back to the next one", p, e)
                     continue
                 if problems:
@@ -1304,29 +1444,54 @@ def fsync_path(path: Path) -> None:
 
 
 def list_checkpoints_cli(argv: list[str] | None = None) -> int:
-    """./list_checkpoints.sh: one row per checkpoint, from metadata only unless --verify is given."""
+    """./list_checkpoints.sh: one row per checkpoint, from metadata only unless --verify is given. Exits 1 if any
+    name resume could use is invalid; damaged files already set aside are listed but not counted."""
     parser = argparse.ArgumentParser(prog="list_checkpoints.sh", description="List the checkpoints of a run.")
     parser.add_argument("--checkpoint_dir", default="checkpoints")
     parser.add_argument("--verify", action="store_true", help="also check every file's checksums (reads it all)")
     args = parser.parse_args(argv)
-    manager = CheckpointManager(args.checkpoint_dir)
-    paths = manager.all_checkpoints()
-    if not paths:
-        print(f"no checkpoints in {args.checkpoint_dir}/")
+    try:
+        code = _list_checkpoints(CheckpointManager(args.checkpoint_dir), args.checkpoint_dir, args.verify)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:  # `./list_checkpoints.sh | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit stays quiet
         return 0
-    print(f"{'name':<28} {'step':>8} {'epoch':>5} {'train_loss':>10} {'val_loss':>9} {'size':>9} {'age':>8}  status")
-    bad = 0
-    for p in paths:
+
+
+def _list_checkpoints(manager: CheckpointManager, folder: str, verify: bool) -> int:
+    paths = manager.all_checkpoints()
+    aside = sorted(manager.dir.glob(f"*{manager.CORRUPT}")) if manager.dir.is_dir() else []
+    if not paths and not aside:
+        print(f"no checkpoints in {folder}/")
+        return 0
+    file_ids: dict[tuple[int, int], int] = {}  # (device, inode) -> a small number per file, in order of appearance
+    print(f"{'name':<28} {'file':>4} {'step':>8} {'epoch':>5} {'train_loss':>10} {'val_loss':>14} {'size':>9} "
+          f"{'age':>8}  status")
+    bad, earlier_val = 0, False
+    for p in paths + aside:
         st = p.stat()
+        file_id = file_ids.setdefault((st.st_dev, st.st_ino), len(file_ids) + 1)
         size, age = f"{st.st_size / 2**20:.1f}M", format_age(time.time() - st.st_mtime)
         try:
-            s = manager.load(p, verify=args.verify)
-            status = "valid" if args.verify else "readable"
-            row = (s["step"], s["epoch"], fmt_loss(s["train_loss"]), fmt_loss(s["val_loss"]))
+            s = manager.load(p, verify=verify)
+            status = "valid" if verify else "readable"
+            val = fmt_loss(s["val_loss"])
+            val_step = s.get("val_step")  # absent in checkpoints written before it was recorded
+            if s["val_loss"] is not None and val_step is not None and val_step != s["step"]:
+                val, earlier_val = f"{val}@{val_step}", True
+            row = (s["step"], s["epoch"], fmt_loss(s["train_loss"]), val)
         except CheckpointInvalid as e:
-            bad += 1
+            bad += p in paths
             status, row = f"INVALID: {e}", ("-", "-", "-", "-")
-        print(f"{p.name:<28} {row[0]:>8} {row[1]:>5} {row[2]:>10} {row[3]:>9} {size:>9} {age:>8}  {status}")
+        if p in aside:
+            status = f"SET ASIDE, never used ({status})"
+        print(f"{p.name:<28} {file_id:>4} {row[0]:>8} {row[1]:>5} {row[2]:>10} {row[3]:>14} {size:>9} {age:>8}  "
+              f"{status}")
+    if len(file_ids) < len(paths) + len(aside):
+        print("names with the same file number are hard links to one file (one copy on disk, shared by its names)")
+    if earlier_val:
+        print("val_loss@N: the validation loss of the evaluation at step N, the last one before that checkpoint")
     return 1 if bad else 0
 
 
@@ -1605,6 +1770,8 @@ class SavePolicy:
         in seconds of training time."""
         cost = blocked_seconds + self.slowdown_seconds
         self.slowdown_seconds = 0.0
+        if self.budget >= 1:  # no budget: every save exactly when due (never two in flight: periodic_due sees to it)
+            return cost
         self.min_gap_seconds = max(cost / self.budget, write_seconds)
         step_seconds = self.baseline_step_seconds
         if self.every_steps and step_seconds:
@@ -1637,6 +1804,33 @@ class SavePolicy:
         if self.every_seconds:
             candidates.append(self.every_seconds)
         return max(min(candidates), self.min_gap_seconds) if candidates else None
+
+
+class UnsavedWatch:
+    """How much training the checkpoints on disk do not hold, and whether saves have failed for so long that the
+    run must stop rather than train on with nothing to come back to (rank 0 watches; the loop's all_reduce_max
+    hands the verdict to every rank). The clock runs from the newest successful save, or the start of this launch."""
+
+    def __init__(self, step: int, limit_minutes: float | None):
+        self.saved_step = step  # newest step on disk: the one resumed from, 0 for a new run
+        self.saved_at = time.monotonic()
+        self.failing: str | None = None  # the latest save error, while saves fail
+        self.limit_minutes = limit_minutes
+
+    def succeeded(self, step: int) -> None:
+        self.saved_step, self.saved_at, self.failing = max(self.saved_step, step), time.monotonic(), None
+
+    def failed(self, error: str) -> None:
+        self.failing = error
+
+    def limit_seconds(self, interval_seconds: float | None) -> float:
+        """--max_unsaved_minutes, or by default the longer of 3 save intervals (as in force now) and 30 minutes."""
+        if self.limit_minutes is not None:
+            return self.limit_minutes * 60
+        return max(30 * 60.0, 3 * (interval_seconds or 0.0))
+
+    def exceeded(self, interval_seconds: float | None) -> bool:
+        return self.failing is not None and time.monotonic() - self.saved_at > self.limit_seconds(interval_seconds)
 
 
 def resume_command(env: DistEnv, cfg: TrainConfig, spec: str = "latest") -> str:
@@ -1701,6 +1895,26 @@ def resolve_config(flags: dict[str, Any], ckpt: dict[str, Any] | None) -> TrainC
     return cfg
 
 
+def planned_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The run's length in optimizer steps: --max_steps, else --num_epochs full epochs."""
+    return cfg.max_steps if cfg.max_steps is not None else cfg.num_epochs * steps_per_epoch
+
+
+def warn_if_schedule_changed(cfg: TrainConfig, saved_args: dict[str, Any], step: int, total_steps: int,
+                             steps_per_epoch: int) -> None:
+    """Say in plain words when settings given on resume (run length, learning rates, warmup) move the learning rate
+    at the resumed step: the cosine schedule is stretched or squeezed from there on, not continued."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    old = dataclasses.replace(cfg, **{k: v for k, v in saved_args.items() if k in known and k not in LAUNCH_FIELDS})
+    old_total = planned_steps(old, steps_per_epoch)
+    before, after = lr_at(step, old, old_total), lr_at(step, cfg, total_steps)
+    if before != after or old_total != total_steps:
+        now = f"is {after:.3e} instead of {before:.3e}" if before != after else f"stays {after:.3e}"
+        log.warning("the learning-rate schedule changed: the run now lasts %d steps (it was planned for %d), and the "
+                    "learning rate at the resumed step %d %s; from here it follows the new schedule", total_steps,
+                    old_total, step, now)
+
+
 def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSignal) -> dict[str, Any]:
     """Build everything, restore the checkpoint if any, and run the loop. Returns a summary."""
     ckpt = CheckpointManager.load(ckpt_path, verify=False) if ckpt_path else None  # verified by resolve()
@@ -1721,6 +1935,9 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
 
     # data
     train_shards, val_shards = find_shards(cfg.data_dir, "train"), find_shards(cfg.data_dir, "val")
+    if not train_shards:
+        raise UserError(f"no training shards in {cfg.data_dir}/ (names containing 'train', ending in .npy or .bin); "
+                        "run src/prepare_data.py first or point --data_dir at your shards")
     micro_batch = cfg.batch_size
     loader = ShardedLoader(train_shards, model_config.block_size, cfg.total_batch_size, micro_batch,
                            env.rank, env.world_size, cfg.seed, env.device)
@@ -1733,11 +1950,13 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
     raw_model = GPT(model_config).to(env.device)
     optimizer = configure_optimizer(raw_model, cfg, env.device)
     torch.manual_seed(cfg.seed + 1 + env.rank)  # per-rank dropout streams
-    step, best_val_loss, val_loss, train_loss, elapsed_before = 0, None, None, None, 0.0
+    step, best_val_loss, val_loss, val_step, train_loss, elapsed_before = 0, None, None, None, None, 0.0
+    saved_args = None
     if ckpt:
         restore_state(ckpt, raw_model=raw_model, optimizer=optimizer, loader=loader, cfg=cfg, env=env)
         step, best_val_loss, val_loss = ckpt["step"], ckpt["best_val_loss"], ckpt["val_loss"]
-        train_loss, elapsed_before = ckpt["train_loss"], ckpt["elapsed_seconds"]
+        val_step = ckpt.get("val_step")  # absent in checkpoints from before it was recorded
+        train_loss, elapsed_before, saved_args = ckpt["train_loss"], ckpt["elapsed_seconds"], ckpt["args"]
         if ckpt["world_size"] != env.world_size:
             log.warning("resuming a %d-process checkpoint on %d processes: the token stream continues exactly "
                         "(same global batch, %d accumulation steps now), but losses will not match the original "
@@ -1752,7 +1971,9 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                                                     else None)
         settle_ddp_buckets(model, loader, autocast)
 
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.num_epochs * loader.steps_per_epoch
+    total_steps = planned_steps(cfg, loader.steps_per_epoch)
+    if saved_args is not None:
+        warn_if_schedule_changed(cfg, saved_args, step, total_steps, loader.steps_per_epoch)
     manager = CheckpointManager(cfg.checkpoint_dir, cfg.keep_last)
     if env.is_main:
         manager.clean_stale_temporaries()
@@ -1767,9 +1988,10 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
         metrics.write(step=step, restart=restart, resumed_from_step=step, lost_steps=lost)
     policy = SavePolicy(cfg)
     guard = DivergenceGuard(cfg.max_nonfinite_steps, cfg.spike_factor)
-    tb = TensorBoardLog(Path(cfg.log_dir) / "tensorboard", cfg.tensorboard and env.is_main, step)
+    tb = TensorBoardLog(tensorboard_run_dir(cfg.log_dir), cfg.tensorboard and env.is_main, step)
     device_stats = DeviceStats(env.device, cfg.peak_tflops, raw_model.flops_per_token()) if tb.enabled else None
     tokenizer = None
+    sample_prompt = cfg.sample_prompt if cfg.sample_prompt is not None else data_sample_prompt(cfg.data_dir)
     if env.is_main and cfg.sample_freq:
         try:
             tokenizer = load_gpt2_tokenizer()
@@ -1790,9 +2012,9 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
         if not env.is_main:
             return
         state = build_state(raw_model=raw_model, optimizer=optimizer, loader=loader, cfg=cfg, step=step,
-                            train_loss=train_loss, val_loss=val_loss, best_val_loss=best_val_loss,
-                            rng_states=rng_states, elapsed_seconds=elapsed_before + time.monotonic() - t_start,
-                            world_size=env.world_size)
+                            train_loss=train_loss, val_loss=val_loss, val_step=val_step,
+                            best_val_loss=best_val_loss, rng_states=rng_states,
+                            elapsed_seconds=elapsed_before + time.monotonic() - t_start, world_size=env.world_size)
         writer.submit(state, epoch_completed=epoch_completed, is_best=is_best)
         policy.saved()
         pending_reasons[step] = reasons
@@ -1804,9 +2026,13 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
             r = writer.results.get()
             reasons = ", ".join(pending_reasons.pop(r["step"], []))
             if r["error"]:
-                log.error("CHECKPOINT SAVE FAILED at step %d (%s): %s. The previous checkpoints are intact and "
-                          "training continues", r["step"], reasons, r["error"])
+                watch.failed(r["error"])
+                log.error("CHECKPOINT SAVE FAILED at step %d (%s): %s. The previous checkpoints are intact (the newest "
+                          "is step %d) and training continues; it stops if nothing can be saved for more than %s",
+                          r["step"], reasons, r["error"], watch.saved_step,
+                          format_age(watch.limit_seconds(policy.interval_seconds)))
                 continue
+            watch.succeeded(r["step"])
             # the fence's wait happened inside a step, so the policy sees it as step slowdown already; a
             # synchronous write is all blocked time, and only a background write can overlap the next one
             cost = policy.record(writer.submit_seconds, r["write_seconds"] if cfg.async_checkpoint else 0.0)
@@ -1815,14 +2041,14 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
             metrics.write(step=r["step"], checkpoint_blocked_seconds=writer.blocked_seconds,
                           checkpoint_cost_seconds=cost, checkpoint_write_seconds=r["write_seconds"],
                           checkpoint_interval_steps=policy.interval_steps)
-            tb.scalars(r["step"], {"checkpoint/blocked_ms": writer.blocked_seconds * 1000,
-                                   "checkpoint/cost_ms": cost * 1000, "checkpoint/write_seconds": r["write_seconds"],
-                                   "checkpoint/interval_steps": policy.interval_steps,
-                                   "checkpoint/interval_seconds": policy.interval_seconds})
+            tb.scalars(r["step"], {"save/blocked_ms": writer.blocked_seconds * 1000, "save/cost_ms": cost * 1000,
+                                   "save/write_seconds": r["write_seconds"], "save/interval_steps": policy.interval_steps,
+                                   "save/interval_seconds": policy.interval_seconds})
 
     t_start = time.monotonic()
+    watch = UnsavedWatch(step, cfg.max_unsaved_minutes)
     ema_step_seconds = None
-    stop_agreed = diverged = False
+    stop_agreed = diverged = unsaved_stop = False
     pending_reasons: dict[int, list[str]] = {}
     try:
         while step < total_steps:
@@ -1836,6 +2062,7 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
             dt = time.monotonic() - t0
             ema_step_seconds = dt if ema_step_seconds is None else 0.9 * ema_step_seconds + 0.1 * dt
             policy.observe_step(dt, writer_was_busy)
+            report_saves()  # first, so that this step's report counts a save that has just reached the disk
             tokens_per_second = cfg.total_batch_size / dt
             spike = guard.observe(step, train_loss, skipped)
             metrics.write(step=step, epoch=loader.epoch_progress, loss=train_loss, lr=lr, grad_norm=grad_norm,
@@ -1850,12 +2077,14 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                                   "perf/gpu_max_memory_gb": device_stats.memory_gb(),
                                   "perf/gpu_utilization_percent": device_stats.utilization(),
                                   "progress/tokens": step * cfg.total_batch_size,
+                                  "save/unsaved_steps": step - watch.saved_step,
                                   "progress/epoch": loader.epoch_progress})
             if step % cfg.log_freq == 0 or step == total_steps or skipped:
                 eta = datetime.timedelta(seconds=round(ema_step_seconds * (total_steps - step)))
                 log.info("step %7d/%d | epoch %.3f | loss %.6f | lr %.3e | grad_norm %.4f | %.1f ms | %.0f tok/s "
-                         "| eta %s", step, total_steps, loader.epoch_progress, train_loss, lr, grad_norm, dt * 1000,
-                         tokens_per_second, eta)
+                         "| eta %s%s", step, total_steps, loader.epoch_progress, train_loss, lr, grad_norm, dt * 1000,
+                         tokens_per_second, eta,
+                         f" | UNSAVED {step - watch.saved_step} steps (saves failing)" if watch.failing else "")
             if skipped and env.is_main:
                 log.error("step %d: NON-FINITE loss %s / gradient norm %s: this update was skipped, the weights are "
                           "unchanged (%d such step(s) in a row; the run stops at %d)", step, train_loss, grad_norm,
@@ -1873,28 +2102,35 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
             is_best = False
             eval_due = cfg.eval_freq and (step % cfg.eval_freq == 0 or step == total_steps)
             if val_loader.tokens is not None and eval_due:
-                val_loss = evaluate(eval_model, val_loader, env, cfg.val_steps, autocast)
+                val_loss, val_step = evaluate(eval_model, val_loader, env, cfg.val_steps, autocast), step
                 is_best = best_val_loss is None or val_loss < best_val_loss
                 best_val_loss = val_loss if is_best else best_val_loss
                 metrics.write(step=step, val_loss=val_loss)
                 tb.scalars(step, {"loss/val": val_loss})
                 log.info("step %7d | val_loss %.6f%s", step, val_loss, " (best)" if is_best else "")
             if tokenizer is not None and (step % cfg.sample_freq == 0 or step == total_steps):
-                text = sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed, autocast)[0]
+                text = sample_text(raw_model, tokenizer, sample_prompt, cfg.sample_tokens, cfg.seed, autocast)[0]
                 log.info("step %7d | sample: %r", step, text)
                 tb.text("sample", text, step)
                 metrics.write(step=step, sample=text)
 
-            report_saves()
             # never a periodic save right after a skipped update: wait for a step that trained normally
             periodic = env.is_main and not skipped and policy.periodic_due(step, writer.busy)
-            stop_requested, periodic = (v > 0 for v in all_reduce_max(env, [stop.requested, periodic]))
+            unsaved_too_long = env.is_main and watch.exceeded(policy.interval_seconds)
+            stop_requested, periodic, unsaved_stop = (v > 0 for v in all_reduce_max(
+                env, [stop.requested, periodic, unsaved_too_long]))
+            if unsaved_stop and env.is_main:
+                log.error("STOPPING: no checkpoint could be saved for more than %s (the newest on disk is step %d, %d "
+                          "steps ago; last error: %s). Training on would risk more work with nothing to come back to; "
+                          "one last save is tried now", format_age(watch.limit_seconds(policy.interval_seconds)),
+                          watch.saved_step, step - watch.saved_step, watch.failing)
             reasons = [name for name, due in (
                 ("periodic", periodic), ("epoch end", epoch_ended), ("best val", is_best),
-                ("stop signal", stop_requested), ("final", step == total_steps)) if due]
+                ("stop signal", stop_requested), ("nothing saved too long", unsaved_stop),
+                ("final", step == total_steps)) if due]
             if reasons:  # the last step always has one ("final"), and so does a stop
                 save(reasons, loader.epoch if epoch_ended else None, is_best)
-            if stop_requested:
+            if stop_requested or unsaved_stop:
                 stop_agreed = True
                 break
     finally:
@@ -1904,19 +2140,36 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
         report_saves()
         tb.close()
     stopped = stop_agreed and step < total_steps  # agreed: a rank that got no signal itself stops too
+    # rank 0 alone knows whether its last save reached the disk; every rank exits with the same code
+    unsaved_steps = int(all_reduce_max(env, [0 if diverged or not env.is_main else step - watch.saved_step])[0])
+    exit_code = 3 if diverged else 4 if unsaved_steps or unsaved_stop else 0
     if diverged and env.is_main:
         advice = divergence_advice(env, cfg, manager, guard.trouble_began_step)
         log.error("TRAINING STOPPED: %d consecutive steps (%d-%d) had a non-finite loss or gradient norm. Their "
                   "updates were skipped and nothing was saved after them, so the checkpoints in %s/ are untouched. "
                   "%s", guard.consecutive_skips, guard.first_skipped_step, step, cfg.checkpoint_dir, advice)
         (manager.dir / manager.DIVERGED).write_text(f"the loss diverged at step {guard.first_skipped_step}. {advice}\n")
+    elif unsaved_steps:
+        log.error("NOT SAVED: the run %s at step %d but its checkpoint could not be written (%s). The newest checkpoint "
+                  "on disk is step %d: %d step(s) of training are not saved. Fix the cause, then resume with:\n  %s",
+                  "stopped" if stopped else "finished", step, watch.failing, watch.saved_step, unsaved_steps,
+                  resume_command(env, cfg))
+    elif unsaved_stop:
+        log.error("STOPPED at step %d of %d because checkpoints could not be written for too long; the stop's own "
+                  "checkpoint was saved. Fix the cause, then resume with:\n  %s", step, total_steps,
+                  resume_command(env, cfg))
     elif stopped:
-        log.info("stopped at step %d of %d. Resume with:\n  %s", step, total_steps, resume_command(env, cfg))
+        launcher_note = ("\n(torchrun may print a SignalException traceback after this and exit 1: that is torchrun "
+                         "reporting the signal it received; the run itself stopped cleanly)"
+                         if "TORCHELASTIC_RUN_ID" in os.environ else "")
+        log.info("stopped cleanly at step %d of %d, checkpoint saved. Resume with:\n  %s%s", step, total_steps,
+                 resume_command(env, cfg), launcher_note)
     else:
         log.info("training finished at step %d (train loss %s, val loss %s)", step, fmt_loss(train_loss),
                  fmt_loss(val_loss))
     return dict(step=step, total_steps=total_steps, train_loss=train_loss, val_loss=val_loss,
-                best_val_loss=best_val_loss, stopped=stopped, diverged=diverged, skipped_steps=guard.total_skips)
+                best_val_loss=best_val_loss, stopped=stopped, diverged=diverged, skipped_steps=guard.total_skips,
+                unsaved_steps=unsaved_steps, exit_code=exit_code)
 
 
 def settle_ddp_buckets(model: nn.parallel.DistributedDataParallel, loader: ShardedLoader, autocast) -> None:
@@ -1938,6 +2191,15 @@ def settle_ddp_buckets(model: nn.parallel.DistributedDataParallel, loader: Shard
 # ---------------------------------------------------------------------------------------------------------------
 # 10. entry point
 # ---------------------------------------------------------------------------------------------------------------
+
+def write_torchrun_error_file(message: str) -> None:
+    """Under torchrun, hand it our one-line message for its failure report ("traceback : error: ..."), instead of
+    the generic "To enable traceback see ..." it prints for a worker that exits non-zero without one."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse flags, set up, train, clean up. Returns a summary; user errors exit 2 with a one-line message."""
@@ -1967,7 +2229,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             broadcast_from_main(env, refuse_clobber)
             ckpt_path = None
         else:
-            ckpt_path = broadcast_from_main(env, lambda: manager.resolve(resume))
+            def resolve_and_set_aside():
+                path = manager.resolve(resume)
+                manager.set_aside(manager.damaged)  # a damaged file never takes a name resume or rotation uses
+                return path
+
+            ckpt_path = broadcast_from_main(env, resolve_and_set_aside)
             if ckpt_path is None:
                 log.info("--resume auto: no checkpoint in %s/, starting a new run", checkpoint_dir)
             elif not ckpt_path.is_file():  # rank 0 found it; this rank, on another machine, may not see it
@@ -1989,6 +2256,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except UserError as e:
         if env is None or env.is_main:
             print(f"error: {e}", file=sys.stderr)
+            # a failed start creates no folder, but a run's existing train.log gets the whole story
+            handler = attach_log_file(env, Path(flags.get("log_dir", "logs")), create=False) if env else None
+            if handler is not None:
+                handler.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (e,), None))
+        write_torchrun_error_file(f"error: {e}")
         sys.exit(2)
     finally:
         stop.uninstall()
@@ -1997,10 +2269,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    summary = main()
+    from torch.distributed.elastic.multiprocessing.errors import record  # a crash's traceback in torchrun's report
+    summary = record(main)()
     # Everything is closed by now (process group destroyed, logs closed, the last checkpoint on disk). Skipping the
     # interpreter's finalization avoids a rare SIGABRT ("terminate called without an active exception") from gloo's
     # C++ threads racing Python's teardown, which would make torchrun report a finished run as failed.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(3 if summary["diverged"] else 0)  # 3: stopped because the loss diverged
+    os._exit(summary["exit_code"])  # 3: the loss diverged; 4: the run's newest steps could not be saved

@@ -91,11 +91,12 @@ def read_metrics(log_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
     return train, val
 
 
-def tensorboard_scalars(log_dir: Path, tag: str, subdir: str = "tensorboard") -> list[tuple[int, float]]:
-    """(step, value) of one TensorBoard curve, read back from the event files the way TensorBoard reads them
-    (several files in order, events a restarted run purged left out)."""
+def tensorboard_scalars(log_dir: Path, tag: str, run_dir: Path | None = None) -> list[tuple[int, float]]:
+    """(step, value) of one TensorBoard curve of the run logging to log_dir (or in run_dir), read back from the event
+    files the way TensorBoard reads them (several files in order, events a restarted run purged left out)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(log_dir / subdir), size_guidance={"scalars": 0, "tensors": 0})
+    from train_improved import tensorboard_run_dir
+    acc = EventAccumulator(str(run_dir or tensorboard_run_dir(str(log_dir))), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 

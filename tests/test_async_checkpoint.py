@@ -85,6 +85,17 @@ def test_policy_stretches_the_interval_to_stay_within_the_budget(caplog):
     assert "still being written" in caplog.text
 
 
+def test_without_a_budget_every_save_is_made_exactly_when_due_however_slow():
+    """--max_checkpoint_overhead 1 (the tests' EXACT_SAVES): which steps save never depends on the machine's speed."""
+    policy = T.SavePolicy(T.TrainConfig(checkpoint_freq=5, checkpoint_minutes=0, max_checkpoint_overhead=1))
+    for _ in range(5):
+        policy.observe_step(0.01, writer_was_busy=False)
+    policy.saved()
+    policy.record(blocked_seconds=30.0, write_seconds=30.0)  # a save far slower than the steps
+    assert policy.interval_steps == 5 and policy.periodic_due(10, writer_busy=False)
+    assert not policy.periodic_due(11, writer_busy=False) and not policy.periodic_due(15, writer_busy=True)
+
+
 def test_policy_waits_for_a_slow_write_and_saves_by_time():
     cfg = T.TrainConfig(checkpoint_freq=0, checkpoint_minutes=0.5, max_checkpoint_overhead=0.02)
     policy = T.SavePolicy(cfg)
@@ -99,31 +110,70 @@ def test_policy_waits_for_a_slow_write_and_saves_by_time():
     assert policy.periodic_due(4, writer_busy=False)
 
 
-def test_make_room_prunes_the_oldest_unshared_rolling_files_then_refuses(tmp_path, shard_dir, monkeypatch, caplog):
+def disk_of(manager, capacity_bytes):
+    """Make manager see its folder as a disk of capacity_bytes: free space is what its files (each once) leave."""
+    def free_bytes():
+        files = {(st.st_dev, st.st_ino): st.st_size for st in (p.stat() for p in manager.dir.iterdir())}
+        return capacity_bytes - sum(files.values())
+    manager.free_bytes = free_bytes
+
+
+def test_make_room_gives_up_damaged_then_older_rolling_then_the_backup_and_never_the_newest(tmp_path, shard_dir,
+                                                                                          caplog):
     manager = T.CheckpointManager(tmp_path / "ck", keep_last=10)
     base = make_state(shard_dir)
     for step in range(1, 6):
-        manager.save(with_step(base, step), epoch_completed=1 if step == 1 else None)
-    size = (tmp_path / "ck" / "latest.pt").stat().st_size
-    free = {"bytes": size}  # room for less than one more checkpoint
-    monkeypatch.setattr(manager, "free_bytes", lambda: free["bytes"])
-    manager.make_room(size)  # rolling 1 is also epoch_00001 (shared): kept; rolling 2 is deleted
-    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
-    assert "rolling_step_000002.pt" not in names and "rolling_step_000001.pt" in names
-    assert "deleted rolling_step_000002.pt" in caplog.text
-    free["bytes"] = 0
-    with pytest.raises(T.InsufficientDiskSpace, match="this save is skipped"):
-        manager.make_room(size)
-    left = sorted(p.name for p in (tmp_path / "ck").iterdir())
-    # never latest, latest_backup (rolling 5 and 4), the epoch file, nor the newest rolling file
-    for name in ("latest.pt", "latest_backup.pt", "epoch_00001.pt", "rolling_step_000005.pt",
-                 "rolling_step_000004.pt"):
-        assert name in left
-    for p in (tmp_path / "ck").iterdir():
+        manager.save(with_step(base, step), epoch_completed=1 if step == 1 else None, is_best=step == 2)
+    ck = tmp_path / "ck"
+    (ck / "rolling_step_000001.pt").rename(ck / "rolling_step_000001.pt.corrupt")  # as set_aside leaves one
+    size = (ck / "latest.pt").stat().st_size
+    names = lambda: sorted(p.name for p in ck.iterdir())  # noqa: E731
+    # files: the set-aside 1, rolling 2, 3, 4 (= backup), 5 (= latest), epoch 1 and best (own files): 7 files
+    disk_of(manager, 8 * size)  # room for 1 more file, not for 1 more plus the margin
+    manager.make_room(size, step=6)
+    assert "rolling_step_000001.pt.corrupt" not in names() and "rolling_step_000002.pt" in names()
+    disk_of(manager, 7 * size)
+    manager.make_room(size, step=6)  # the damaged file is gone: the oldest rolling file goes next
+    assert "rolling_step_000002.pt" not in names() and "rolling_step_000003.pt" in names()
+    disk_of(manager, 6 * size)
+    manager.make_room(size, step=6)
+    assert "rolling_step_000003.pt" not in names()
+    assert "latest_backup.pt" in names() and "rolling_step_000004.pt" in names()
+    manager.make_room(size, step=6)  # enough now: nothing more goes
+    assert "latest_backup.pt" in names()
+    disk_of(manager, 5 * size)  # only latest + backup + epoch + best fit: the backup goes, with its rolling name
+    manager.make_room(size, step=6)
+    assert names() == ["best_model.pt", "epoch_00001.pt", "latest.pt", "rolling_step_000005.pt"]
+    disk_of(manager, 4 * size)  # latest, epoch and best fill it: nothing more may go
+    with pytest.raises(T.InsufficientDiskSpace, match="this save is skipped") as refused:
+        manager.make_room(size, step=6)
+    assert "The epoch and best files (2," in str(refused.value)  # what fills the disk, said plainly
+    assert names() == ["best_model.pt", "epoch_00001.pt", "latest.pt", "rolling_step_000005.pt"]
+    for p in ck.iterdir():
         T.CheckpointManager.load(p)
+    # each kind of sacrifice is announced once, loudly, with sizes and free space
+    warnings = [r.getMessage() for r in caplog.records if "DISK NEARLY FULL" in r.getMessage()]
+    assert len(warnings) == 3, warnings
+    assert "gave up latest_backup.pt + rolling_step_000004.pt" in warnings[2] and " free now" in warnings[2]
+    # a file overwritten in place needs no new space: the spare's size counts as free
+    manager.make_room(size, reusable_bytes=size, step=6)
 
 
-def test_a_full_disk_skips_saves_but_never_stops_training_or_costs_a_checkpoint(tmp_path, shard_dir, monkeypatch):
+def test_the_estimate_is_the_previous_checkpoint_plus_a_stated_margin(tmp_path, shard_dir):
+    manager = T.CheckpointManager(tmp_path / "ck")
+    state = make_state(shard_dir)
+    assert manager.estimate_size(state) == T.expected_size(state)  # before the first save: the tensor bytes
+    manager.save(state)
+    real = (tmp_path / "ck" / "latest.pt").stat().st_size
+    assert manager.estimate_size(state) == real
+    disk_of(manager, 0)
+    needed = {}
+    manager.free_bytes = lambda: needed.setdefault("free", real + T.CheckpointManager.SPACE_MARGIN_BYTES)
+    manager.make_room(real)  # exactly the file plus 1 MiB fits, with nothing given up
+    assert len(manager.all_checkpoints()) == 2
+
+
+def test_when_the_final_save_fails_the_run_says_so_last_and_exits_4(tmp_path, shard_dir, monkeypatch):
     calls = {"n": 0}
 
     def free_bytes(self):
@@ -135,11 +185,15 @@ def test_a_full_disk_skips_saves_but_never_stops_training_or_costs_a_checkpoint(
             "--log_dir", str(tmp_path / "logs")]
     summary = T.main(args)
     log_text = (tmp_path / "logs" / "train.log").read_text()
-    assert summary["step"] == 12
+    assert summary["step"] == 12 and summary["exit_code"] == 4 and summary["unsaved_steps"] == 6
     assert log_text.count("CHECKPOINT SAVE FAILED") == 2  # step 9, and step 12 (periodic and final in one save)
-    assert "not enough free space" in log_text
-    latest = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")
-    assert latest["step"] == 6 and T.CheckpointManager.load(tmp_path / "ck" / "latest_backup.pt")["step"] == 3
+    assert "not enough free space" in log_text and "training finished" not in log_text
+    assert "| UNSAVED 6 steps (saves failing)" in log_text  # step 12 vs step 6 on disk, once step 9 failed
+    last = log_text.rstrip().splitlines()
+    assert "NOT SAVED: the run finished at step 12 but its checkpoint could not be written" in last[-2]
+    assert "The newest checkpoint on disk is step 6: 6 step(s) of training are not saved" in last[-2]
+    assert last[-1].strip().endswith("--resume latest")
+    assert T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"] == 6  # never given up for space
     assert sorted(read_metrics(tmp_path / "logs")[0]) == list(range(1, 13))
 
 

@@ -70,11 +70,13 @@ def test_names_links_backup_epoch_best_and_retention(tmp_path, shard_dir):
         names = manager.save(with_step(base, step), epoch_completed=1 if step == 2 else None, is_best=step == 4)
         assert names[:2] == [f"rolling_step_{step:06d}.pt", "latest.pt"]
     ck = tmp_path / "ck"
-    # (step 7 overwrote the file retired with rolling 3; rolling 4, also best_model.pt, freed nothing to reuse)
-    assert sorted(p.name for p in ck.iterdir()) == ["best_model.pt", "epoch_00001.pt", "latest.pt",
+    # (step 7 overwrote the file retired with rolling 3; pruning rolling 4 then retired its file as the spare)
+    assert sorted(p.name for p in ck.iterdir()) == [".tmp-spare.pt", "best_model.pt", "epoch_00001.pt", "latest.pt",
                                                     "latest_backup.pt", "rolling_step_000005.pt",
                                                     "rolling_step_000006.pt", "rolling_step_000007.pt"]
     step_of = {p.name: T.CheckpointManager.load(p)["step"] for p in ck.iterdir()}
+    # the user's best and epoch models have a file of their own: a bad block in the rolling chain cannot take them
+    assert (ck / "best_model.pt").stat().st_nlink == 1 and (ck / "epoch_00001.pt").stat().st_nlink == 1
     assert step_of["latest.pt"] == 7 and step_of["latest_backup.pt"] == 6
     assert step_of["epoch_00001.pt"] == 2 and step_of["best_model.pt"] == 4
     # identical contents are written once: names of the same step share one file
@@ -94,8 +96,8 @@ def test_the_next_save_overwrites_the_retired_file_but_never_one_a_checkpoint_na
     spare = ck / T.CheckpointManager.SPARE
     retired = spare.stat()
     assert retired.st_nlink == 1  # the pruned rolling_step_000001.pt: no checkpoint name uses it any more
-    # 16 MB free: too little for a new file of this checkpoint plus the margin, enough to overwrite the spare
-    manager.free_bytes = lambda: 16 << 20
+    # 2 MB free: too little for a new file of this checkpoint (~10 MB), enough to overwrite the spare in place
+    manager.free_bytes = lambda: 2 << 20
     manager.save(with_step(base, 4))
     del manager.free_bytes
     written = (ck / "rolling_step_000004.pt").stat()

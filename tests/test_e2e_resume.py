@@ -109,8 +109,11 @@ def test_ctrl_c_saves_at_the_step_boundary_and_resume_is_bit_exact(tmp_path, dat
     stopped = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]
     assert stopped == last_step(tmp_path / "logs") < STEPS  # the checkpoint is of the very step it stopped at
     assert f"checkpoint step {stopped} (stop signal" in out
-    assert f"stopped at step {stopped} of {STEPS}. Resume with:" in out and "--resume latest" in out
-    assert "second SIGINT" not in out  # the forwarded duplicate did not abort the save
+    assert f"stopped cleanly at step {stopped} of {STEPS}, checkpoint saved. Resume with:" in out
+    assert "--resume latest" in out and "second SIGINT" not in out  # the forwarded duplicate did not abort the save
+    # torchrun's own SignalException report follows our last line; that line says so, in plain words
+    assert "torchrun may print a SignalException traceback after this and exit 1" in out
+    assert code == 1 and "SignalException" in out  # torchrun's exit code after Ctrl+C, as README says
     resume(tmp_path, data)
     assert_same_run(tmp_path, reference)
 
@@ -139,6 +142,12 @@ def test_damaged_latest_falls_back_to_the_backup_and_still_ends_bit_exact(tmp_pa
     assert "latest.pt is not usable" in out and "falling back" in out
     assert f"resumed from {tmp_path / 'ck' / 'latest_backup.pt'}: step {backup_step}," in out
     assert_same_run(tmp_path, reference)
+    # the damaged file was set aside, never rotated into latest_backup.pt: every name resume uses verifies
+    ck = tmp_path / "ck"
+    assert (ck / "latest.pt.corrupt").exists() and "set the damaged latest.pt" in out
+    assert T.list_checkpoints_cli(["--checkpoint_dir", str(ck), "--verify"]) == 0
+    for p in T.CheckpointManager(ck).all_checkpoints():
+        assert not os.path.samefile(p, ck / "latest.pt.corrupt")
 
 
 def test_synchronous_saving_gives_the_same_run(tmp_path, data, reference):

@@ -132,10 +132,10 @@ def test_tensorboard_log_purges_what_comes_after_the_step_it_starts_from(tmp_pat
 
     write(0, range(1, 9), 5.0)  # a run that logged 8 steps...
     write(4, range(5, 7), 4.0)  # ...resumed from its step-4 checkpoint and logged 2 more: 7 and 8 are gone
-    assert tensorboard_scalars(tmp_path, "loss/train", subdir="") == \
+    assert tensorboard_scalars(tmp_path, "loss/train", run_dir=tmp_path) == \
         [(1, 5.0), (2, 5.0), (3, 5.0), (4, 5.0), (5, 4.0), (6, 4.0)]
     write(0, range(1, 3), 3.0)  # a new run in the same folder replaces the old curve
-    assert tensorboard_scalars(tmp_path, "loss/train", subdir="") == [(1, 3.0), (2, 3.0)]
+    assert tensorboard_scalars(tmp_path, "loss/train", run_dir=tmp_path) == [(1, 3.0), (2, 3.0)]
 
 
 # --- end to end ---------------------------------------------------------------------------------------------------
@@ -150,7 +150,8 @@ def test_tensorboard_curves_and_samples_of_a_two_rank_run(tmp_path, shard_dir):
                            "--sample_freq", "6", "--sample_tokens", "6", "--peak_tflops", "1", *EXACT_SAVES))
     assert result.returncode == 0, result.stdout[-3000:]
     logs = tmp_path / "logs"
-    assert len(list((logs / "tensorboard").iterdir())) == 1  # rank 0 alone writes
+    # rank 0 alone writes, into a run folder TensorBoard names after the log folder (not ".")
+    assert [p.name for p in (logs / "tensorboard").iterdir()] == ["logs"]
 
     records = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -164,15 +165,19 @@ def test_tensorboard_curves_and_samples_of_a_two_rank_run(tmp_path, shard_dir):
     flops = T.GPT(T.TrainConfig(**{**T.parse_flags(TINY_ARGS)}).gpt_config()).flops_per_token()
     mfu = [v for _, v in tensorboard_scalars(logs, "perf/mfu")]  # --peak_tflops 1 per rank, 2 ranks
     assert mfu == pytest.approx([flops * r["tokens_per_second"] / 2 / 1e12 for r in steps], rel=1e-5)
-    for tag in ("checkpoint/blocked_ms", "checkpoint/cost_ms", "checkpoint/write_seconds",
-                "checkpoint/interval_steps", "checkpoint/interval_seconds"):
+    for tag in ("save/blocked_ms", "save/cost_ms", "save/write_seconds", "save/interval_steps",
+                "save/interval_seconds"):
         assert [s for s, _ in tensorboard_scalars(logs, tag)] == [6, 12], tag
-    assert tensorboard_scalars(logs, "checkpoint/interval_steps")[0][1] == 6
+    assert tensorboard_scalars(logs, "save/interval_steps")[0][1] == 6
+    # the training the checkpoints on disk do not hold yet: saves at steps 6 and 12
+    assert [v for _, v in tensorboard_scalars(logs, "save/unsaved_steps")] == [1, 2, 3, 4, 5, 6] * 2
 
     # a sample from the fixed prompt at steps 6 and 12, in the log and in TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(logs / "tensorboard"), size_guidance={"tensors": 0})
+    acc = EventAccumulator(str(T.tensorboard_run_dir(str(logs))), size_guidance={"tensors": 0})
     acc.Reload()
+    # TensorBoard shows the groups in alphabetical order: the loss curves come first
+    assert sorted({tag.split("/")[0] for tag in acc.Tags()["scalars"]})[0] == "loss"
     texts = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors("sample/text_summary")}
     assert sorted(texts) == [6, 12] and all(t.startswith("Hello, I'm a language model,") for t in texts.values())
     for step, text in texts.items():
@@ -194,8 +199,9 @@ def test_divergence_skips_updates_then_stops_without_touching_the_checkpoints(tm
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode != 0 and "failed (exitcode: 3)" in out  # torchrun reports the workers' exit code 3
     # torchrun's two restarts refuse to replay the divergence instead of training into it again
-    assert out.count("error: not restarting: the previous attempt of this run stopped because the loss diverged "
-                     "at step 8.") == 2
+    refusal = "error: not restarting: the previous attempt of this run stopped because the loss diverged at step 8."
+    assert sum(line.startswith(refusal) for line in out.splitlines()) == 2  # rank 0's own line, once per restart
+    assert f"traceback : {refusal}" in out  # and torchrun's failure report quotes it instead of a generic text
     assert out.count("step 8: NON-FINITE") == 1
     for step, in_a_row in ((8, 1), (9, 2), (10, 3)):
         assert f"step {step}: NON-FINITE loss nan / gradient norm nan: this update was skipped" in out

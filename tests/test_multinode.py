@@ -49,7 +49,8 @@ def test_two_nodes_train_stop_on_one_signal_and_resume_on_two_nodes_or_one_bit_e
     stopped = last_step(tmp_path / "logs")
     assert f"checkpoint step {stopped} (stop signal" in out0  # global rank 0 wrote it, at the agreed step
     info = "\n".join(line for line in out0.splitlines() if "INFO" in line)
-    assert f"stopped at step {stopped} of 40. Resume with:\n  torchrun --nnodes=2" in out0, info[-1500:]
+    assert f"stopped cleanly at step {stopped} of 40, checkpoint saved. Resume with:\n  torchrun --nnodes=2" in out0, \
+        info[-1500:]
     assert stopped < 40
     # the same stopped run, continued twice: on two machines again, and on one machine with two processes
     again = tmp_path / "again"

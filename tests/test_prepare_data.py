@@ -62,6 +62,9 @@ def test_embedded_default_is_the_standard_library(tmp_path):
                    "--workers", "1"])
     assert (meta["val_tokens"], meta["train_tokens"]) == (5000, 15000)
     assert "standard library" in meta["source"]
+    # the trainer's periodic samples of this Python data start like a Python module, not with English
+    saved = json.loads((tmp_path / "std" / "meta.json").read_text())
+    assert saved["sample_prompt"] == meta["sample_prompt"] == "import os\n\n\ndef "
 
 
 def run_cli(args, env_overrides):

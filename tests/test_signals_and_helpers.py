@@ -65,10 +65,15 @@ def test_list_checkpoints_shows_every_file_and_flags_damage(tmp_path, shard_dir)
     listing = subprocess.run([str(ROOT / "list_checkpoints.sh"), "--checkpoint_dir", str(tmp_path / "ck")],
                              capture_output=True, text=True, env=trainer_env())
     assert listing.returncode == 0
-    rows = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:]}
+    rows = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:] if ".pt" in line.split()[0]}
     assert set(rows) == {"latest.pt", "latest_backup.pt", "best_model.pt", "rolling_step_000004.pt",
                          "rolling_step_000008.pt"}
-    assert rows["latest.pt"][1:3] == ["8", "0"] and rows["latest_backup.pt"][1] == "4"
+    assert rows["latest.pt"][2:4] == ["8", "0"] and rows["latest_backup.pt"][2] == "4"  # (column 1: the file)
+    # which names share one file: latest with the newest rolling file, the backup with the one before; best apart
+    file_of = {name: row[1] for name, row in rows.items()}
+    assert file_of["latest.pt"] == file_of["rolling_step_000008.pt"] != file_of["best_model.pt"]
+    assert file_of["latest_backup.pt"] == file_of["rolling_step_000004.pt"]
+    assert len(set(file_of.values())) == 3 and "same file number are hard links to one file" in listing.stdout
     with open(tmp_path / "ck" / "rolling_step_000004.pt", "r+b") as f:  # flip bytes inside the tensor data
         f.seek(os.path.getsize(tmp_path / "ck" / "rolling_step_000004.pt") // 2)
         f.write(b"\x00\xff" * 32)
@@ -78,7 +83,7 @@ def test_list_checkpoints_shows_every_file_and_flags_damage(tmp_path, shard_dir)
     verified = subprocess.run([str(ROOT / "list_checkpoints.sh"), "--checkpoint_dir", str(tmp_path / "ck"),
                                "--verify"], capture_output=True, text=True, env=trainer_env())
     assert verified.returncode == 1
-    status = {line.split()[0]: line for line in verified.stdout.splitlines()[1:]}
+    status = {line.split()[0]: line for line in verified.stdout.splitlines()[1:] if ".pt" in line.split()[0]}
     assert "INVALID: checksum mismatch" in status["rolling_step_000004.pt"]
     assert "INVALID" in status["latest_backup.pt"]  # the same file under its other name
     assert status["latest.pt"].endswith("valid")
