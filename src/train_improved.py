@@ -217,8 +217,12 @@ class TrainConfig:
         return GPTConfig(**shape, dropout=self.dropout)
 
 
-# Settings that belong to one launch, not to the run: never inherited from a checkpoint, never warned about.
-LAUNCH_FIELDS = ("resume", "checkpoint_dir", "device", "compile")
+# Settings that belong to one launch, not to the run: never inherited from a checkpoint, never warned about. Every
+# other setting comes back on resume, in particular those that change speed or numerics: --compile (another kernel
+# mix: slower without it, and no longer bit-exact), --dtype, --deterministic, --batch_size (another accumulation
+# order), the schedule and optimizer settings, and --async_checkpoint. --device stays a launch setting on purpose:
+# a run may move between machines (a CPU checkpoint resumed on GPU).
+LAUNCH_FIELDS = ("resume", "checkpoint_dir", "device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,6 +379,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
+        self._file = None  # opened at the first write and kept open: no open/close on rank 0 every step
 
     def truncate_after(self, step: int) -> int:
         """Drop lines logged after `step` (work lost in a crash), so a resumed run continues one clean history.
@@ -390,8 +395,14 @@ class MetricsLog:
 
     def write(self, **record: Any) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if self._file is None:
+                self._file = open(self.path, "a", buffering=1)  # line-buffered: each record reaches the file whole
+            self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class TensorBoardLog:
@@ -459,7 +470,9 @@ class DeviceStats:
     utilization. Everything is None on CPU."""
 
     # dense bf16 tensor-core peaks from the vendor datasheets, TFLOP/s per GPU; --peak_tflops covers the rest
-    PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0), ("A100", 312.0))
+    # (the first key the GPU's name contains wins: the NVL and PCIe variants before the SXM parts)
+    PEAK_TFLOPS = (("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0),
+                   ("B200", 2250.0), ("A100", 312.0))
 
     def __init__(self, device: torch.device, peak_tflops: float, flops_per_token: float):
         self.device, self.flops_per_token = device, flops_per_token
@@ -476,10 +489,16 @@ class DeviceStats:
         try:
             import pynvml  # the nvidia-ml-py package
             pynvml.nvmlInit()
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            self.nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         except Exception:  # not installed, or no NVML on this machine: utilization is simply not logged
-            self.nvml_handle = None
+            return
+        # NVML numbers every GPU of the machine, CUDA only the visible ones (CUDA_VISIBLE_DEVICES=4,5,6,7 makes
+        # GPU 4 CUDA's device 0): find our GPU by its UUID, else its PCI bus id, never by the CUDA index
+        for lookup, key in nvml_device_keys(torch.cuda.get_device_properties(device)):
+            try:
+                self.nvml_handle = getattr(pynvml, lookup)(key)
+                break
+            except Exception:
+                continue
 
     def mfu(self, tokens_per_second: float, world_size: int) -> float | None:
         """Model FLOPs utilization: achieved training FLOP/s per GPU over its peak (PaLM appendix B)."""
@@ -497,6 +516,19 @@ class DeviceStats:
             return None
         import pynvml
         return float(pynvml.nvmlDeviceGetUtilizationRates(self.nvml_handle).gpu)
+
+
+def nvml_device_keys(props: Any) -> list[tuple[str, str]]:
+    """(pynvml lookup function, key) pairs that name the GPU whose torch properties are `props`, best first: its UUID
+    as NVML writes it (GPU-...), then its PCI bus id (domain:bus:device.function)."""
+    keys = []
+    uuid = str(getattr(props, "uuid", "") or "")
+    if uuid:
+        keys.append(("nvmlDeviceGetHandleByUUID", uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"))
+    if all(hasattr(props, f"pci_{part}_id") for part in ("domain", "bus", "device")):
+        keys.append(("nvmlDeviceGetHandleByPciBusId",
+                     f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"))
+    return keys
 
 
 def code_version() -> str:
@@ -850,8 +882,11 @@ def to_cpu_copy(obj: Any) -> Any:
     return map_tensors(obj, copy)
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """This process's Python, NumPy, torch CPU and CUDA generator states, as plain types."""
+def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's Python, NumPy and torch CPU generator states and, on a GPU, the generator of this process's
+    own device only, as plain types. (Every visible GPU's generator would not restore where a rank sees fewer GPUs,
+    or another device index, after a resume.)"""
+    own_cuda = device is not None and device.type == "cuda"
     version, py_state, gauss = random.getstate()
     np_state = np.random.get_state(legacy=False)
     return dict(
@@ -861,12 +896,22 @@ def capture_rng_state() -> dict[str, Any]:
                    pos=int(np_state["state"]["pos"]), has_gauss=int(np_state["has_gauss"]),
                    gauss=float(np_state["gauss"])),
         torch=torch.get_rng_state(),
-        cuda=list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        cuda=[torch.cuda.get_rng_state(device)] if own_cuda else [],
+        cuda_scope="own device",  # checkpoints without it hold one state per visible GPU
     )
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of capture_rng_state."""
+def own_cuda_rng_state(state: dict[str, Any], device_index: int) -> torch.Tensor | None:
+    """The CUDA generator state a rank on device `device_index` restores from its saved RNG state: its own device's,
+    or, in checkpoints that saved every visible GPU's, the one at its device index (None if there is none)."""
+    states = state.get("cuda") or []
+    if state.get("cuda_scope") == "own device":
+        return states[0] if states else None
+    return states[device_index] if device_index < len(states) else None
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Inverse of capture_rng_state (the CUDA generator of `device`, when it is a GPU)."""
     py = state["python"]
     random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
     npy = state["numpy"]
@@ -874,13 +919,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
                              state=dict(key=npy["key"].numpy().astype(np.uint32), pos=npy["pos"]),
                              has_gauss=npy["has_gauss"], gauss=npy["gauss"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device is not None and device.type == "cuda":
+        cuda_state = own_cuda_rng_state(state, device.index if device.index is not None else 0)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def gather_rng_states(env: DistEnv) -> list[dict[str, Any]] | None:
     """Every rank's RNG state, collected on rank 0 (None elsewhere). All ranks must call it."""
-    mine = capture_rng_state()
+    mine = capture_rng_state(env.device)
     if not env.distributed:
         return [mine]
     gathered: list[Any] | None = [None] * env.world_size if env.is_main else None
@@ -927,10 +974,10 @@ def restore_state(state: dict[str, Any], *, raw_model: nn.Module, optimizer: tor
         for key, value in per_param.items():  # on CPU, load_state_dict keeps the loaded tensors as they are: views
             if torch.is_tensor(value) and value.device.type == "cpu":  # of the memory-mapped file, which would keep
                 per_param[key] = value.clone()  # its disk space taken after the file is deleted or set aside
-    apply_optimizer_settings(optimizer, cfg)  # settings changed on resume win over the saved ones
+    apply_optimizer_settings(optimizer, cfg, env.device)  # settings changed on resume win over the saved ones
     loader.load_state_dict(state["dataloader_state"])
     if state["world_size"] == env.world_size:
-        restore_rng_state(state["rng_state"][env.rank])
+        restore_rng_state(state["rng_state"][env.rank], env.device)
     else:
         # Another world size cannot replay the old dropout streams; seed a fresh, deterministic one per rank.
         torch.manual_seed(cfg.seed + 1_000_003 * (state["step"] + 1) + env.rank)
@@ -1283,6 +1330,49 @@ class CheckpointManager:
         return path
 
 
+class HostSlab:
+    """One block of host memory that the snapshot buffers are cut from, page-locked with cudaHostRegister on a GPU
+    machine. torch's pinned allocator rounds every allocation up to a power of two (GPT-2 124M: 2.48 GB pinned for
+    a 1.49 GB checkpoint); a registered slab of exactly the bytes needed pins about 1.0x the checkpoint."""
+
+    ALIGN = 64  # bytes: every buffer starts aligned for any dtype
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.memory = torch.empty(nbytes, dtype=torch.uint8)
+        self.used = 0
+        self.pinned = False
+        if pin and nbytes:
+            cudart = torch.cuda.cudart()
+            self.pinned = cudart.cudaHostRegister(self.memory.data_ptr(), nbytes, 0) == cudart.cudaError.success
+
+    @property
+    def nbytes(self) -> int:
+        return self.memory.numel()
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        """A buffer of this shape and dtype cut from the slab, or None when the slab has no room left for it."""
+        start = -(-self.used // self.ALIGN) * self.ALIGN
+        end = start + math.prod(shape) * dtype.itemsize
+        if end > self.nbytes:
+            return None
+        self.used = end
+        return self.memory[start:end].view(dtype).view(shape)
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.memory.data_ptr())
+            self.pinned = False
+
+
+def snapshot_bytes(raw_model: nn.Module) -> int:
+    """Host bytes one checkpoint's tensors need with AdamW: the weights, two moments per weight and a step counter
+    per parameter, each buffer rounded up to HostSlab.ALIGN."""
+    params = list(raw_model.parameters())  # tied weights appear once
+    per_tensor = [p.numel() * p.element_size() for p in params]
+    aligned = sum(-(-n // HostSlab.ALIGN) * HostSlab.ALIGN for n in per_tensor)
+    return 3 * aligned + len(params) * HostSlab.ALIGN
+
+
 class CheckpointWriter:
     """Saves checkpoints without stopping training for the write.
 
@@ -1291,12 +1381,14 @@ class CheckpointWriter:
     backward passes meanwhile; fence(), called before the next optimizer step, waits until the copy is complete,
     because that step changes the tensors being copied. Serialization (with its checksums), fsync, renames and
     pruning run in a background thread. At most one save is in flight, so the extra host memory is one checkpoint.
-    With asynchronous=False, submit() does all of it before returning (a plain synchronous save).
+    With asynchronous=False, submit() does all of it before returning (a plain synchronous save). reserve() sets
+    the host buffers aside before training starts, in one slab (pinned on GPU: see HostSlab).
     """
 
     def __init__(self, manager: CheckpointManager, asynchronous: bool = True):
         self.manager, self.asynchronous = manager, asynchronous
         self._buffers: dict[Any, torch.Tensor] = {}
+        self._slab: HostSlab | None = None
         self._thread: threading.Thread | None = None
         self._copied = threading.Event()
         self._copied.set()
@@ -1310,6 +1402,27 @@ class CheckpointWriter:
     @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def reserve(self, nbytes: int, pin: bool) -> None:
+        """Set aside the host memory the snapshots will use (before the first step, not inside the first save)."""
+        if self.asynchronous:
+            self._slab = HostSlab(nbytes, pin)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory held for snapshots: the slab, plus any buffer that had to be allocated apart from it."""
+        slab = self._slab.nbytes if self._slab else 0
+        apart = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in self._buffers.values()
+                 if not (self._slab and b.untyped_storage().data_ptr() == self._slab.memory.data_ptr())}
+        return slab + sum(apart.values())
+
+    def close(self) -> None:
+        """Finish the save in flight and release the host memory."""
+        self.wait()
+        self._buffers.clear()
+        if self._slab is not None:
+            self._slab.close()
+            self._slab = None
 
     def submit(self, state: dict[str, Any], *, epoch_completed: int | None = None, is_best: bool = False) -> None:
         t0 = time.monotonic()
@@ -1365,7 +1478,9 @@ class CheckpointWriter:
             if key not in copies:
                 buf = self._buffers.get(path)
                 if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+                    buf = self._slab.take(t.shape, t.dtype) if self._slab else None
+                    if buf is None:
+                        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
                     self._buffers[path] = buf
                 copies[key] = (t.detach(), buf)
             return copies[key][1]
@@ -1534,9 +1649,18 @@ def configure_optimizer(raw_model: nn.Module, cfg: TrainConfig, device: torch.de
                              fused=device.type == "cuda")
 
 
-def apply_optimizer_settings(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
-    """Re-apply weight decay after load_state_dict, which restores the saved group settings."""
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device) -> None:
+    """Re-apply this run's settings after load_state_dict, which restores the saved group settings: weight decay,
+    and the device's AdamW implementation (a checkpoint written on CPU says fused=False; on GPU the fused kernel
+    is the fast one, and it keeps its step counters on the GPU)."""
     optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
+    fused = device.type == "cuda"
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = fused, None
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if fused and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -1550,13 +1674,16 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: ShardedLoader, env: DistEnv,
-               lr: float, grad_clip: float, autocast, fence=lambda: None) -> tuple[float, float, bool]:
+               lr: float, grad_clip: float, autocast, fence=lambda: None,
+               votes=lambda: ()) -> tuple[float, float, bool, list[bool]]:
     """One optimizer step over grad_accum_steps micro-batches. Returns (mean loss over all ranks, grad norm,
-    skipped).
+    skipped, agreed votes).
 
     When the loss or the gradient norm is not finite on any rank, the update is skipped on every rank (skipped is
     True): the weights and the optimizer state stay as they were. fence() is called right before the weights
-    change, so a checkpoint snapshot can finish copying them while the forward and backward passes run."""
+    change, so a checkpoint snapshot can finish copying them while the forward and backward passes run. votes() is
+    called right before the step's one all-reduce: each of its yes/no values (this rank's wish to stop, or to save)
+    comes back True when any rank said yes, so the loop's decisions need no collective of their own."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=env.device)
@@ -1572,17 +1699,22 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Shard
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    # one reduction carries the loss and each rank's verdict on its gradient norm, so all ranks skip together
+    # one reduction carries the loss, each rank's verdict on its gradient norm (so all ranks skip together) and
+    # the loop's votes (a sum above 0: some rank said yes)
+    my_votes = [float(v) for v in votes()]
     stats = torch.stack([loss_sum.float(), (~torch.isfinite(grad_norm)).float()])
+    if my_votes:
+        stats = torch.cat([stats, torch.tensor(my_votes, device=env.device)])
     if env.distributed:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    loss, nonfinite_ranks = stats[0].item() / env.world_size, stats[1].item()
+    values = stats.tolist()
+    loss, nonfinite_ranks = values[0] / env.world_size, values[1]
     skipped = nonfinite_ranks > 0 or not math.isfinite(loss)
     if not skipped:
         fence()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm.item(), skipped
+    return loss, grad_norm.item(), skipped, [v > 0 for v in values[2:]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1722,7 +1854,7 @@ class DivergenceGuard:
 class SavePolicy:
     """When a periodic checkpoint is due: every checkpoint_freq steps and every checkpoint_minutes, spaced out
     when saving that often would block training for more than max_checkpoint_overhead of the time, or would
-    start before the previous save has finished writing. Rank 0 decides; all_reduce_max hands the decision to
+    start before the previous save has finished writing. Rank 0 decides; the step's all-reduce hands the decision to
     every rank, so no rank saves or waits alone. Epoch ends, new best models, stops and the end always save."""
 
     def __init__(self, cfg: TrainConfig):
@@ -1808,7 +1940,7 @@ class SavePolicy:
 
 class UnsavedWatch:
     """How much training the checkpoints on disk do not hold, and whether saves have failed for so long that the
-    run must stop rather than train on with nothing to come back to (rank 0 watches; the loop's all_reduce_max
+    run must stop rather than train on with nothing to come back to (rank 0 watches; the step's all-reduce
     hands the verdict to every rank). The clock runs from the newest successful save, or the start of this launch."""
 
     def __init__(self, step: int, limit_minutes: float | None):
@@ -1923,6 +2055,9 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+        # deterministic mode also fills every torch.empty with NaN: a full-size write per allocation, and nothing
+        # here reads uninitialized memory
+        torch.utils.deterministic.fill_uninitialized_memory = False
     if env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1967,8 +2102,9 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
     model: nn.Module = torch.compile(raw_model) if cfg.compile else raw_model
     eval_model = model
     if env.distributed:
+        # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets instead of a second copy
         model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda"
-                                                    else None)
+                                                    else None, gradient_as_bucket_view=True)
         settle_ddp_buckets(model, loader, autocast)
 
     total_steps = planned_steps(cfg, loader.steps_per_epoch)
@@ -2006,6 +2142,11 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
              env.world_size, loader.grad_accum_steps, total_steps, env.device, dtype)
 
     writer = CheckpointWriter(manager, asynchronous=cfg.async_checkpoint)
+    if env.is_main and env.device.type == "cuda" and cfg.async_checkpoint:
+        writer.reserve(snapshot_bytes(raw_model), pin=True)
+        log.info("checkpoint snapshots: %s of host memory set aside (%s), %.2fx the weights and AdamW moments",
+                 format_bytes(writer.host_bytes), "pinned" if writer._slab.pinned else "not pinned: slower copies",
+                 writer.host_bytes / (3 * sum(p.numel() * p.element_size() for p in raw_model.parameters())))
 
     def save(reasons: list[str], epoch_completed: int | None, is_best: bool) -> None:
         rng_states = gather_rng_states(env)  # collective: every rank takes part
@@ -2045,6 +2186,12 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                                    "save/write_seconds": r["write_seconds"], "save/interval_steps": policy.interval_steps,
                                    "save/interval_seconds": policy.interval_seconds})
 
+    def votes() -> tuple[bool, bool, bool]:
+        """This rank's say, taken inside the step's all-reduce: stop (any rank may have been signalled), a periodic
+        save of the step being finished (rank 0 decides), stop because nothing could be saved for too long."""
+        return (stop.requested, env.is_main and policy.periodic_due(step + 1, writer.busy),
+                env.is_main and watch.exceeded(policy.interval_seconds))
+
     t_start = time.monotonic()
     watch = UnsavedWatch(step, cfg.max_unsaved_minutes)
     ema_step_seconds = None
@@ -2055,8 +2202,8 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
             t0 = time.monotonic()
             lr = lr_at(step, cfg, total_steps)
             writer_was_busy = writer.busy
-            train_loss, grad_norm, skipped = train_step(model, optimizer, loader, env, lr, cfg.grad_clip, autocast,
-                                                        writer.fence)
+            train_loss, grad_norm, skipped, (stop_requested, periodic, unsaved_stop) = train_step(
+                model, optimizer, loader, env, lr, cfg.grad_clip, autocast, writer.fence, votes)
             epoch_ended = loader.advance()
             step += 1
             dt = time.monotonic() - t0
@@ -2114,11 +2261,7 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                 tb.text("sample", text, step)
                 metrics.write(step=step, sample=text)
 
-            # never a periodic save right after a skipped update: wait for a step that trained normally
-            periodic = env.is_main and not skipped and policy.periodic_due(step, writer.busy)
-            unsaved_too_long = env.is_main and watch.exceeded(policy.interval_seconds)
-            stop_requested, periodic, unsaved_stop = (v > 0 for v in all_reduce_max(
-                env, [stop.requested, periodic, unsaved_too_long]))
+            periodic = periodic and not skipped  # never right after a skipped update: wait for a normal step
             if unsaved_stop and env.is_main:
                 log.error("STOPPING: no checkpoint could be saved for more than %s (the newest on disk is step %d, %d "
                           "steps ago; last error: %s). Training on would risk more work with nothing to come back to; "
@@ -2136,9 +2279,10 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
     finally:
         # On every way out, a crash of another rank included, finish the save in flight: its snapshot is of a
         # step boundary every rank completed, so it is a good checkpoint.
-        writer.wait()
+        writer.close()
         report_saves()
         tb.close()
+        metrics.close()
     stopped = stop_agreed and step < total_steps  # agreed: a rank that got no signal itself stops too
     # rank 0 alone knows whether its last save reached the disk; every rank exits with the same code
     unsaved_steps = int(all_reduce_max(env, [0 if diverged or not env.is_main else step - watch.saved_step])[0])
@@ -2178,14 +2322,14 @@ def settle_ddp_buckets(model: nn.parallel.DistributedDataParallel, loader: Shard
     DDP regroups gradients after its first iteration. Without this, the first step after a resume would reduce
     gradients in a different bucket layout than the same step of an uninterrupted run, which can change the
     summation order across more than two ranks. The weights, the optimizer and the RNG are left untouched."""
-    rng = capture_rng_state()
+    rng = capture_rng_state(loader.device)
     x, y = loader.micro_batch(0)
     with autocast():
         _, loss = model(x, y)
     loss.backward()
     for p in model.parameters():
         p.grad = None
-    restore_rng_state(rng)
+    restore_rng_state(rng, loader.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

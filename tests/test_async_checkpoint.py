@@ -40,6 +40,41 @@ def test_host_buffers_are_allocated_once_and_reused(tmp_path, shard_dir):
     assert T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"] == 2
 
 
+def test_snapshot_buffers_cut_from_one_slab_hold_about_one_checkpoint_and_write_the_same_file(tmp_path, shard_dir):
+    """On GPU the slab is page-locked with cudaHostRegister (tests/test_cuda.py); the carving is the same on CPU."""
+    state = make_state(shard_dir)
+    torch.manual_seed(0)
+    model = T.GPT(T.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32))
+    writer = T.CheckpointWriter(T.CheckpointManager(tmp_path / "slab"), asynchronous=True)
+    writer.reserve(T.snapshot_bytes(model), pin=False)
+    writer.submit(state)
+    writer.wait()
+    slab = writer._slab.memory.data_ptr()
+    apart = [k for k, b in writer._buffers.items() if b.untyped_storage().data_ptr() != slab]
+    assert all(path[0] == "rng_state" for path in apart), apart  # weights and moments: all cut from the slab
+    tensor_bytes = T.expected_size(state)
+    assert 1.0 <= writer.host_bytes / tensor_bytes < 1.02  # about 1.0x: no power-of-two rounding
+    writer.close()
+    assert writer.host_bytes == 0
+    plain = T.CheckpointWriter(T.CheckpointManager(tmp_path / "plain"), asynchronous=False)
+    plain.submit(state)
+    a = T.CheckpointManager.load(tmp_path / "slab" / "latest.pt")
+    b = T.CheckpointManager.load(tmp_path / "plain" / "latest.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert all(torch.equal(x, y) for i in b["optimizer"]["state"] for x, y in
+               zip(a["optimizer"]["state"][i].values(), b["optimizer"]["state"][i].values()))
+
+
+def test_slab_buffers_are_aligned_and_never_overlap():
+    slab = T.HostSlab(1000, pin=False)
+    a, b = slab.take((3, 5), torch.float32), slab.take((), torch.int64)
+    c = slab.take((7,), torch.bfloat16)
+    spans = sorted((t.data_ptr() - slab.memory.data_ptr(), t.numel() * t.element_size()) for t in (a, b, c))
+    assert all(start % T.HostSlab.ALIGN == 0 for start, _ in spans)
+    assert all(s1 + n1 <= s2 for (s1, n1), (s2, _) in zip(spans, spans[1:]))
+    assert slab.take((1000,), torch.uint8) is None  # no room: the writer allocates that one apart
+
+
 def test_sync_and_async_writers_write_the_same_checkpoint(tmp_path, shard_dir):
     state = make_state(shard_dir)
     for mode in (True, False):

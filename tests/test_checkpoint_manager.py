@@ -47,7 +47,7 @@ def test_checkpoint_holds_everything_in_plain_types_and_loads_with_weights_only(
                 "model_config world_size timestamp format_version").split():
         assert key in loaded, key
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in loaded["model"])
-    assert set(loaded["rng_state"][0]) == {"python", "numpy", "torch", "cuda"}
+    assert set(loaded["rng_state"][0]) == {"python", "numpy", "torch", "cuda", "cuda_scope"}
     # the tied embedding is stored once: the file is about params + 2 Adam moments, not more
     params = sum(v.numel() for k, v in loaded["model"].items() if k != "lm_head.weight") * 4
     assert os.path.getsize(tmp_path / "ck" / "latest.pt") < 3 * params * 1.05

@@ -31,13 +31,13 @@ def tiny_setup(shard_dir):
 def test_a_real_non_finite_gradient_never_reaches_the_weights(shard_dir):
     model, optimizer, loader = tiny_setup(shard_dir)
     # an absurd learning rate: the first update is finite but blows the weights up to ~1e30...
-    loss, norm, skipped = T.train_step(model, optimizer, loader, ENV, 1e30, 1.0, contextlib.nullcontext)
+    loss, norm, skipped, _ = T.train_step(model, optimizer, loader, ENV, 1e30, 1.0, contextlib.nullcontext)
     assert not skipped and all(torch.isfinite(p).all() for p in model.parameters())
     loader.advance()
     weights, adam = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
     # ...so the next forward and backward overflow: the loss and the gradient norm are really non-finite
     fenced = []
-    loss, norm, skipped = T.train_step(model, optimizer, loader, ENV, 1e30, 1.0, contextlib.nullcontext,
+    loss, norm, skipped, _ = T.train_step(model, optimizer, loader, ENV, 1e30, 1.0, contextlib.nullcontext,
                                        fence=lambda: fenced.append(1))
     assert skipped and not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(norm)))
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # no update happened
