@@ -70,6 +70,10 @@ class UserError(Exception):
     """Bad input from the user: main() prints the message on one line (no traceback) and exits 2."""
 
 
+class FolderInUse(UserError):
+    """Another run holds the checkpoint folder: refused without touching anything of that run, its log included."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 1. config
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,13 +324,15 @@ def broadcast_from_main(env: DistEnv, compute):
         try:
             result = compute()
         except UserError as e:
-            error = str(e)
+            error = e
     if env.distributed:
-        box = [(result, error)]
+        box = [(result, None if error is None else str(error))]
         dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
+        result, message = box[0]
+        if message is not None and error is None:
+            error = UserError(message)  # rank 0 alone reports it
     if error is not None:
-        raise UserError(error)
+        raise error
     return result
 
 
@@ -1074,28 +1080,6 @@ class CheckpointManager:
         return done
 
     # writing ------------------------------------------------------------------------------------------------
-    def check_writable(self) -> None:
-        """Fail early, before any training, if checkpoints could not be written. A folder that does not exist yet
-        is created for the probe and removed again: a start that fails later leaves nothing behind."""
-        missing = []
-        parent = self.dir
-        while not parent.exists() and parent != parent.parent:
-            missing.append(parent)
-            parent = parent.parent
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / f".tmp-probe-{os.getpid()}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as e:
-            raise UserError(f"--checkpoint_dir {self.dir} is not writable ({e.strerror or e}); rank 0 writes every "
-                            "checkpoint there: pick a folder you can write (on several machines, storage every node "
-                            "shares)") from None
-        finally:
-            for d in missing:  # innermost first
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-
     def clean_stale_temporaries(self) -> None:
         """Remove half-written files a killed writer left behind (they never carry a checkpoint name)."""
         for p in self.dir.glob(".tmp-*") if self.dir.is_dir() else []:
@@ -1371,6 +1355,62 @@ def snapshot_bytes(raw_model: nn.Module) -> int:
     per_tensor = [p.numel() * p.element_size() for p in params]
     aligned = sum(-(-n // HostSlab.ALIGN) * HostSlab.ALIGN for n in per_tensor)
     return 3 * aligned + len(params) * HostSlab.ALIGN
+
+
+class FolderLock:
+    """One run per checkpoint folder: an exclusive flock(2) on <folder>/.lock, taken by global rank 0 before anything
+    in the folder is touched and held for the whole run. The kernel releases it when the process dies (kill -9
+    included), so a crash never leaves a stale lock. The file names its holder (host, pid, start time) for the
+    message a second launch gets. Linux maps flock on NFS to the server's byte-range locks, so the lock holds across
+    machines on NFSv4 (or v3 with lockd); a mount with nolock or local_lock=all guards one machine only."""
+
+    NAME = ".lock"
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.fd: int | None = None
+        self.created: list[Path] = []  # folders this launch created, innermost first
+
+    def acquire(self) -> None:
+        """Take the lock, creating the folder if needed; a folder in use or not writable is a UserError."""
+        import fcntl
+        import socket
+        parent = self.dir
+        while not parent.exists() and parent != parent.parent:
+            self.created.append(parent)
+            parent = parent.parent
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # held open read-only: flock needs no write access, and a descriptor open for writing for the whole run
+            # would keep the file system from being remounted read-only (EBUSY)
+            fd = os.open(self.dir / self.NAME, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as e:
+            self.release(failed=True)
+            raise UserError(f"--checkpoint_dir {self.dir} is not writable ({e.strerror or e}); rank 0 writes every "
+                            "checkpoint there: pick a folder you can write (on several machines, storage every node "
+                            "shares)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderInUse(f"{self.dir}/ is in use by another run ({holder}): one run writes a checkpoint folder at a "
+                            "time. Wait for it to end, stop it (SIGTERM saves and stops it), or use another "
+                            "--checkpoint_dir") from None
+        self.fd = fd
+        started = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+        (self.dir / self.NAME).write_text(f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n")
+
+    def release(self, failed: bool = False) -> None:
+        """Let go of the lock. After a failed start, also remove what acquire created, so nothing is left behind."""
+        if failed and self.created and self.dir.is_dir() and all(p.name == self.NAME for p in self.dir.iterdir()):
+            (self.dir / self.NAME).unlink(missing_ok=True)
+            for d in self.created:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
 
 
 class CheckpointWriter:
@@ -1794,6 +1834,24 @@ class StopSignal:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def watch_launcher(self, interval_seconds: float = 1.0) -> None:
+        """Under torchrun: if the launcher dies (kill -9, the OOM killer), its workers would train on, and write
+        checkpoints, with nobody to stop them. A watcher thread notices within interval_seconds that this process
+        was re-parented and requests a stop as SIGTERM does: every rank stops at the same step boundary (each one's
+        own watcher fires, and the stop vote rides the step's all-reduce), saves and exits."""
+        launcher = os.getppid()
+
+        def watch() -> None:
+            while self.signum is None:
+                time.sleep(interval_seconds)
+                if os.getppid() != launcher and self.signum is None:
+                    if self.announce:
+                        os.write(2, f"\nthe launcher (pid {launcher}) is gone: stopping at the next step boundary "
+                                    "and saving a checkpoint\n".encode())
+                    self.signum, self.first_at = signal.SIGTERM, time.monotonic()
+
+        threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         now = time.monotonic()
@@ -2199,6 +2257,7 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
     pending_reasons: dict[int, list[str]] = {}
     try:
         while step < total_steps:
+            report_saves()  # first: this step's report, votes and policy count every save that reached the disk
             t0 = time.monotonic()
             lr = lr_at(step, cfg, total_steps)
             writer_was_busy = writer.busy
@@ -2209,7 +2268,6 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
             dt = time.monotonic() - t0
             ema_step_seconds = dt if ema_step_seconds is None else 0.9 * ema_step_seconds + 0.1 * dt
             policy.observe_step(dt, writer_was_busy)
-            report_saves()  # first, so that this step's report counts a save that has just reached the disk
             tokens_per_second = cfg.total_batch_size / dt
             spike = guard.observe(step, train_loss, skipped)
             metrics.write(step=step, epoch=loader.epoch_progress, loss=train_loss, lr=lr, grad_norm=grad_norm,
@@ -2350,15 +2408,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flags = parse_flags(argv)
     env = None
     stop = StopSignal(announce=os.environ.get("RANK", "0") == "0")
+    lock = FolderLock(Path(flags.get("checkpoint_dir", "checkpoints")))
+    failed = True
     try:
         device_flag = flags.get("device", "auto")
         env = setup_distributed(device_flag)
         setup_logging(env)
         stop.install()
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: stop and save if it dies
+            stop.watch_launcher()
         checkpoint_dir = Path(flags.get("checkpoint_dir", "checkpoints"))
         manager = CheckpointManager(checkpoint_dir)
         resume = flags.get("resume")
-        broadcast_from_main(env, manager.check_writable)  # rank 0 writes every checkpoint: fail before training
+        # rank 0 writes every checkpoint: fail before training if it could not, or if another run writes here
+        broadcast_from_main(env, lock.acquire)
         broadcast_from_main(env, lambda: refuse_to_replay_divergence(manager))
         if resume is None:
             TrainConfig(**flags)  # validate before touching anything
@@ -2394,20 +2457,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "resuming " + str(ckpt_path) if ckpt_path else "new run")
         log.info("config: %s", json.dumps(dataclasses.asdict(cfg)))
         summary = train(cfg, env, ckpt_path, stop)
+        failed = False
         if env.distributed:
             dist.barrier()  # nobody exits while rank 0 may still be writing
         return summary
     except UserError as e:
         if env is None or env.is_main:
             print(f"error: {e}", file=sys.stderr)
-            # a failed start creates no folder, but a run's existing train.log gets the whole story
-            handler = attach_log_file(env, Path(flags.get("log_dir", "logs")), create=False) if env else None
+            # a failed start creates no folder, but a run's existing train.log gets the whole story (not the log
+            # of a run that is going on now)
+            continuing = env is not None and not isinstance(e, FolderInUse)
+            handler = attach_log_file(env, Path(flags.get("log_dir", "logs")), create=False) if continuing else None
             if handler is not None:
                 handler.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (e,), None))
         write_torchrun_error_file(f"error: {e}")
         sys.exit(2)
     finally:
         stop.uninstall()
+        lock.release(failed=failed)
         cleanup_distributed()
         teardown_logging()
 
@@ -2420,4 +2487,6 @@ if __name__ == "__main__":
     # C++ threads racing Python's teardown, which would make torchrun report a finished run as failed.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(summary["exit_code"])  # 3: the loss diverged; 4: the run's newest steps could not be saved
+    # 3: the loss diverged; 4: the run's newest steps could not be saved; None: --help (record() returns None for a
+    # SystemExit(0))
+    os._exit(summary["exit_code"] if summary else 0)

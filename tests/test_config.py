@@ -16,6 +16,16 @@ def test_help_documents_every_flag_the_issue_lists(capsys):
     assert "--no-compile" in text  # booleans as --x/--no-x
 
 
+def test_help_from_the_command_line_exits_0_without_a_traceback():
+    import subprocess
+    import sys
+    from helpers import TRAINER, trainer_env
+    result = subprocess.run([sys.executable, str(TRAINER), "--help"], capture_output=True, text=True,
+                            env=trainer_env(), timeout=120)
+    assert result.returncode == 0 and "--max_unsaved_minutes" in result.stdout
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
 def test_only_given_flags_are_reported():
     assert T.parse_flags(["--learning_rate", "1e-3", "--compile"]) == {"learning_rate": 1e-3, "compile": True}
     assert T.parse_flags([]) == {}

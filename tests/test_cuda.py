@@ -63,6 +63,11 @@ def test_gpu_curves_mfu_memory_and_sampling_on_cuda(tmp_path, shard_dir):
     name = torch.cuda.get_device_name()
     if any(key in name for key, _ in T.DeviceStats.PEAK_TFLOPS):
         assert all(0 < v < 1 for _, v in tensorboard_scalars(logs, "perf/mfu"))
+    try:
+        T.load_gpt2_tokenizer()
+    except Exception:  # an offline GPU machine without tiktoken's cache: the run goes on without samples
+        assert "text samples are off" in result.stdout
+        return
     assert result.stdout.count("| sample: \"Hello, I'm a language model,") + \
         result.stdout.count("| sample: 'Hello, I'm a language model,") == 2
 

@@ -6,6 +6,7 @@ its per-step losses and its final weights bit for bit."""
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -165,26 +166,30 @@ def test_retention_across_two_epochs(tmp_path, data):
     assert result.returncode == 0, result.stdout[-3000:]
     ck = tmp_path / "ck"
     assert sorted(p.name for p in ck.iterdir()) == [
+        ".lock",  # the run's lock on the folder (one run per folder)
         ".tmp-spare.pt",  # the file retired last (rolling 32), for the next save to overwrite
         "epoch_00001.pt", "epoch_00002.pt", "latest.pt", "latest_backup.pt",
         "rolling_step_000036.pt", "rolling_step_000040.pt", "rolling_step_000042.pt"]
     assert ck / ".tmp-spare.pt" not in T.CheckpointManager(ck).all_checkpoints()
     assert T.CheckpointManager.load(ck / ".tmp-spare.pt")["step"] == 32
-    step = {p.name: T.CheckpointManager.load(p)["step"] for p in ck.iterdir()}
+    files = [p for p in ck.iterdir() if p.suffix == ".pt"]
+    step = {p.name: T.CheckpointManager.load(p)["step"] for p in files}
     assert step["epoch_00001.pt"] == 21 and step["epoch_00002.pt"] == 42 == step["latest.pt"]
     assert T.CheckpointManager.load(ck / "epoch_00001.pt")["epoch"] == 1
-    for p in ck.iterdir():  # every file loads without running code from it
+    for p in files:  # every file loads without running code from it
         assert torch.load(p, weights_only=True)["format_version"] == 1
 
 
 def test_starting_again_without_resume_refuses_to_touch_the_checkpoints(tmp_path, data, reference):
     ck = reference / "ck"
-    before = {p.name: p.stat().st_mtime_ns for p in ck.iterdir()}
+    def checkpoints():  # (the .lock file names whoever launched last)
+        return {p.name: p.stat().st_mtime_ns for p in ck.iterdir() if p.name != ".lock"}
+    before = checkpoints()
     result = run(run_args(reference, data), nproc=None)
     assert result.returncode == 2
     assert "already holds checkpoints" in result.stdout and "--resume latest" in result.stdout
     assert "Traceback" not in result.stdout
-    assert {p.name: p.stat().st_mtime_ns for p in ck.iterdir()} == before
+    assert checkpoints() == before
 
 
 def test_resume_on_another_world_size_continues_the_same_token_stream(tmp_path, data, reference):
@@ -234,3 +239,42 @@ def test_empty_checkpoint_dir_with_resume_latest_is_a_one_line_error(tmp_path, d
     (tmp_path / "ck").mkdir()
     result = run(run_args(tmp_path, data, "--resume", "latest"), nproc=None)
     assert result.returncode == 2 and "no checkpoint in" in result.stdout and "Traceback" not in result.stdout
+
+
+def test_a_second_launch_on_a_folder_in_use_exits_2_and_the_first_run_ends_bit_exact(tmp_path, data, reference):
+    proc = launch(run_args(tmp_path, data))
+    wait_for(lambda: last_step(tmp_path / "logs") >= 3, timeout=120, proc=proc)
+    log_before = (tmp_path / "logs" / "train.log").read_text()
+    t0 = time.monotonic()
+    second = run(run_args(tmp_path, data, "--resume", "latest"), nproc=None)
+    assert second.returncode == 2 and time.monotonic() - t0 < 30
+    line = second.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"error: {tmp_path / 'ck'}/ is in use by another run (host ") and f", pid " in line
+    assert "started 20" in line and "use another --checkpoint_dir" in line
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "is in use" not in (tmp_path / "logs" / "train.log").read_text()[len(log_before):]  # its log untouched
+    assert_same_run(tmp_path, reference)
+
+
+def test_workers_stop_together_save_and_exit_when_torchrun_is_killed(tmp_path, data, reference):
+    proc = launch(run_args(tmp_path, data))
+    wait_for(lambda: last_step(tmp_path / "logs") >= 12, timeout=120, proc=proc)
+    pids = workers(proc)
+    assert len(pids) == 2
+    os.kill(proc.pid, signal.SIGKILL)  # torchrun alone: kill -9, the OOM killer
+
+    def gone(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(") ")[1][0] == "Z"
+        except FileNotFoundError:
+            return True
+    wait_for(lambda: all(gone(pid) for pid in pids), timeout=60)
+    out, _ = proc.communicate(timeout=30)
+    assert "the launcher (pid " in out and "is gone: stopping at the next step boundary" in out
+    stopped = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]
+    assert stopped == last_step(tmp_path / "logs") < STEPS  # both ranks stopped at that step, and it was saved
+    assert f"checkpoint step {stopped} (stop signal" in out
+    resume(tmp_path, data)
+    assert_same_run(tmp_path, reference)

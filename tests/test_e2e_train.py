@@ -31,7 +31,7 @@ def test_two_process_torchrun_run_trains_logs_and_checkpoints(tmp_path, shard_di
     assert "step      12/12 | epoch 0.286 | loss " in result.stdout  # the fixed, greppable step line
     names = sorted(p.name for p in (tmp_path / "ck").iterdir())
     # (the step-6 best_model.pt, a file of its own, was retired when step 12 became best: the next save's spare)
-    assert names == [".tmp-spare.pt", "best_model.pt", "latest.pt", "latest_backup.pt", "rolling_step_000005.pt",
+    assert names == [".lock", ".tmp-spare.pt", "best_model.pt", "latest.pt", "latest_backup.pt", "rolling_step_000005.pt",
                      "rolling_step_000006.pt", "rolling_step_000010.pt", "rolling_step_000012.pt"]
 
 
