@@ -1109,7 +1109,7 @@ class CheckpointManager:
         try:
             self.make_room(size, reusable_bytes=tmp.stat().st_size if reuse else 0, step=step)
             with open(tmp, "r+b" if reuse else "wb") as f:  # r+b: overwrite in place, reusing blocks and pages
-                torch.save(state, EarlyWriteback(f))
+                torch.save(state, EarlyWriteback(f, pause_seconds=write_pause_for_tests(step)))
                 f.truncate()
                 f.flush()
                 os.fsync(f.fileno())
@@ -1570,9 +1570,10 @@ class EarlyWriteback:
     SYNC_FILE_RANGE_WRITE = 2
     sync_file_range = _sync_file_range()
 
-    def __init__(self, f, chunk: int = 32 << 20):
+    def __init__(self, f, chunk: int = 32 << 20, pause_seconds: float = 0.0):
         self.f, self.chunk = f, chunk
         self.written = self.handed = 0  # bytes written from the start of the file; of those, handed to the disk
+        self.pause_seconds = pause_seconds  # test-only: stop once, 1 MB into the file (see write_pause_for_tests)
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -1583,10 +1584,21 @@ class EarlyWriteback:
                 self.sync_file_range(self.f.fileno(), self.handed, self.written - self.handed,
                                      self.SYNC_FILE_RANGE_WRITE)
                 self.handed = self.written
+            if self.pause_seconds and self.written >= 1 << 20:
+                self.f.flush()
+                time.sleep(self.pause_seconds)
+                self.pause_seconds = 0.0
         return len(view)
 
     def flush(self) -> None:
         self.f.flush()
+
+
+def write_pause_for_tests(step: int) -> float:
+    """Test-only: TRAIN_IMPROVED_TEST_WRITE_PAUSE=STEP:SECONDS holds the write of step STEP's checkpoint for SECONDS,
+    1 MB into its file, so that a test can kill -9 a run while its background writer is mid-write."""
+    wanted, _, seconds = os.environ.get("TRAIN_IMPROVED_TEST_WRITE_PAUSE", "").partition(":")
+    return float(seconds) if wanted and int(wanted) == step else 0.0
 
 
 def fsync_path(path: Path) -> None:
@@ -1806,9 +1818,11 @@ def sample_text(raw_model: GPT, tokenizer, prompt: str, max_new_tokens: int, see
 class StopSignal:
     """Turns SIGINT, SIGTERM and SIGUSR1 into a request to stop at the next step boundary.
 
-    torchrun forwards the signal it receives, and a terminal's Ctrl+C reaches the workers directly too, so one
-    Ctrl+C can arrive twice within milliseconds: repeats inside `repeat_window_seconds` are ignored. A deliberate
-    second signal after that aborts at once (the atomic writes keep every earlier checkpoint intact).
+    torchrun forwards the signal it receives to its workers (which it starts in sessions of their own, so a terminal's
+    Ctrl+C reaches them only that way). Where a worker shares the terminal's process group as well (another
+    launcher, a wrapper script), one Ctrl+C can arrive twice within milliseconds: repeats inside
+    `repeat_window_seconds` are ignored. A deliberate second signal after that aborts at once (the atomic writes
+    keep every earlier checkpoint intact).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -1915,20 +1929,22 @@ class SavePolicy:
     start before the previous save has finished writing. Rank 0 decides; the step's all-reduce hands the decision to
     every rank, so no rank saves or waits alone. Epoch ends, new best models, stops and the end always save."""
 
+    clock = staticmethod(time.monotonic)  # seconds; a test may drive the policy with a clock of its own
+
     def __init__(self, cfg: TrainConfig):
         self.every_steps = cfg.checkpoint_freq
         self.every_seconds = cfg.checkpoint_minutes * 60
         self.budget = cfg.max_checkpoint_overhead
         self.stretch = 1  # the step interval in force is every_steps * stretch
         self.min_gap_seconds = 0.0
-        self.last_save_time = time.monotonic()
+        self.last_save_time = self.clock()
         self.waiting_for_writer = False
         self.baseline_step_seconds: float | None = None
         self.slowdown_seconds = 0.0
         self.announced_time_stretch = False
 
     def periodic_due(self, step: int, writer_busy: bool) -> bool:
-        since = time.monotonic() - self.last_save_time
+        since = self.clock() - self.last_save_time
         by_steps = self.every_steps > 0 and step % (self.every_steps * self.stretch) == 0
         by_time = self.every_seconds > 0 and since >= self.every_seconds
         if not (by_steps or by_time) or since < self.min_gap_seconds:
@@ -1943,7 +1959,7 @@ class SavePolicy:
         return True
 
     def saved(self) -> None:
-        self.last_save_time = time.monotonic()
+        self.last_save_time = self.clock()
 
     def observe_step(self, step_seconds: float, writer_was_busy: bool) -> None:
         """Learn the normal step time, and how much slower steps run while a background write competes with
@@ -2239,7 +2255,8 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                      reasons, ", ".join(r["names"]), writer.blocked_seconds * 1000, cost * 1000, r["write_seconds"])
             metrics.write(step=r["step"], checkpoint_blocked_seconds=writer.blocked_seconds,
                           checkpoint_cost_seconds=cost, checkpoint_write_seconds=r["write_seconds"],
-                          checkpoint_interval_steps=policy.interval_steps)
+                          checkpoint_interval_steps=policy.interval_steps,
+                          checkpoint_interval_seconds=policy.interval_seconds)
             tb.scalars(r["step"], {"save/blocked_ms": writer.blocked_seconds * 1000, "save/cost_ms": cost * 1000,
                                    "save/write_seconds": r["write_seconds"], "save/interval_steps": policy.interval_steps,
                                    "save/interval_seconds": policy.interval_seconds})

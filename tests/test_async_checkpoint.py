@@ -1,5 +1,8 @@
 """Issue 4: the background writer, the save policy and the disk-space guard."""
 
+import json
+import time
+
 import pytest
 import torch
 
@@ -232,10 +235,33 @@ def test_when_the_final_save_fails_the_run_says_so_last_and_exits_4(tmp_path, sh
     assert sorted(read_metrics(tmp_path / "logs")[0]) == list(range(1, 13))
 
 
-def test_saves_by_wall_clock_time(tmp_path, shard_dir):
+def test_a_slow_background_write_stretches_the_save_interval_in_a_real_run(tmp_path, shard_dir, monkeypatch):
+    """The loop hands every finished write's time to the policy: saves are spaced so that writes never overlap."""
+    real_save = T.CheckpointManager.save
+
+    def slow_save(self, state, **kwargs):
+        time.sleep(1.5)  # a slow disk: each background write takes at least 1.5 s
+        return real_save(self, state, **kwargs)
+    monkeypatch.setattr(T.CheckpointManager, "save", slow_save)
+    args = [*TINY_ARGS, "--data_dir", str(shard_dir), "--total_batch_size", "128", "--max_steps", "40",
+            "--checkpoint_freq", "1", "--eval_freq", "0", "--sample_freq", "0", "--checkpoint_dir",
+            str(tmp_path / "ck"), "--log_dir", str(tmp_path / "logs")]
+    T.main(args)
+    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    saves = [r for r in records if "checkpoint_write_seconds" in r]
+    assert saves and all(r["checkpoint_write_seconds"] >= 1.5 for r in saves)
+    # after the first write was measured, the interval in force covers a whole write
+    assert saves[0]["checkpoint_interval_seconds"] >= 1.5 and saves[0]["checkpoint_interval_steps"] > 1
+    assert "would exceed the 2.0% overhead budget or overlap writes" in (tmp_path / "logs" / "train.log").read_text()
+
+
+def test_saves_by_wall_clock_time(tmp_path, shard_dir, monkeypatch):
+    ticks = iter(range(10**6))  # the policy's clock: 0.5 s more at each look, however fast the machine is
+    monkeypatch.setattr(T.SavePolicy, "clock", staticmethod(lambda: next(ticks) * 0.5))
     args = [*TINY_ARGS, *EXACT_SAVES, "--data_dir", str(shard_dir), "--total_batch_size", "128",
-            "--max_steps", "30", "--checkpoint_freq", "0", "--checkpoint_minutes", "0.005", "--eval_freq", "0",
+            "--max_steps", "30", "--checkpoint_freq", "0", "--checkpoint_minutes", "0.025", "--eval_freq", "0",
             "--checkpoint_dir", str(tmp_path / "ck"), "--log_dir", str(tmp_path / "logs")]
     T.main(args)
-    # 0.3 s apart, in a run of several seconds
-    assert (tmp_path / "logs" / "train.log").read_text().count("(periodic)") >= 2
+    # every 1.5 s of the policy's clock: one look per step, one more per save, so every third step
+    saved = [s for s, _ in T.CheckpointManager(tmp_path / "ck").rolling()]
+    assert saved == list(range(3, 31, 3)), saved

@@ -59,6 +59,22 @@ def test_after_loading_a_cpu_checkpoint_the_optimizer_uses_the_devices_implement
     assert not any(g["fused"] for g in optimizer.param_groups)
 
 
+def test_resuming_on_another_world_size_restores_the_optimizer_state_exactly(shard_dir):
+    """A GPU died: 2 ranks continue a 1-rank checkpoint. The AdamW step counts and moments come back bit for bit."""
+    state = make_state(shard_dir)
+    cfg = T.TrainConfig(**state["args"])
+    model = T.GPT(cfg.gpt_config())
+    optimizer = T.configure_optimizer(model, cfg, CPU)
+    loader = T.ShardedLoader(T.find_shards(str(shard_dir), "train"), 32, 256, 2, 0, 2, 0, CPU)
+    env = T.DistEnv(rank=0, local_rank=0, world_size=2, device=CPU)
+    T.restore_state(state, raw_model=model, optimizer=optimizer, loader=loader, cfg=cfg, env=env)
+    saved, restored = state["optimizer"]["state"], optimizer.state_dict()["state"]
+    assert saved.keys() == restored.keys() and len(saved) > 0
+    for i in saved:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(saved[i][key], restored[i][key]), (i, key)
+
+
 def test_nvml_finds_the_gpu_by_uuid_then_pci_bus_id_never_by_cuda_index():
     props = types.SimpleNamespace(uuid="5a8f2c1e-0000-1111-2222-333344445555", pci_domain_id=0, pci_bus_id=0x3B,
                                   pci_device_id=0)

@@ -103,3 +103,20 @@ def test_export_refuses_a_model_whose_vocabulary_is_not_gpt2s(tmp_path, trained)
     result = cli("export_hf.py", "--checkpoint", str(tmp_path / "small_vocab.pt"), "--out_dir", str(tmp_path / "hf"))
     assert result.returncode == 2 and "only GPT-2-tokenized models can be exported" in result.stderr
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("script,extra", [("sample.py", []), ("export_hf.py", ["--out_dir", "OUT"])])
+def test_the_tools_refuse_a_damaged_checkpoint_with_a_clear_error(trained, tmp_path, script, extra):
+    import shutil
+    ck = tmp_path / "ck"
+    shutil.copytree(trained / "ck", ck)
+    best = ck / "best_model.pt"
+    data = bytearray(best.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the tensor data
+    best.write_bytes(bytes(data))
+    result = cli(script, "--checkpoint_dir", str(ck), "--checkpoint", "best",
+                 *[str(tmp_path / "hf") if a == "OUT" else a for a in extra])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --checkpoint best:")
+    assert "is not usable (checksum mismatch" in result.stderr and "try --checkpoint latest" in result.stderr
+    assert not (tmp_path / "hf").exists()
