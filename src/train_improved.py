@@ -182,6 +182,12 @@ class TrainConfig:
                                             "for this long (default: the longer of 3 save intervals and 30 minutes)",
                                             "checkpointing", type=float)
     resume: str | None = opt(None, "latest | latest_backup | best | auto | PATH", "checkpointing", type=str)
+    # off the machine
+    mirror: str | None = opt(None, "also copy every checkpoint, in the background, to this fsspec URL (s3://bucket/"
+                             "prefix, gs://..., az://..., or a path on another disk); --resume latest/auto fetch from "
+                             "it when no local checkpoint is valid (needs fsspec, and s3fs for S3)", "mirror", type=str)
+    mirror_wait_seconds: float = opt(120.0, "at the end of a run or a graceful stop, wait this long for the last "
+                                     "checkpoint to reach the mirror", "mirror")
 
     def __post_init__(self):
         positive = ("batch_size", "total_batch_size", "num_epochs", "val_steps", "keep_last", "log_freq",
@@ -194,6 +200,8 @@ class TrainConfig:
                 raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"--max_steps must be at least 1, got {self.max_steps}")
+        if self.mirror_wait_seconds < 0:
+            raise UserError(f"--mirror_wait_seconds must be 0 or more, got {self.mirror_wait_seconds}")
         if self.max_unsaved_minutes is not None and self.max_unsaved_minutes <= 0:
             raise UserError(f"--max_unsaved_minutes must be positive, got {self.max_unsaved_minutes}")
         if self.checkpoint_minutes < 0:
@@ -535,6 +543,19 @@ def nvml_device_keys(props: Any) -> list[tuple[str, str]]:
         keys.append(("nvmlDeviceGetHandleByPciBusId",
                      f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"))
     return keys
+
+
+def redact_url(url: Any) -> Any:
+    """A URL without its user:secret@ part (for logs); anything else unchanged."""
+    if isinstance(url, str) and "://" in url and "@" in url.partition("://")[2].partition("/")[0]:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.partition('@')[2]}"
+    return url
+
+
+def printable_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as they may be logged: the mirror URL without credentials."""
+    return {k: redact_url(v) if k == "mirror" else v for k, v in settings.items()}
 
 
 def code_version() -> str:
@@ -1109,7 +1130,13 @@ class CheckpointManager:
         try:
             self.make_room(size, reusable_bytes=tmp.stat().st_size if reuse else 0, step=step)
             with open(tmp, "r+b" if reuse else "wb") as f:  # r+b: overwrite in place, reusing blocks and pages
-                torch.save(state, EarlyWriteback(f, pause_seconds=write_pause_for_tests(step)))
+                out = EarlyWriteback(f, pause_seconds=write_pause_for_tests(step))
+                try:
+                    torch.save(state, out)
+                except RuntimeError:  # torch's zip writer reports a failed write as "unexpected pos": say what it was
+                    if out.error is not None:
+                        raise out.error from None
+                    raise
                 f.truncate()
                 f.flush()
                 os.fsync(f.fileno())
@@ -1574,11 +1601,16 @@ class EarlyWriteback:
         self.f, self.chunk = f, chunk
         self.written = self.handed = 0  # bytes written from the start of the file; of those, handed to the disk
         self.pause_seconds = pause_seconds  # test-only: stop once, 1 MB into the file (see write_pause_for_tests)
+        self.error: OSError | None = None  # a failed write (disk full, I/O error), which torch.save would obscure
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         for start in range(0, len(view), self.chunk):  # a large tensor goes to the disk piece by piece
-            self.written += self.f.write(view[start:start + self.chunk])
+            try:
+                self.written += self.f.write(view[start:start + self.chunk])
+            except OSError as e:
+                self.error = e
+                raise
             if self.sync_file_range is not None and self.written - self.handed >= self.chunk:
                 self.f.flush()
                 self.sync_file_range(self.f.fileno(), self.handed, self.written - self.handed,
@@ -1616,14 +1648,51 @@ def list_checkpoints_cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="list_checkpoints.sh", description="List the checkpoints of a run.")
     parser.add_argument("--checkpoint_dir", default="checkpoints")
     parser.add_argument("--verify", action="store_true", help="also check every file's checksums (reads it all)")
+    parser.add_argument("--mirror", help="list the checkpoints on this mirror (the trainer's --mirror URL) instead")
     args = parser.parse_args(argv)
     try:
-        code = _list_checkpoints(CheckpointManager(args.checkpoint_dir), args.checkpoint_dir, args.verify)
+        if args.mirror:
+            code = _list_mirror(args.mirror, args.verify)
+        else:
+            code = _list_checkpoints(CheckpointManager(args.checkpoint_dir), args.checkpoint_dir, args.verify)
         sys.stdout.flush()  # inside the try: a pipe closed early fails here, not in the interpreter's exit
         return code
     except BrokenPipeError:  # `./list_checkpoints.sh | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit stays quiet
         return 0
+
+
+def _list_mirror(url: str, verify: bool) -> int:
+    """The committed checkpoints on a mirror, newest first; with verify, each one downloaded into a temporary folder
+    and checked against the mirror's size and sha256 and our CRC-32s."""
+    import tempfile
+    from mirror import Mirror, MirrorError
+    try:
+        mirror = Mirror(url)
+        remote = mirror.remote_checkpoints()
+    except (MirrorError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not remote:
+        print(f"no checkpoints on {mirror.redacted_url()}")
+        return 0
+    print(f"{'step':>8} {'size':>9} {'written':>20}  names -> status")
+    bad = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in remote:
+            status = "committed"
+            if verify:
+                problem = mirror._download(entry, Path(tmp) / "check.pt")
+                if problem is None:
+                    try:
+                        CheckpointManager.load(Path(tmp) / "check.pt")
+                    except CheckpointInvalid as e:
+                        problem = str(e)
+                status = "valid" if problem is None else f"INVALID: {problem}"
+                bad += problem is not None
+            print(f"{entry['step']:>8} {entry['size'] / 2**20:>8.1f}M {entry['written_at'][:19]:>20}  "
+                  f"{', '.join(entry['names'])} -> {status}")
+    return 1 if bad else 0
 
 
 def _list_checkpoints(manager: CheckpointManager, folder: str, verify: bool) -> int:
@@ -2094,11 +2163,46 @@ def resolve_config(flags: dict[str, Any], ckpt: dict[str, Any] | None) -> TrainC
             raise UserError(f"the checkpoint's model has {name}={saved_shape[name]} but the flags ask for "
                             f"{wanted[name]}; the architecture comes from the checkpoint: drop the conflicting "
                             "flag, or start a new run in another --checkpoint_dir")
-    changed = [f"{k}: {saved_args.get(k)!r} -> {v!r}" for k, v in flags.items()
+    shown_old, shown_new = printable_settings(saved_args), printable_settings(flags)
+    changed = [f"{k}: {shown_old.get(k)!r} -> {shown_new[k]!r}" for k, v in flags.items()
                if k not in LAUNCH_FIELDS and k in saved_args and saved_args[k] != v]
     if changed:
         log.warning("settings changed since the checkpoint (the new values apply): %s", "; ".join(changed))
     return cfg
+
+
+def mirror_curves(mirror) -> dict[str, float | None]:
+    """TensorBoard's mirror/ curves: how far behind the mirror is, and the newest step it holds."""
+    if mirror is None:
+        return {}
+    status = mirror.status()
+    return {"mirror/lag_seconds": status["lag_seconds"], "mirror/step": status["committed_step"]}
+
+
+def mirror_trouble(mirror) -> str:
+    """The step line's note while uploads to the mirror fail (the mirror logs the errors themselves, at most every
+    few minutes)."""
+    if mirror is None:
+        return ""
+    status = mirror.status()
+    if not status["consecutive_failures"]:
+        return ""
+    return (f" | MIRROR FAILING ({status['consecutive_failures']} attempts; it holds step "
+            f"{status['committed_step']}; {status['last_error']})")
+
+
+def finish_mirror(mirror, wait_seconds: float, saved_step: int) -> None:
+    """At the end of a run or a graceful stop: give the last checkpoint up to wait_seconds to reach the mirror, and
+    say whether it made it."""
+    made_it = mirror.wait(wait_seconds)
+    status = mirror.status()
+    if made_it and status["committed_step"] == saved_step:
+        log.info("mirror: the last checkpoint (step %d) is on %s", saved_step, mirror.redacted_url())
+    else:
+        log.error("MIRROR BEHIND: the last checkpoint (step %d) did not reach %s within %.0f s (the mirror holds step "
+                  "%s; last error: %s); it is on the local disk only", saved_step, mirror.redacted_url(),
+                  wait_seconds, status["committed_step"], status["last_error"])
+    mirror.close()
 
 
 def planned_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -2121,8 +2225,9 @@ def warn_if_schedule_changed(cfg: TrainConfig, saved_args: dict[str, Any], step:
                     old_total, step, now)
 
 
-def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSignal) -> dict[str, Any]:
-    """Build everything, restore the checkpoint if any, and run the loop. Returns a summary."""
+def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSignal, mirror=None) -> dict[str, Any]:
+    """Build everything, restore the checkpoint if any, and run the loop. Returns a summary. mirror: rank 0's
+    off-machine copy (src/mirror.py), or None."""
     ckpt = CheckpointManager.load(ckpt_path, verify=False) if ckpt_path else None  # verified by resolve()
     model_config = GPTConfig(**{**ckpt["model_config"], "dropout": cfg.dropout}) if ckpt else cfg.gpt_config()
 
@@ -2248,6 +2353,8 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                           format_age(watch.limit_seconds(policy.interval_seconds)))
                 continue
             watch.succeeded(r["step"])
+            if mirror is not None:  # durable and complete: copy it off the machine in the background
+                mirror.submit(manager.dir / r["names"][0], r["step"], r["names"])
             # the fence's wait happened inside a step, so the policy sees it as step slowdown already; a
             # synchronous write is all blocked time, and only a background write can overlap the next one
             cost = policy.record(writer.submit_seconds, r["write_seconds"] if cfg.async_checkpoint else 0.0)
@@ -2300,13 +2407,15 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                                   "perf/gpu_utilization_percent": device_stats.utilization(),
                                   "progress/tokens": step * cfg.total_batch_size,
                                   "save/unsaved_steps": step - watch.saved_step,
+                                  **mirror_curves(mirror),
                                   "progress/epoch": loader.epoch_progress})
             if step % cfg.log_freq == 0 or step == total_steps or skipped:
                 eta = datetime.timedelta(seconds=round(ema_step_seconds * (total_steps - step)))
                 log.info("step %7d/%d | epoch %.3f | loss %.6f | lr %.3e | grad_norm %.4f | %.1f ms | %.0f tok/s "
-                         "| eta %s%s", step, total_steps, loader.epoch_progress, train_loss, lr, grad_norm, dt * 1000,
-                         tokens_per_second, eta,
-                         f" | UNSAVED {step - watch.saved_step} steps (saves failing)" if watch.failing else "")
+                         "| eta %s%s%s", step, total_steps, loader.epoch_progress, train_loss, lr, grad_norm,
+                         dt * 1000, tokens_per_second, eta,
+                         f" | UNSAVED {step - watch.saved_step} steps (saves failing)" if watch.failing else "",
+                         mirror_trouble(mirror))
             if skipped and env.is_main:
                 log.error("step %d: NON-FINITE loss %s / gradient norm %s: this update was skipped, the weights are "
                           "unchanged (%d such step(s) in a row; the run stops at %d)", step, train_loss, grad_norm,
@@ -2356,6 +2465,8 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
         # step boundary every rank completed, so it is a good checkpoint.
         writer.close()
         report_saves()
+        if mirror is not None:
+            finish_mirror(mirror, cfg.mirror_wait_seconds, watch.saved_step)
         tb.close()
         metrics.close()
     stopped = stop_agreed and step < total_steps  # agreed: a rank that got no signal itself stops too
@@ -2411,6 +2522,50 @@ def settle_ddp_buckets(model: nn.parallel.DistributedDataParallel, loader: Shard
 # 10. entry point
 # ---------------------------------------------------------------------------------------------------------------
 
+def open_mirror(url: str, keep_last: int):
+    """The off-machine copy of the checkpoints (src/mirror.py, imported only when --mirror is given), checked: a
+    mirror that cannot be written, listed, read and cleaned is a one-line UserError before training starts."""
+    from mirror import Mirror, MirrorError
+    try:
+        mirror = Mirror(url, keep_last=keep_last)
+        mirror.check()
+    except MirrorError as e:
+        raise UserError(str(e)) from None
+    return mirror
+
+
+def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str | None) -> Path | None:
+    """--resume's checkpoint, verified, with damaged local files set aside. For latest and auto with a mirror: when
+    no local checkpoint is valid (the folder is missing or empty, or every file fails verification), the newest valid
+    mirrored one is downloaded into the folder, checked against the mirror's checksums and ours, and used."""
+    try:
+        path = manager.resolve(resume)
+    except UserError:
+        if not (mirror_url and resume in ("latest", "auto")):
+            raise
+        path = None
+    manager.set_aside(manager.damaged)  # a damaged file never takes a name resume or rotation uses
+    if path is not None or not mirror_url or resume not in ("latest", "auto"):
+        if path is not None and mirror_url:
+            log.info("resuming from the local checkpoint %s (the mirror is used when no local one is valid)", path)
+        return path
+    mirror = open_mirror(mirror_url, keep_last=1)
+    try:
+        fetched = mirror.fetch_newest_valid(manager.dir, lambda p: CheckpointManager.load(p))
+    except Exception as e:  # MirrorError: the mirror could not be read at all
+        raise UserError(str(e)) from None
+    finally:
+        mirror.close()
+    if fetched is None:
+        if resume == "auto":
+            return None
+        raise UserError(f"--resume latest: no valid checkpoint in {manager.dir}/ nor on the mirror "
+                        f"{redact_url(mirror_url)}; start without --resume, or check --checkpoint_dir and --mirror")
+    log.warning("no valid local checkpoint in %s/: resuming from the MIRROR's step %d (%s), downloaded and verified",
+                manager.dir, fetched[1]["step"], redact_url(mirror_url))
+    return fetched[0]
+
+
 def write_torchrun_error_file(message: str) -> None:
     """Under torchrun, hand it our one-line message for its failure report ("traceback : error: ..."), instead of
     the generic "To enable traceback see ..." it prints for a worker that exits non-zero without one."""
@@ -2426,6 +2581,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = None
     stop = StopSignal(announce=os.environ.get("RANK", "0") == "0")
     lock = FolderLock(Path(flags.get("checkpoint_dir", "checkpoints")))
+    mirror_box: list = []  # rank 0's Mirror, when --mirror is given
     failed = True
     try:
         device_flag = flags.get("device", "auto")
@@ -2453,12 +2609,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             broadcast_from_main(env, refuse_clobber)
             ckpt_path = None
         else:
-            def resolve_and_set_aside():
-                path = manager.resolve(resume)
-                manager.set_aside(manager.damaged)  # a damaged file never takes a name resume or rotation uses
-                return path
-
-            ckpt_path = broadcast_from_main(env, resolve_and_set_aside)
+            ckpt_path = broadcast_from_main(env, lambda: resolve_with_mirror(manager, resume, flags.get("mirror")))
             if ckpt_path is None:
                 log.info("--resume auto: no checkpoint in %s/, starting a new run", checkpoint_dir)
             elif not ckpt_path.is_file():  # rank 0 found it; this rank, on another machine, may not see it
@@ -2469,11 +2620,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # train() loads again and drops the state once restored, so it is not held for the whole run
         cfg = resolve_config(flags, CheckpointManager.load(ckpt_path, verify=False) if ckpt_path else None)
         attach_log_file(env, Path(cfg.log_dir))
+        if cfg.mirror:
+            broadcast_from_main(env, lambda: mirror_box.append(open_mirror(cfg.mirror, cfg.keep_last)))
         log.info("train_improved.py at %s | torch %s | python %s | world size %d | %s",
                  code_version(), torch.__version__, sys.version.split()[0], env.world_size,
                  "resuming " + str(ckpt_path) if ckpt_path else "new run")
-        log.info("config: %s", json.dumps(dataclasses.asdict(cfg)))
-        summary = train(cfg, env, ckpt_path, stop)
+        log.info("config: %s", json.dumps(printable_settings(dataclasses.asdict(cfg))))
+        summary = train(cfg, env, ckpt_path, stop, mirror_box[0] if mirror_box else None)
         failed = False
         if env.distributed:
             dist.barrier()  # nobody exits while rank 0 may still be writing
@@ -2491,6 +2644,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sys.exit(2)
     finally:
         stop.uninstall()
+        for mirror in mirror_box:
+            mirror.close()
         lock.release(failed=failed)
         cleanup_distributed()
         teardown_logging()

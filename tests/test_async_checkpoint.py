@@ -1,6 +1,7 @@
 """Issue 4: the background writer, the save policy and the disk-space guard."""
 
 import json
+import shutil
 import time
 
 import pytest
@@ -195,6 +196,13 @@ def test_make_room_gives_up_damaged_then_older_rolling_then_the_backup_and_never
     assert "gave up latest_backup.pt + rolling_step_000004.pt" in warnings[2] and " free now" in warnings[2]
     # a file overwritten in place needs no new space: the spare's size counts as free
     manager.make_room(size, reusable_bytes=size, step=6)
+    # after a crash between naming rolling_step_000006.pt and latest.pt, the newest rolling file is a file of its
+    # own, and the newest checkpoint: never given up, even when that leaves no room
+    shutil.copyfile(ck / "latest.pt", ck / "rolling_step_000006.pt")
+    disk_of(manager, 5 * size)
+    with pytest.raises(T.InsufficientDiskSpace):
+        manager.make_room(size, step=7)
+    assert "rolling_step_000006.pt" in names()
 
 
 def test_the_estimate_is_the_previous_checkpoint_plus_a_stated_margin(tmp_path, shard_dir):

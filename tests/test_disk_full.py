@@ -109,10 +109,12 @@ def test_room_for_one_and_a_half_stops_within_the_limit_and_resumes_once_there_i
     assert "The newest checkpoint on disk is step 3: 4 step(s) of training are not saved" in last[-2]
     assert last[-1].strip().endswith(f"--checkpoint_dir {ck} --resume latest")
     assert assert_every_name_verifies(ck) == {"latest.pt": 3, "rolling_step_000003.pt": 3}  # intact
-    remount(disk, f"size={int(4 * checkpoint_bytes(tmp_path))}")  # the user makes room
-    resumed = run(args_for(tmp_path, shard_dir, ck, "--resume", "latest", "--max_steps", "9"), nproc=None)
+    # the user makes room for 2.5 checkpoints: the resumed run must give up (and so free) the very file it resumed
+    # from, which it may no longer hold open through a memory map
+    remount(disk, f"size={int(2.5 * checkpoint_bytes(tmp_path))}")
+    resumed = run(args_for(tmp_path, shard_dir, ck, "--resume", "latest", "--max_steps", "12"), nproc=None)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert ": step 3," in resumed.stdout and assert_every_name_verifies(ck)["latest.pt"] == 9
+    assert ": step 3," in resumed.stdout and assert_every_name_verifies(ck)["latest.pt"] == 12
 
 
 def test_a_folder_that_turns_read_only_stops_the_run_and_loses_nothing(tmp_path, shard_dir, small_disk):

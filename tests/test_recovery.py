@@ -113,8 +113,9 @@ def test_list_checkpoints_marks_an_earlier_validation_loss_and_a_closed_pipe_is_
     assert rows["rolling_step_000005.pt"][5] == f"{at_4}@4"  # saved at step 5, measured at step 4
     assert rows["rolling_step_000004.pt"][5] == at_4  # measured at its own step: no mark
     # `./list_checkpoints.sh | head -1`: the reader is gone before the listing is written
+    env = {k: v for k, v in trainer_env().items() if k != "PYTHONUNBUFFERED"}  # buffered, as in a real `| head`
     proc = subprocess.Popen([str(ROOT / "list_checkpoints.sh"), "--checkpoint_dir", str(tmp_path / "ck")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=trainer_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0 and err == ""

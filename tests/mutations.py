@@ -1,0 +1,286 @@
+"""Mutation runner: break one promise at a time in a copy of the repository and check that its tests notice.
+
+    python tests/mutations.py                # every row (a few minutes; the tmpfs tests need root)
+    python tests/mutations.py --only NAME    # one row (repeatable)
+    python tests/mutations.py --list         # the rows' names
+
+Each row of ROWS names a promise, the edits that break it (in a file of the repository: an exact snippet, which
+must occur exactly once, and its replacement) and the pytest node ids that must then fail. For each row the
+repository's tracked and untracked-but-not-ignored files are copied into a temporary folder, the edits applied to
+the copy, and the tests run there with this interpreter. One line per row:
+
+    caught     the tests failed: the promise is guarded
+    SURVIVED   the tests passed on broken code: a gap in the tests
+    STALE      a snippet no longer occurs exactly once (the code changed): update the row
+    SKIPPED    the tests passed but some were skipped (e.g. tmpfs tests without root): no verdict
+    BROKEN     pytest could not run the tests (a node id that no longer exists, a collection error)
+
+First the tests of the chosen rows run once on an unmodified copy: a test that already fails would make every
+mutation look caught. Exit status 0 only when every row is caught.
+
+Add a row whenever a new promise gets a test: the smallest edit that breaks the promise and the tests that guard
+it. This file is not part of the default test suite (its name does not start with test_).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = "src/train_improved.py"
+TIMEOUT_SECONDS = 900  # per row; the slowest rows run real torchrun jobs
+
+
+@dataclass(frozen=True)
+class Row:
+    """One promise: the edits that break it and the tests that must then fail."""
+
+    name: str
+    edits: tuple[tuple[str, str], ...]  # (exact snippet, replacement), applied in order to `path`
+    tests: tuple[str, ...]  # pytest node ids
+    path: str = SCRIPT
+
+
+CRASH = "tests/test_crash_consistency.py::test_a_crash_after_any_prefix_of_a_save_leaves_a_complete_recent_latest"
+FAILED_SAVE = "tests/test_crash_consistency.py::test_a_save_that_fails_mid_write_changes_no_name"
+RECOVERY = "tests/test_recovery.py::"
+ASYNC = "tests/test_async_checkpoint.py::"
+DISK_FULL = "tests/test_disk_full.py::"
+RESUME = "tests/test_e2e_resume.py::"
+GPU_READY = "tests/test_gpu_ready.py::"
+MIRROR = "tests/test_mirror_e2e.py::"
+
+ROWS = [
+    Row("fsyncs_removed", (
+        ("os.fsync(f.fileno())", "pass"),
+        ("os.fsync(fout.fileno())", "pass"),
+        ("""    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+""", "    return\n"),
+    ), (CRASH,)),
+    Row("latest_rotated_into_the_backup_before_the_new_file_exists", (
+        ("""            latest = self.dir / self.LATEST
+            if latest.exists():
+                self._place(latest, self.dir / self.BACKUP)
+            os.replace(tmp, latest)""", "            os.replace(tmp, latest)"),
+        ("""            with open(tmp, "r+b" if reuse else "wb") as f:""",
+         """            latest = self.dir / self.LATEST
+            if latest.exists():
+                self._place(latest, self.dir / self.BACKUP)
+            with open(tmp, "r+b" if reuse else "wb") as f:"""),
+    ), (CRASH, FAILED_SAVE)),
+    Row("a_moment_with_no_latest", (
+        ("            os.replace(tmp, latest)\n",
+         "            latest.unlink(missing_ok=True)\n            os.replace(tmp, latest)\n"),
+    ), (CRASH,)),
+    Row("damaged_file_not_set_aside", (
+        ("manager.set_aside(manager.damaged)", "None"),
+    ), (RECOVERY + "test_a_damaged_latest_is_set_aside_and_never_becomes_the_backup",)),
+    Row("best_and_epoch_as_hard_links", (
+        ("self._place(latest, dst, copy=True)", "self._place(latest, dst)"),
+    ), (RECOVERY + "test_best_and_epoch_models_survive_a_bad_block_in_the_rolling_chain",)),
+    Row("early_log_lines_not_held_for_train_log", (
+        ("""    if env.is_main:
+        log.addHandler(logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1))
+""", ""),
+    ), (RECOVERY + "test_a_damaged_latest_is_set_aside_and_never_becomes_the_backup",)),
+    Row("a_failed_start_leaves_the_folder", (
+        ("d.rmdir()", "pass"),
+    ), (RECOVERY + "test_a_failed_start_leaves_no_folder_behind",)),
+    Row("torchrun_error_file_not_written", (
+        ('write_torchrun_error_file(f"error: {e}")', "pass"),
+    ), (RECOVERY + "test_torchrun_reports_our_one_line_error_as_the_root_cause",)),
+    Row("warnings_printed_per_rank", (
+        ("log.setLevel(logging.INFO if env.is_main else logging.ERROR)",
+         "log.setLevel(logging.INFO if env.is_main else logging.WARNING)"),
+    ), (RECOVERY + "test_a_schedule_change_on_resume_is_explained_once_under_torchrun",)),
+    Row("list_checkpoints_not_quiet_on_a_closed_pipe", (
+        ("        sys.stdout.flush()  # inside the try", "        pass  # inside the try"),
+    ), (RECOVERY + "test_list_checkpoints_marks_an_earlier_validation_loss_and_a_closed_pipe_is_quiet",)),
+    Row("disk_full_gives_up_the_newest_rolling_file", (
+        ('self._numbered("rolling_step_")[:-1]', 'self._numbered("rolling_step_")'),
+    ), (ASYNC + "test_make_room_gives_up_damaged_then_older_rolling_then_the_backup_and_never_the_newest",)),
+    Row("a_dishonest_space_estimate", (
+        ("SPACE_MARGIN_BYTES = 1 << 20", "SPACE_MARGIN_BYTES = 16 << 20"),
+    ), (ASYNC + "test_the_estimate_is_the_previous_checkpoint_plus_a_stated_margin",
+        DISK_FULL + "test_room_for_two_and_a_half_checkpoints_gives_up_the_backup_and_saves_to_the_end")),
+    Row("a_false_finished", (
+        ("exit_code = 3 if diverged else 4 if unsaved_steps or unsaved_stop else 0",
+         "exit_code = 3 if diverged else 0"),
+    ), (ASYNC + "test_when_the_final_save_fails_the_run_says_so_last_and_exits_4",)),
+    Row("training_on_blind_when_saves_keep_failing", (
+        ("env.is_main and watch.exceeded(policy.interval_seconds)", "False"),
+    ), (DISK_FULL + "test_room_for_one_and_a_half_stops_within_the_limit_and_resumes_once_there_is_space",)),
+    Row("resumed_optimizer_state_still_a_view_of_the_mmapped_file", (
+        ("per_param[key] = value.clone()", "pass"),
+    ), (DISK_FULL + "test_room_for_one_and_a_half_stops_within_the_limit_and_resumes_once_there_is_space",)),
+    Row("the_budget_free_policy_still_spaces_saves", (
+        ("        if self.budget >= 1:", "        if False:"),
+    ), (ASYNC + "test_without_a_budget_every_save_is_made_exactly_when_due_however_slow",)),
+    Row("the_fence_no_longer_waits_for_the_background_copy", (
+        ("self._copied.wait()", "pass"),
+    ), (ASYNC + "test_async_snapshot_is_the_state_at_submit_even_if_training_changes_it_after_the_fence",)),
+    Row("the_disk_full_error_hidden_behind_torchs_unexpected_pos", (
+        ("                        raise out.error from None\n", ""),
+    ), (FAILED_SAVE,)),
+    # issue 15: the audit's rows
+    Row("ddp_buckets_not_settled_before_the_first_resumed_step", (
+        ("        settle_ddp_buckets(model, loader, autocast)\n", ""),
+    ), (RESUME + "test_four_ranks_kill_9_then_resume_is_bit_exact",)),
+    Row("the_policy_never_sees_a_writes_cost", (
+        ('r["write_seconds"] if cfg.async_checkpoint else 0.0', "0.0"),
+    ), (ASYNC + "test_a_slow_background_write_stretches_the_save_interval_in_a_real_run",)),
+    Row("optimizer_state_not_restored_on_another_world_size", (
+        ('    optimizer.load_state_dict(state["optimizer"])\n',
+         '    if state["world_size"] == env.world_size:\n        optimizer.load_state_dict(state["optimizer"])\n'),
+    ), (GPU_READY + "test_resuming_on_another_world_size_restores_the_optimizer_state_exactly",)),
+    Row("metrics_keep_the_lines_of_lost_steps", (
+        ('if r.get("step", 0) <= step))', "if True))"),
+    ), (RESUME + "test_kill_9_of_every_process_then_resume_is_bit_exact",)),
+    # issue 16: the GPU path, at the level CPU allows
+    Row("every_visible_gpus_generator_again", (
+        ('    if state.get("cuda_scope") == "own device":\n        return states[0] if states else None\n', ""),
+    ), (GPU_READY + "test_a_rank_restores_its_own_cuda_generator_from_new_and_old_checkpoints",)),
+    Row("compile_forgotten_on_resume", (
+        ('LAUNCH_FIELDS = ("resume", "checkpoint_dir", "device")',
+         'LAUNCH_FIELDS = ("resume", "checkpoint_dir", "device", "compile")'),
+    ), (GPU_READY + "test_compile_and_every_numerics_setting_come_back_on_resume",)),
+    Row("the_writers_adamw_implementation_kept_after_load", (
+        ('        group["fused"], group["foreach"] = fused, None\n', ""),
+    ), (GPU_READY + "test_after_loading_a_cpu_checkpoint_the_optimizer_uses_the_devices_implementation",)),
+    Row("nvml_by_cuda_index", (
+        ('uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"', "str(getattr(props, 'index', 0))"),
+    ), (GPU_READY + "test_nvml_finds_the_gpu_by_uuid_then_pci_bus_id_never_by_cuda_index",)),
+    Row("nvl_parts_matched_as_sxm", (
+        ('("H100 NVL", 835.0), ("H200 NVL", 835.0), ', ""),
+    ), (GPU_READY + "test_peak_tflops_tell_the_nvl_and_pcie_parts_from_sxm",)),
+    Row("deterministic_mode_nan_fills_again", (
+        ("        torch.utils.deterministic.fill_uninitialized_memory = False\n", ""),
+    ), (GPU_READY + "test_deterministic_mode_does_not_nan_fill_every_allocation",)),
+    Row("metrics_block_buffered", (
+        ('open(self.path, "a", buffering=1)', 'open(self.path, "a")'),
+    ), (GPU_READY + "test_metrics_are_written_through_one_open_file_a_whole_line_at_a_time",)),
+    Row("snapshot_buffers_not_from_the_slab", (
+        ("buf = self._slab.take(t.shape, t.dtype) if self._slab else None", "buf = None"),
+    ), (ASYNC + "test_snapshot_buffers_cut_from_one_slab_hold_about_one_checkpoint_and_write_the_same_file",)),
+    # issue 12: one run per folder, no orphaned workers, the mirror
+    Row("no_lock_on_the_folder", (
+        ("            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", ""),
+    ), (RESUME + "test_a_second_launch_on_a_folder_in_use_exits_2_and_the_first_run_ends_bit_exact",)),
+    Row("workers_outlive_their_launcher", (
+        ("            stop.watch_launcher()\n", "            pass\n"),
+    ), (RESUME + "test_workers_stop_together_save_and_exit_when_torchrun_is_killed",)),
+    Row("nothing_copied_to_the_mirror", (
+        ('                mirror.submit(manager.dir / r["names"][0], r["step"], r["names"])\n', "                pass\n"),
+    ), (MIRROR + "test_plain_folder_mirror_kill_the_run_delete_the_folder_and_continue_bit_exact",)),
+    Row("resume_ignores_the_mirror", (
+        ('    if path is not None or not mirror_url or resume not in ("latest", "auto"):',
+         "    if True:"),
+    ), (MIRROR + "test_plain_folder_mirror_kill_the_run_delete_the_folder_and_continue_bit_exact",)),
+]
+
+
+def copy_repository(dst: Path) -> None:
+    """Copy the tracked and the untracked-but-not-ignored files (the working tree as git sees it) into dst."""
+    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():  # a tracked file deleted in the working tree is listed too
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+
+
+def apply(row: Row, repo: Path) -> str | None:
+    """Apply the row's edits to the copy; the reason it cannot be applied, or None."""
+    path = repo / row.path
+    text = path.read_text()
+    for old, new in row.edits:
+        count = text.count(old)
+        if count != 1:
+            first_line = old.strip().splitlines()[0]
+            return f"snippet not found exactly once ({count} times) in {row.path}: {first_line!r}"
+        text = text.replace(old, new)
+    path.write_text(text)
+    return None
+
+
+def run_tests(repo: Path, tests: tuple[str, ...]) -> tuple[str, str, str]:
+    """Run the tests in the copy: (verdict, detail, pytest's output) with verdict caught, SURVIVED, SKIPPED or
+    BROKEN."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    shared_tokenizer = ROOT.parent / "shared" / "tiktoken_cache"  # tests/conftest.py finds it from the checkout
+    if "TIKTOKEN_CACHE_DIR" not in env and shared_tokenizer.is_dir():
+        env["TIKTOKEN_CACHE_DIR"] = str(shared_tokenizer)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    try:
+        result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        return "BROKEN", f"timed out after {TIMEOUT_SECONDS} s", ""
+    out = result.stdout + result.stderr
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.MULTILINE)
+    if result.returncode == 1:
+        return "caught", f"by {failed[0].split('::', 1)[-1]}" if failed else "", out
+    if result.returncode == 0:
+        skipped = re.search(r"\d+ skipped", out)
+        return ("SKIPPED", "some tests were skipped", out) if skipped else ("SURVIVED", "", out)
+    tail = "\n".join(out.strip().splitlines()[-15:])
+    return "BROKEN", f"pytest exited {result.returncode}:\n{tail}", out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", metavar="NAME", help="run only this row (repeatable)")
+    parser.add_argument("--list", action="store_true", help="print the rows' names and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(row.name for row in ROWS))
+        return 0
+    rows = [row for row in ROWS if not args.only or row.name in args.only]
+    unknown = set(args.only or []) - {row.name for row in ROWS}
+    if unknown:
+        parser.error(f"no row named {', '.join(sorted(unknown))}; see --list")
+
+    with tempfile.TemporaryDirectory(prefix="mutations-") as tmp:
+        snapshot = Path(tmp) / "snapshot"  # one copy of the working tree, so every row mutates the same code
+        copy_repository(snapshot)
+        all_tests = tuple(dict.fromkeys(t for row in rows for t in row.tests))
+        t0 = time.monotonic()
+        baseline = Path(tmp) / "baseline"
+        shutil.copytree(snapshot, baseline)
+        verdict, detail, out = run_tests(baseline, all_tests)
+        passed = verdict == "SURVIVED"
+        print(f"{'pass' if passed else verdict:9s} {f'baseline: {len(all_tests)} tests on unmodified code':60s} "
+              f"{time.monotonic() - t0:6.1f} s", flush=True)
+        if not passed:
+            print("\n".join(out.strip().splitlines()[-40:]))
+            print("the tests must pass on unmodified code first: else every mutation looks caught")
+            return 1
+        bad = 0
+        for row in rows:
+            t0 = time.monotonic()
+            repo = Path(tmp) / row.name
+            shutil.copytree(snapshot, repo)
+            problem = apply(row, repo)
+            verdict, detail, _ = ("STALE", problem, "") if problem else run_tests(repo, row.tests)
+            bad += verdict != "caught"
+            print(f"{verdict:9s} {row.name:60s} {time.monotonic() - t0:6.1f} s  {detail}".rstrip(), flush=True)
+            shutil.rmtree(repo, ignore_errors=True)
+    print(f"{len(rows) - bad} of {len(rows)} mutations caught")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
