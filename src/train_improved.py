@@ -150,6 +150,11 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model", "system")
     deterministic: bool = opt(False, "deterministic CUDA kernels (bit-exact resume on GPU, somewhat slower)",
                               "system")
+    fp8: bool = opt(False, "float8 matmuls in the transformer blocks (torchao; needs a GPU of compute capability "
+                    "8.9+, and --compile for speed: uncompiled it is slower than bf16)", "system")
+    fp8_recipe: str = opt("tensorwise", "float8 scaling: one scale per tensor, or per row", "system",
+                          choices=("tensorwise", "rowwise"))
+    fp8_emulate: bool = opt(False, "emulate the float8 matmuls (any device, slow): for tests only", "system")
     # logging
     log_dir: str = opt("logs", "train.log and metrics.jsonl go here", "logging")
     log_freq: int = opt(1, "print a step line every this many steps", "logging")
@@ -219,6 +224,8 @@ class TrainConfig:
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"unknown --{f.name} {getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
+        if self.fp8 and not self.fp8_emulate and (self.batch_size * self.gpt_config().block_size) % 16:
+            raise UserError("--fp8 needs --batch_size x block size to be a multiple of 16 (float8 matmul shapes)")
         self.gpt_config()  # validates the model shape
 
     def gpt_config(self) -> GPTConfig:
@@ -2262,6 +2269,13 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
     # model and optimizer
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     raw_model = GPT(model_config).to(env.device)
+    if cfg.fp8:  # before the optimizer, the restore, torch.compile and DDP; the state_dict stays the same
+        names = fp8_call("convert", raw_model, cfg.fp8_recipe, cfg.fp8_emulate)
+        log.info("fp8: %d Linear layers of the transformer blocks in float8 (%s scaling%s); embeddings and lm_head "
+                 "in high precision", len(names), cfg.fp8_recipe, ", emulated" if cfg.fp8_emulate else "")
+        if not cfg.compile and not cfg.fp8_emulate:
+            log.warning("--fp8 without --compile: every scale and cast runs as a kernel of its own, usually slower "
+                        "than plain bf16; add --compile")
     optimizer = configure_optimizer(raw_model, cfg, env.device)
     torch.manual_seed(cfg.seed + 1 + env.rank)  # per-rank dropout streams
     step, best_val_loss, val_loss, val_step, train_loss, elapsed_before = 0, None, None, None, None, 0.0
@@ -2271,6 +2285,11 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
         step, best_val_loss, val_loss = ckpt["step"], ckpt["best_val_loss"], ckpt["val_loss"]
         val_step = ckpt.get("val_step")  # absent in checkpoints from before it was recorded
         train_loss, elapsed_before, saved_args = ckpt["train_loss"], ckpt["elapsed_seconds"], ckpt["args"]
+        if bool(saved_args.get("fp8")) != cfg.fp8:
+            log.warning("this checkpoint was trained %s fp8 and continues %s it: the weights and optimizer state carry "
+                        "over unchanged, but the numerics change, so the losses will not match a run that kept its "
+                        "precision bit for bit", "with" if saved_args.get("fp8") else "without",
+                        "with" if cfg.fp8 else "without")
         if ckpt["world_size"] != env.world_size:
             log.warning("resuming a %d-process checkpoint on %d processes: the token stream continues exactly "
                         "(same global batch, %d accumulation steps now), but losses will not match the original "
@@ -2566,6 +2585,15 @@ def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str
     return fetched[0]
 
 
+def fp8_call(name: str, *args):
+    """src/fp8.py's `name` (torchao's float8 training, imported only under --fp8); its errors are one-line UserErrors."""
+    import fp8
+    try:
+        return getattr(fp8, name)(*args)
+    except fp8.FP8Error as e:
+        raise UserError(str(e)) from None
+
+
 def write_torchrun_error_file(message: str) -> None:
     """Under torchrun, hand it our one-line message for its failure report ("traceback : error: ..."), instead of
     the generic "To enable traceback see ..." it prints for a worker that exits non-zero without one."""
@@ -2619,6 +2647,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # only the settings are needed here: with mmap, loading reads the small metadata record, not the tensors;
         # train() loads again and drops the state once restored, so it is not held for the whole run
         cfg = resolve_config(flags, CheckpointManager.load(ckpt_path, verify=False) if ckpt_path else None)
+        if cfg.fp8:
+            fp8_call("check_hardware", env.device, cfg.fp8_emulate)  # before anything is written
         attach_log_file(env, Path(cfg.log_dir))
         if cfg.mirror:
             broadcast_from_main(env, lambda: mirror_box.append(open_mirror(cfg.mirror, cfg.keep_last)))
