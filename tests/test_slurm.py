@@ -1,10 +1,12 @@
 """slurm/train.sbatch without SLURM: stub scontrol/srun, real bash, real torchrun, real signals."""
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 
-from helpers import ROOT, last_step, trainer_env, wait_for
+from helpers import ROOT, descendants, last_step, trainer_env, wait_for
 from test_e2e_resume import assert_same_run, data, reference, run_args  # noqa: F401 (fixtures)
 from test_multinode import free_port
 
@@ -24,7 +26,8 @@ def make_stubs(bin_dir, requeue_log):
 
 def allocation(tmp_path, data):
     env = dict(trainer_env(), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node1",
-               SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="4242", NGPU="2", RDZV_PORT=str(free_port()))
+               SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="4242", NGPU="2", RDZV_PORT=str(free_port()),
+               MIRROR=str(tmp_path / "mirror"))
     return subprocess.Popen(["bash", str(SCRIPT), *run_args(tmp_path, data)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -37,15 +40,25 @@ def test_time_limit_signal_saves_requeues_and_the_next_allocation_continues_bit_
     make_stubs(tmp_path / "bin", tmp_path / "requeue.log")
     first = allocation(tmp_path, data)
     wait_for(lambda: last_step(tmp_path / "logs") >= 12, timeout=120, proc=first)
+    job = [first.pid, *descendants(first.pid)]
+    for pid in job:  # frozen while signalled: the signal lands well before the run's end, however fast the machine
+        os.kill(pid, signal.SIGSTOP)
     os.kill(first.pid, signal.SIGUSR1)  # what --signal=B:USR1@300 does: signal the batch script
+    for pid in job:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
     out, _ = first.communicate(timeout=120)
     assert first.returncode == 0, out[-3000:]
     stopped = last_step(tmp_path / "logs")
     assert "SIGUSR1 received" in out, "\n".join(l for l in out.splitlines() if "INFO step" not in l)[-2500:]
     assert f"checkpoint step {stopped} (stop signal" in out
     assert "requeueing job 4242" in out and (tmp_path / "requeue.log").read_text() == "requeue 4242\n"
-    second = allocation(tmp_path, data)  # the requeued job: same command, --resume auto continues
+    assert f"mirror: the last checkpoint (step {stopped}) is on {tmp_path / 'mirror'}" in out
+    # the requeued job lands on another node, without the local folder: same command, it continues from the mirror
+    shutil.rmtree(tmp_path / "ck")
+    second = allocation(tmp_path, data)
     out, _ = second.communicate(timeout=240)
     assert second.returncode == 0, out[-3000:]
+    assert f"resuming from the MIRROR's step {stopped}" in out
     assert f"resumed from {tmp_path / 'ck' / 'latest.pt'}: step {stopped}," in out
     assert_same_run(tmp_path, reference)

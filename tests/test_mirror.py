@@ -1,0 +1,362 @@
+"""The checkpoint mirror (src/mirror.py) against a real S3 server (SeaweedFS on 127.0.0.1) and a local folder:
+commit protocol, fetch with sha256 and CRC checks and fallback, remote retention, skip-to-newest when uploads fall
+behind, a hung and a killed server, one-line errors, and no secret in any message."""
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("REQUIRE_S3_TESTS") != "1":  # CI: a missing fsspec is an error, not a skip
+    pytest.importorskip("fsspec")
+
+import train_improved as T  # noqa: E402
+from helpers import ROOT, write_bin_shard  # noqa: E402
+from mirror import Mirror, MirrorError  # noqa: E402
+from s3_server import ACCESS_KEY, READ_KEY, READ_SECRET, SECRET_KEY, free_ports  # noqa: E402
+from test_checkpoint_manager import make_state, with_step  # noqa: E402
+
+FAILING = "MIRROR UPLOAD FAILING"
+# short timeouts and backoff: a hung or dead server is noticed within seconds
+QUICK = dict(timeout_seconds=1.0, retry_initial_seconds=0.1, retry_max_seconds=0.5,
+             min_upload_rate_bytes_per_second=20e6)
+
+
+@pytest.fixture(scope="module")
+def base_state(tmp_path_factory):
+    """A real checkpoint state of a tiny model (about 10 MB on disk): it passes CheckpointManager.load's checks."""
+    shards = tmp_path_factory.mktemp("data")
+    write_bin_shard(shards / "syn_val_000000.bin", start=0, count=4000)
+    write_bin_shard(shards / "syn_train_000001.bin", start=10_000, count=6000)
+    return make_state(shards)
+
+
+@pytest.fixture
+def train_log():
+    """Every message logged to the trainer's logger during the test (formatted), at any level."""
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(f"{record.levelname} {record.getMessage()}")
+
+    logger, handler = logging.getLogger("train"), Collect(logging.DEBUG)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.fixture
+def mirrors():
+    """Make Mirror objects that are closed at the end of the test, whatever happens."""
+    made = []
+
+    def make(url, **kwargs):
+        made.append(Mirror(url, **kwargs))
+        return made[-1]
+
+    yield make
+    for m in made:
+        m.close(timeout_seconds=5)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The session's S3 server, with its AWS_* variables set (and no others that could change what they mean)."""
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+def fresh_url(server):
+    """A prefix of its own in the server's bucket: the tests share one server."""
+    return f"s3://{server.bucket}/run-{uuid.uuid4().hex[:8]}"
+
+
+class Checkpoints:
+    """A real checkpoint folder: save(step) writes a checkpoint with CheckpointManager and returns (path, names)."""
+
+    def __init__(self, directory: Path, state: dict, keep_last: int = 10):
+        self.manager = T.CheckpointManager(directory, keep_last=keep_last)
+        self.state = state
+
+    def save(self, step, epoch=None, best=False):
+        names = self.manager.save(with_step(self.state, step), epoch_completed=epoch, is_best=best)
+        return self.manager.dir / names[0], step, names
+
+    def sha256(self, step):
+        return hashlib.sha256(self.manager.rolling_path(step).read_bytes()).hexdigest()
+
+
+def until(condition, timeout_seconds=20.0, what="condition"):
+    deadline = time.monotonic() + timeout_seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def steps_on(mirror):
+    return [c["step"] for c in mirror.remote_checkpoints()]
+
+
+def test_importing_the_module_loads_neither_fsspec_nor_torch():
+    code = "import sys, mirror; assert not {'fsspec', 's3fs', 'torch'} & set(sys.modules), sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT / "src", check=True)
+
+
+def test_an_upload_commits_blob_then_manifest_and_fetch_brings_it_back(s3, mirrors, base_state, tmp_path, train_log):
+    mirror = mirrors(fresh_url(s3), part_bytes=5 << 20)  # ~10 MB checkpoints: two parts of a multipart upload
+    assert mirror.wait(0) and mirror.status()["committed_step"] is None
+    mirror.check()
+    ck = Checkpoints(tmp_path / "ck", base_state)
+    for step in (1, 2):
+        mirror.submit(*ck.save(step))
+    assert mirror.wait(30)
+    status = mirror.status()
+    sizes = [ck.manager.rolling_path(s).stat().st_size for s in (1, 2)]
+    assert status["committed_step"] == 2 and status["pending"] == 0 and status["lag_seconds"] == 0
+    assert status["skipped"] == 0 and status["uploaded_bytes"] == sum(sizes)
+    assert status["upload_rate_bytes_per_second"] > 0
+    assert status["last_error"] is None and status["consecutive_failures"] == 0
+    assert not list(ck.manager.dir.glob(".tmp-mirror-pin-*"))  # the files held for upload are released
+
+    remote = mirror.remote_checkpoints()
+    assert [c["step"] for c in remote] == [2, 1]
+    assert remote[0]["names"] == ["rolling_step_000002.pt", "latest.pt"]
+    assert remote[0]["sha256"] == ck.sha256(2) and remote[0]["size"] == sizes[1]
+    fs = s3.filesystem()
+    root = mirror.root
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.find(root)) == sorted(
+        [c["key"].rsplit("/", 1)[-1] for c in remote] + [c["manifest_key"].rsplit("/", 1)[-1] for c in remote])
+    manifest = json.loads(fs.cat_file(remote[0]["manifest_key"]))
+    assert manifest["format"] == 1 and manifest["step"] == 2 and manifest["blob"] == remote[0]["key"][len(root) + 1:]
+    assert manifest["blob"].startswith("blobs/step_000002-") and remote[0]["manifest_key"].startswith(
+        f"{root}/manifests/step_000002-")
+    assert sum("MB/s" in m for m in train_log) == 1  # the measured rate, once, after the first commit
+
+    fresh = tmp_path / "fresh"
+    path, entry = mirror.fetch_newest_valid(fresh, T.CheckpointManager.load)
+    assert path == fresh / "latest.pt" and entry["step"] == 2
+    assert path.read_bytes() == ck.manager.rolling_path(2).read_bytes()
+    assert os.path.samefile(path, fresh / "rolling_step_000002.pt")  # the names resume uses, one file
+    assert sorted(p.name for p in fresh.iterdir()) == ["latest.pt", "rolling_step_000002.pt"]  # no temporary left
+    assert T.CheckpointManager(fresh).resolve("latest") == path
+
+
+def test_a_blob_without_a_whole_manifest_is_never_listed_or_fetched(s3, mirrors, base_state, tmp_path):
+    mirror = mirrors(fresh_url(s3))
+    ck = Checkpoints(tmp_path / "ck", base_state)
+    mirror.submit(*ck.save(1))
+    assert mirror.wait(30)
+    fs, root = s3.filesystem(), mirror.root
+    data = ck.manager.rolling_path(1).read_bytes()
+    # an upload cut off before its manifest; and one whose manifest names a blob that is not whole
+    fs.pipe_file(f"{root}/blobs/step_000009-0123456789ab.pt", data[:len(data) // 2])
+    fs.pipe_file(f"{root}/blobs/step_000008-0123456789ab.pt", data[:len(data) // 2])
+    fs.pipe_file(f"{root}/manifests/step_000008-0123456789ab.json", json.dumps(dict(
+        format=1, step=8, names=["rolling_step_000008.pt", "latest.pt"], size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(), blob="blobs/step_000008-0123456789ab.pt",
+        written_at="2030-01-01T00:00:00.000000+00:00")).encode())
+    # a manifest this code does not understand (a later format): ignored, and never deleted
+    fs.pipe_file(f"{root}/manifests/step_000099-0123456789ab.json", b'{"format": 2, "step": 99}')
+    assert steps_on(mirror) == [1]
+    path, entry = mirror.fetch_newest_valid(tmp_path / "fresh", T.CheckpointManager.load)
+    assert entry["step"] == 1 and T.CheckpointManager.load(path)["step"] == 1
+    # the next commit's retention removes the manifest that is not committed, and its blob
+    mirror.submit(*ck.save(2))
+    assert mirror.wait(30)
+    fs.invalidate_cache()
+    assert not fs.exists(f"{root}/manifests/step_000008-0123456789ab.json")
+    assert not fs.exists(f"{root}/blobs/step_000008-0123456789ab.pt")
+    assert fs.exists(f"{root}/manifests/step_000099-0123456789ab.json")
+    assert steps_on(mirror) == [2, 1]
+
+
+def test_fetch_checks_sha256_and_crc_and_falls_back_to_an_older_commit(s3, mirrors, base_state, tmp_path, train_log):
+    mirror = mirrors(fresh_url(s3))
+    ck = Checkpoints(tmp_path / "ck", base_state)
+    for step in (1, 2):
+        mirror.submit(*ck.save(step))
+        assert mirror.wait(30)  # one at a time: nothing is skipped
+    # step 3: a file damaged before it was submitted, so its sha256 matches but its CRC-32 checks fail
+    _, _, names = ck.save(3)
+    damaged = tmp_path / "damaged" / "rolling_step_000003.pt"
+    damaged.parent.mkdir()
+    data = bytearray(ck.manager.rolling_path(3).read_bytes())
+    i = data.find(b"data/0") + 200  # inside the first tensor's bytes
+    data[i] ^= 0xFF
+    damaged.write_bytes(data)
+    mirror.submit(damaged, 3, names)
+    assert mirror.wait(30) and steps_on(mirror) == [3, 2, 1]
+    # step 2: one flipped byte in the blob on the server
+    fs = s3.filesystem()
+    key = mirror.remote_checkpoints()[1]["key"]
+    blob = bytearray(fs.cat_file(key))
+    blob[len(blob) // 2] ^= 0x01
+    fs.pipe_file(key, bytes(blob))
+
+    path, entry = mirror.fetch_newest_valid(tmp_path / "fresh", T.CheckpointManager.load)
+    assert entry["step"] == 1 and T.CheckpointManager.load(path)["step"] == 1
+    said = "\n".join(train_log)
+    assert "step 3" in said and "failed verification (CheckpointInvalid: checksum mismatch" in said
+    assert "step 2" in said and "sha256 mismatch" in said
+    assert "skipping unusable step(s) [3, 2]" in said
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["latest.pt", "rolling_step_000001.pt"]
+    # nothing valid at all: None, and a line that says so
+    assert mirror.fetch_newest_valid(tmp_path / "none", lambda p: False) is None
+    assert "none of the 3 checkpoint(s)" in train_log[-1]
+
+
+def test_remote_retention_keeps_last_n_rolling_every_epoch_the_newest_best_and_always_the_newest(
+        s3, mirrors, base_state, tmp_path):
+    mirror = mirrors(fresh_url(s3), keep_last=2)
+    ck = Checkpoints(tmp_path / "ck", base_state, keep_last=2)
+    plan = {2: dict(epoch=1), 3: dict(best=True), 4: dict(best=True), 5: dict(epoch=2)}
+    for step in range(1, 8):
+        mirror.submit(*ck.save(step, **plan.get(step, {})))
+        assert mirror.wait(30)  # one at a time: nothing is skipped
+    assert steps_on(mirror) == [7, 6, 5, 4, 2]  # rolling 7 6, epochs 5 2, newest best 4
+    fs = s3.filesystem()
+    assert len(fs.ls(f"{mirror.root}/blobs")) == len(fs.ls(f"{mirror.root}/manifests")) == 5
+    assert mirror.status()["skipped"] == 0
+
+    # keep_last=0 keeps no rolling checkpoint, but never the newest one: resume needs it
+    mirror = mirrors(fresh_url(s3), keep_last=0)
+    for step in (8, 9):
+        mirror.submit(*ck.save(step))
+        assert mirror.wait(30)
+    assert steps_on(mirror) == [9]
+
+
+def test_uploads_that_fall_behind_skip_to_the_newest(s3, mirrors, base_state, tmp_path, train_log):
+    mirror = mirrors(fresh_url(s3), **QUICK)
+    ck = Checkpoints(tmp_path / "ck", base_state, keep_last=1)  # local retention prunes while uploads wait
+    mirror.submit(*ck.save(1))
+    assert mirror.wait(30)
+    s3.pause()  # a hung server: connections are accepted, nothing answers
+    sha256 = {}
+    try:
+        for step in (2, 3, 4, 5):
+            mirror.submit(*ck.save(step, epoch=1 if step == 3 else None))
+            sha256[step] = ck.sha256(step)
+        until(lambda: mirror.status()["consecutive_failures"] >= 1, what="a timed-out upload")
+        status = mirror.status()
+        assert status["pending"] >= 2 and status["lag_seconds"] > 0 and status["committed_step"] == 1
+        assert "Timeout" in status["last_error"] or "timeout" in status["last_error"]
+        # the submitted rolling_step_000003.pt was pruned locally, and its blocks were not reused for a later save:
+        # the mirror holds on to it (a hard link, .tmp-mirror-pin-000003-*.pt) until it is uploaded
+        assert not ck.manager.rolling_path(3).exists() and list(ck.manager.dir.glob(".tmp-mirror-pin-000003-*"))
+    finally:
+        s3.resume()
+    assert mirror.wait(60)
+    status = mirror.status()
+    # rolling 2 and 4 were overtaken; the epoch checkpoint 3 is always uploaded, and the newest, 5
+    assert status["skipped"] == 2 and status["committed_step"] == 5 and status["pending"] == 0
+    remote = mirror.remote_checkpoints()
+    assert [c["step"] for c in remote] == [5, 3, 1]
+    assert [c["sha256"] for c in remote[:2]] == [sha256[5], sha256[3]]  # what was submitted, byte for byte
+    assert not list(ck.manager.dir.glob(".tmp-mirror-pin-*"))
+    assert sum(FAILING in m for m in train_log) == 1 and sum("mirror recovered" in m for m in train_log) == 1
+
+
+def test_a_killed_server_records_errors_then_the_mirror_catches_up(s3, mirrors, base_state, tmp_path, train_log):
+    mirror = mirrors(fresh_url(s3), **QUICK)
+    ck = Checkpoints(tmp_path / "ck", base_state)
+    mirror.submit(*ck.save(1))
+    assert mirror.wait(30)
+    s3.kill()
+    try:
+        mirror.submit(*ck.save(2))
+        until(lambda: mirror.status()["consecutive_failures"] >= 2, what="two failed attempts")
+        status = mirror.status()
+        assert status["committed_step"] == 1 and status["pending"] == 1 and status["last_error"]
+        assert not mirror.wait(0.5)
+    finally:
+        s3.restart()
+    assert mirror.wait(60)
+    status = mirror.status()
+    assert status["committed_step"] == 2 and status["consecutive_failures"] == 0 and status["last_error"] is None
+    assert steps_on(mirror) == [2, 1]
+    failing = [m for m in train_log if FAILING in m]
+    assert len(failing) == 1 and failing[0].startswith("ERROR") and "step 2" in failing[0]  # once per 5 minutes
+    recovered = [m for m in train_log if "mirror recovered" in m]
+    assert len(recovered) == 1 and "step 2" in recovered[0]
+
+
+@pytest.mark.parametrize("scheme", ["path", "file://"])
+def test_a_local_folder_mirror_commits_and_fetches_the_same_way(scheme, mirrors, base_state, tmp_path):
+    folder = tmp_path / "mirror"
+    mirror = mirrors(str(folder) if scheme == "path" else f"file://{folder}", keep_last=1)
+    mirror.check()  # creates the folder
+    ck = Checkpoints(tmp_path / "ck", base_state)
+    for step in (1, 2, 3):
+        mirror.submit(*ck.save(step, epoch=1 if step == 1 else None))
+        assert mirror.wait(30)
+    assert steps_on(mirror) == [3, 1]
+    assert sorted(p.name.split("-")[0] for p in (folder / "blobs").iterdir()) == ["step_000001", "step_000003"]
+    assert sorted(p.name.split("-")[0] for p in (folder / "manifests").iterdir()) == ["step_000001", "step_000003"]
+    # a cut-off upload: a blob with no manifest
+    (folder / "blobs" / "step_000004-0123456789ab.pt").write_bytes(b"PK\x03\x04 half")
+    path, entry = mirror.fetch_newest_valid(tmp_path / "fresh", T.CheckpointManager.load)
+    assert entry["step"] == 3 and path.read_bytes() == ck.manager.rolling_path(3).read_bytes()
+    assert mirror.remote_checkpoints()[1]["names"] == ["rolling_step_000001.pt", "latest.pt", "epoch_00001.pt"]
+
+
+def test_check_is_one_line_on_a_missing_bucket_without_permission_or_unreachable(s3, mirrors, monkeypatch, tmp_path):
+    errors = {}
+    with pytest.raises(MirrorError) as e:
+        mirrors(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run").check()
+    errors["missing"] = str(e.value)
+    with pytest.raises(MirrorError) as e:
+        mirrors(fresh_url(s3), storage_options=dict(key=READ_KEY, secret=READ_SECRET)).check()  # may read, not write
+    errors["read-only"] = str(e.value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")  # nothing listens there
+    unreachable = mirrors(fresh_url(s3), timeout_seconds=2)
+    with pytest.raises(MirrorError) as e:
+        unreachable.check()
+    errors["unreachable"] = str(e.value)
+    with pytest.raises(MirrorError) as e:  # a mirror that cannot be read is an error, never "nothing valid there"
+        unreachable.fetch_newest_valid(tmp_path / "fresh", T.CheckpointManager.load)
+    errors["fetch unreachable"] = str(e.value)
+    assert all("\n" not in message for message in errors.values()), errors
+    assert "does not exist: create it, or fix --mirror" in errors["missing"]
+    assert "no permission: check the credentials" in errors["read-only"]
+    assert "unreachable" in errors["unreachable"] and "AWS_ENDPOINT_URL" in errors["unreachable"]
+    assert "could not list the checkpoints" in errors["fetch unreachable"]
+
+
+def test_credentials_in_the_url_never_show_in_messages(s3, mirrors, base_state, tmp_path, monkeypatch, train_log):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    prefix = fresh_url(s3).removeprefix("s3://")
+    wrong_key, wrong_secret = "AKIAWRONGKEY0000", "wr0ng/secret+value"
+    bad = mirrors(f"s3://{wrong_key}:{wrong_secret}@{prefix}", **QUICK)
+    assert bad.redacted_url() == f"s3://{prefix}"
+    with pytest.raises(MirrorError) as e:
+        bad.check()
+    assert "no permission" in str(e.value)
+    ck = Checkpoints(tmp_path / "ck", base_state)
+    bad.submit(*ck.save(1))
+    until(lambda: bad.status()["consecutive_failures"] >= 2, what="failed uploads")
+    bad.close()
+    # the right credentials in the URL are used (no AWS_* credentials in the environment now)
+    good = mirrors(f"s3://{ACCESS_KEY}:{SECRET_KEY}@{prefix}")
+    good.check()
+    good.submit(*ck.save(2))
+    assert good.wait(30) and steps_on(good) == [2]
+    said = [str(e.value), bad.status()["last_error"], bad.redacted_url(), good.redacted_url(), *train_log]
+    assert any(FAILING in m for m in said)
+    for secret in (wrong_secret, wrong_key, SECRET_KEY, ACCESS_KEY):
+        assert not [m for m in said if secret in m], secret
