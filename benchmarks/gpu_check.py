@@ -20,7 +20,7 @@ the GPU-only rows then say "skipped (no GPU)" with what the CPU run measured:
      and how long compiling took (how much longer the warm-up steps ran than steady ones).
      Target: MFU >= 40% with --compile on H100/H200.
   3. The asynchronous checkpoint on GPU: how long the loop stood still per save (metrics.jsonl), and tokens/s
-     saving every 30 s over tokens/s of item 2's uncompiled run (same settings, no saves); then, in a small process
+     saving every 20 s over tokens/s of item 2's uncompiled run (same settings, no saves); then, in a small process
      of its own, the pinned host buffers and the pinned allocator's own bytes per checkpoint byte.
      Targets: blocked <= 40 ms and ratio >= 0.99 at the steady state. The first save of a process may also
      allocate the pinned buffers (a one-time cost, like compiling, unless the writer set them aside before
@@ -28,19 +28,37 @@ the GPU-only rows then say "skipped (no GPU)" with what the CPU run measured:
   4. kill -9 of a torchrun job after its first checkpoint, then --resume latest, all with --deterministic: every
      step's loss and the final weights must equal an uninterrupted run's bit for bit (tiny model, on GPU too).
   5. Peak GPU memory at the default batch (the perf/gpu_max_memory_gb curve of item 2's runs).
+  6. FP8 (--fp8 --fp8_recipe tensorwise, float8 matmuls on torchao): tokens/s of fp8 over tokens/s of bf16, both
+     compiled (median step after warm-up, compiling left out), at GPT-2 124M (item 2's compiled run is the bf16
+     side) and at gpt2-xl (4 x 1024 tokens per step, so that it fits); and val_loss fp8 minus bf16 after the same
+     tokens (two 124M runs from the same seed, 60 steps, evaluated at the last over 10 batches). Target: reported
+     (the hoped-for 2x needs large matmuls; at 124M expect far less); it fails only when a run errored. Skipped,
+     with the reason, when torchao is not importable (the machine's python may not have it: bring the wheel) or
+     the GPU's compute capability is below 8.9. --smoke runs none of it (torchao's import alone takes seconds):
+     it only checks that the trainer accepts the item's five command lines.
 
 Time budget on one H200. These are estimates: this script has not run on a GPU yet. It starts nothing new after
 7 min 30 s, and every run has a hard limit of its own (in brackets). The measurements run alone on the machine:
   setup: imports, 64 M synthetic tokens (enough that no run reaches an epoch end, which would save)      ~10 s
   2. gpt2 without --compile: 15 s of steps, then SIGINT (stopping by time fits any GPU speed)    ~40 s  [100 s]
      gpt2 with --compile: 60 steps, the first 10 are warm-up (compiling takes about a minute)    ~90 s  [200 s]
-  3. gpt2 saving every 30 s, SIGINT once the second save is written: two 30-s saves need >= 60 s
-     of steps                                                                                   ~80 s  [160 s]
+  3. gpt2 saving every 20 s (was every 30 s; shortened to make room for item 6), SIGINT once the
+     second save is written: two 20-s saves need >= 40 s of steps                               ~60 s  [160 s]
      pinned memory: gpt2 + AdamW on the GPU, one step, two saves                                 ~20 s  [90 s]
-Then the two correctness checks side by side (neither measures speed, and deterministic runs do not depend on what
-else the machine does):
+Then the correctness checks side by side (none measures speed, and deterministic runs do not depend on what else
+the machine does), and beside them item 6's compiling, the slow part of its runs:
   4. tiny model, 400 steps: reference and interrupted run side by side, then the resume         ~35 s  [120 s]
   1. tests/test_cuda.py (two tests compile a tiny model; the 2-GPU tests skip)                 ~150 s  [240 s]
+  6. val_loss: gpt2 bf16 and fp8, 60 steps each, side by side, without --compile (float8's
+     numerics do not need it, and so nothing to compile)                                        ~30 s  [120 s]
+     speed: gpt2 fp8, gpt2-xl bf16 and gpt2-xl fp8, all with --compile, compiling side by side;
+     each is paused (SIGSTOP) once it has finished 2 steps, and holds its GPU memory     ~60-150 s, hidden
+  The extra load makes item 1 slower: count ~180 s for this phase.
+Then alone again:
+  6. the three paused runs resumed one at a time: 20 steps measured after 2 left out, then
+     killed (nothing saved: a gpt2-xl checkpoint with AdamW is 19 GB)                           ~20 s  [150 s]
+     (its limit includes waiting for compiling that is not done yet)
+In all about 10 + 130 + 80 + 180 + 20 = 420 s of the 450 s.
 """
 
 from __future__ import annotations
@@ -56,6 +74,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +96,15 @@ ITEMS = {  # number: (row label, target)
     4: ("4. kill -9, then --resume latest --deterministic",
         "losses and final weights bit-equal to an uninterrupted run"),
     5: ("5. peak GPU memory at the default batch (16 x 1024)", "(reported)"),
+    6: ("6. FP8 (--fp8 --fp8_recipe tensorwise --compile): tokens/s over bf16 at 124M and gpt2-xl, val_loss gap",
+        "reported (the hoped-for 2x needs large matmuls; at 124M expect far less)"),
 }
+FP8_FLAGS = ("--fp8", "--fp8_recipe", "tensorwise")
+FP8_XL = dict(preset="gpt2-xl", batch_size=4, total_batch_size=4 * 1024)  # the default 16 x 1024 would not fit
+FP8_SKIPPED_AFTER_RESUME = 2  # steps left out after a paused run resumes: the one the pause cut into, and one more
+FP8_VAL_RUNS = ("fp8_val_bf16", "fp8_val_fp8")  # item 6's val_loss pair: trains to its end
+FP8_SPEED_RUNS = ("fp8_gpt2", "fp8_xl_bf16", "fp8_xl_fp8")  # item 6's --compile runs: paused, resumed, killed
+FP8_MEASURE_SECONDS = 30  # item 6 stops waiting for compiling this long before its time is up, to measure
 
 
 class OutOfTime(Exception):
@@ -101,6 +128,10 @@ class Settings:
     save_flags: tuple[str, ...]  # how often item 3 saves
     resume_steps: int  # item 4: steps of each run
     resume_every: int  # item 4: --checkpoint_freq
+    fp8_val_steps: int  # item 6: steps of each val_loss run, evaluated at the last
+    fp8_val_batches: int  # item 6: their --val_steps
+    fp8_pause_step: int  # item 6: a compiled run is paused once it has finished this many steps (compiled by then)
+    fp8_measured_steps: int  # item 6: steps measured after it resumes
     train_tokens: int
     val_tokens: int
     total_seconds: float  # nothing new starts after this
@@ -112,16 +143,18 @@ TINY_MODEL = dict(preset="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32)
 GPU = Settings(
     smoke=False, model=dict(preset="gpt2"), batch=dict(batch_size=16, total_batch_size=16 * 1024),
     warmup_steps=10, baseline_seconds=15.0, compiled_steps=60,
-    save_flags=("--checkpoint_minutes", "0.5", "--checkpoint_freq", "0"),
-    resume_steps=400, resume_every=20, train_tokens=64_000_000, val_tokens=200_000, total_seconds=450.0,
-    limits=dict(baseline=100, compiled=200, saving=160, pinned=90, resume=120, pytest=240))
+    save_flags=("--checkpoint_minutes", str(20 / 60), "--checkpoint_freq", "0"),
+    resume_steps=400, resume_every=20, fp8_val_steps=60, fp8_val_batches=10, fp8_pause_step=2,
+    fp8_measured_steps=20, train_tokens=64_000_000, val_tokens=200_000, total_seconds=450.0,
+    limits=dict(baseline=100, compiled=200, saving=160, pinned=90, resume=120, pytest=240, fp8_val=120, fp8=150))
 
 SMOKE = Settings(
     smoke=True, model=TINY_MODEL, batch=dict(batch_size=2, total_batch_size=128),
     warmup_steps=3, baseline_seconds=1.5, compiled_steps=0,
     save_flags=("--checkpoint_freq", "2", "--checkpoint_minutes", "0"),
-    resume_steps=60, resume_every=5, train_tokens=300_000, val_tokens=10_000, total_seconds=170.0,
-    limits=dict(baseline=60, compiled=0, saving=60, pinned=60, resume=90, pytest=90))
+    resume_steps=60, resume_every=5, fp8_val_steps=60, fp8_val_batches=10, fp8_pause_step=2,
+    fp8_measured_steps=20, train_tokens=300_000, val_tokens=10_000, total_seconds=170.0,  # item 6: not run
+    limits=dict(baseline=60, compiled=0, saving=60, pinned=60, resume=90, pytest=90, fp8_val=0, fp8=0))
 
 
 def flags(**fields: Any) -> list[str]:
@@ -203,6 +236,18 @@ def mean_tokens_per_second(steps: list[dict[str, Any]]) -> float:
     return (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
 
 
+def fp8_findings(tokens_per_second: dict[str, float], val_loss: dict[str, float]) -> str:
+    """Item 6's result from the median tokens/s and the val_loss of its runs that worked (a missing one: n/a)."""
+    def ratio(fp8: str, bf16: str) -> str:
+        both = fp8 in tokens_per_second and bf16 in tokens_per_second
+        return f"{tokens_per_second[fp8] / tokens_per_second[bf16]:.2f}x" if both else "n/a"
+
+    both = all(name in val_loss for name in FP8_VAL_RUNS)
+    gap = f"{val_loss['fp8_val_fp8'] - val_loss['fp8_val_bf16']:+.4f}" if both else "n/a"
+    return (f"tokens/s fp8 / bf16: gpt2 {ratio('fp8_gpt2', 'bf16_gpt2')}, "
+            f"gpt2-xl {ratio('fp8_xl_fp8', 'fp8_xl_bf16')}; val_loss fp8 - bf16: {gap}")
+
+
 def last_lines(path: Path, count: int = 1) -> str:
     if not path.exists():
         return "(no output)"
@@ -245,10 +290,11 @@ class Budget:
 
 
 class TrainerRun:
-    """One trainer launch in runs/<name>/: checkpoints in ck/, logs in logs/, its output in output.txt."""
+    """One trainer launch in runs/<name>/: checkpoints in ck/, logs in logs/, its output in output.txt. `program`
+    is the trainer unless a test puts a stand-in there."""
 
-    def __init__(self, root: Path, name: str, env: dict[str, str]):
-        self.name, self.env = name, env
+    def __init__(self, root: Path, name: str, env: dict[str, str], program: Path = TRAINER):
+        self.name, self.env, self.program = name, env, program
         self.dir = root / "runs" / name
         self.ck, self.logs, self.output = self.dir / "ck", self.dir / "logs", self.dir / "output.txt"
         self.proc: subprocess.Popen | None = None
@@ -264,9 +310,9 @@ class TrainerRun:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] \
             if torchrun else [sys.executable]
         with open(self.output, "a") as out:
-            out.write(f"$ {' '.join([*launcher, str(TRAINER), *args])}\n")
+            out.write(f"$ {' '.join([*launcher, str(self.program), *args])}\n")
             out.flush()
-            self.proc = subprocess.Popen([*launcher, str(TRAINER), *args], cwd=ROOT, env=self.env, stdout=out,
+            self.proc = subprocess.Popen([*launcher, str(self.program), *args], cwd=ROOT, env=self.env, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         self._t0 = time.monotonic()
         return self
@@ -295,6 +341,19 @@ class TrainerRun:
                                f"(see {self.output})")
         return self.records()
 
+    def last_step(self) -> int:
+        """The last step in metrics.jsonl (0 before the first)."""
+        return max((r["step"] for r in step_records(self.records())), default=0)
+
+    def pause(self) -> None:
+        """SIGSTOP the run's process group (a plain python launch: the trainer and what it started): it keeps its
+        memory, GPU memory included, and does nothing until resume()."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause()."""
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """kill -9 the launcher and every process under it (torchrun gives each worker a session of its own)."""
         if self.proc is not None and self.proc.poll() is None:
@@ -303,6 +362,79 @@ class TrainerRun:
 
     def remove_checkpoints(self) -> None:
         shutil.rmtree(self.ck, ignore_errors=True)
+
+
+class PauseWhenCompiled:
+    """Compile side by side, measure one at a time: a thread of its own pauses each run once it has finished
+    `step` steps (torch.compile compiles in the first), so that compiling, the slow part, overlaps with other work
+    that measures nothing; measure_alone() later resumes each run in turn, alone on the machine."""
+
+    def __init__(self, runs: list[TrainerRun], step: int):
+        self.runs, self.step = runs, step
+        self.paused: set[str] = set()  # names; written by the thread until close()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="pause-when-compiled", daemon=True)
+        self._thread.start()
+
+    def _compiling(self) -> list[TrainerRun]:
+        return [r for r in self.runs if r.name not in self.paused and r.proc.poll() is None]
+
+    def _pause_the_compiled(self) -> None:
+        for run in self._compiling():
+            if run.last_step() >= self.step:
+                run.pause()
+                self.paused.add(run.name)
+
+    def _watch(self) -> None:
+        while self._compiling() and not self._closed.is_set():
+            self._pause_the_compiled()
+            self._closed.wait(0.25)
+
+    def close(self) -> None:
+        """Stop watching (paused runs stay paused)."""
+        self._closed.set()
+        self._thread.join()
+
+    def wait(self, deadline: float) -> dict[str, str]:
+        """Wait until every run is paused or has exited, or until `deadline` (time.monotonic()); then stop watching.
+        A run still compiling then is killed. Returns why each run that is not paused is not."""
+        while self._compiling() and time.monotonic() < deadline:
+            time.sleep(0.25)
+        self.close()
+        self._pause_the_compiled()  # one that got there between the last look and close()
+        problems = {}
+        for run in self.runs:
+            if run.name in self.paused:
+                continue
+            if run.proc.poll() is None:
+                run.kill()
+                problems[run.name] = (f"still compiling when its time was up (step {run.last_step()} done); "
+                                      "killed")
+            else:
+                problems[run.name] = f"exited with {run.proc.returncode} while compiling: {last_lines(run.output)}"
+        return problems
+
+
+def measure_alone(run: TrainerRun, steps: int, deadline: float) -> list[dict[str, Any]]:
+    """Resume a paused run, let it finish `steps` more steps after the FP8_SKIPPED_AFTER_RESUME it needs to get
+    going again, and kill it (it saves nothing). Returns those steps' records; raises when it exits first or is not
+    done by `deadline` (time.monotonic())."""
+    resumed_after = run.last_step()
+    try:
+        run.resume()
+        while True:
+            measured = [r for r in step_records(run.records())
+                        if r["step"] > resumed_after + FP8_SKIPPED_AFTER_RESUME]
+            if len(measured) >= steps:
+                return measured[:steps]
+            if run.proc.poll() is not None:
+                raise RuntimeError(f"{run.name} exited with {run.proc.returncode} after resuming: "
+                                   f"{last_lines(run.output)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{run.name}: {len(measured)} of {steps} steps measured when its time was up")
+            time.sleep(0.1)
+    finally:
+        run.kill()
 
 
 def kill_9_everything(proc: subprocess.Popen) -> None:
@@ -316,6 +448,13 @@ def trainer_module():
     sys.path.insert(0, str(ROOT / "src"))
     import train_improved
     return train_improved
+
+
+def fp8_module():
+    """src/fp8.py, for its torchao pin and the compute capability float8 needs (it imports torchao only when asked)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import fp8
+    return fp8
 
 
 def tensorboard_max(run: TrainerRun, tag: str) -> float | None:
@@ -346,9 +485,15 @@ class GpuCheck:
         self.compiled: TrainerRun | None = None
         self.started: list[TrainerRun] = []
         self.children: list[subprocess.Popen] = []  # the other processes we start (pytest, the pinned step)
-        self._pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+        # -o addopts: not the suite's two xdist workers (the GPU machine has no pytest-xdist; one GPU, one process)
+        self._pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=-ra", "-p", "no:cacheprovider",
+                            "tests/test_cuda.py"]
         self._pytest_output = out / "runs" / "test_cuda.txt"
         self._pytest: tuple[subprocess.Popen, float, float] | Exception = RuntimeError("pytest was not started")
+        # item 6: why it is skipped, or its runs (started beside items 4 and 1), or why they could not start
+        self._fp8: str | dict[str, TrainerRun] | Exception = RuntimeError("item 6's runs were not started")
+        self._fp8_pause: PauseWhenCompiled | None = None
+        self._fp8_val_deadline = 0.0  # time.monotonic() by which the val_loss pair must be done
         import torch
         self.torch = torch
         self.gpu = not settings.smoke and torch.cuda.is_available()
@@ -362,7 +507,9 @@ class GpuCheck:
         return run
 
     def stop_runs(self) -> None:
-        """kill -9 every process we started that is still alive, with everything under it."""
+        """kill -9 every process we started that is still alive, with everything under it (paused ones too)."""
+        if self._fp8_pause is not None:
+            self._fp8_pause.close()
         for run in self.started:
             run.kill()
         for proc in self.children:
@@ -395,8 +542,9 @@ class GpuCheck:
         """Every trainer run: the synthetic shards, no text samples (no tokenizer offline), CPU in smoke mode."""
         return [*flags(data_dir=self.data_dir, sample_freq=0), *(["--device", "cpu"] if self.s.smoke else [])]
 
-    def model_flags(self) -> list[str]:
-        return flags(**self.s.model, **self.s.batch, eval_freq=0, log_freq=50 if self.gpu else 5)
+    def model_flags(self, **shape: Any) -> list[str]:
+        """The model and batch (item 2's unless given), no evaluations."""
+        return flags(**(shape or {**self.s.model, **self.s.batch}), eval_freq=0, log_freq=50 if self.gpu else 5)
 
     def write_shards(self) -> None:
         """llm.c .bin shards of random GPT-2 token ids from a seeded generator: int32[256] header (magic, version,
@@ -521,7 +669,7 @@ class GpuCheck:
 
     def async_checkpoint(self) -> Row:
         item, target = ITEMS[3]
-        every = "every 30 s" if self.gpu else f"every {self.s.save_flags[1]} steps"
+        every = f"every {float(self.s.save_flags[1]) * 60:.0f} s" if self.gpu else f"every {self.s.save_flags[1]} steps"
         run = self.run("saving")
         # --max_checkpoint_overhead 1: every save exactly when due, however much it costs (that is what we measure)
         records = run.start([*self.common_flags(), *self.model_flags(), *run.dir_flags(), *self.s.save_flags,
@@ -622,7 +770,7 @@ class GpuCheck:
             killed.start(args(killed), torchrun=True)
             deadline = time.monotonic() + limit
             # kill once a checkpoint is on disk and a few more steps ran (work that the resume must redo)
-            while not ((killed.ck / "latest.pt").exists() and self._last_step(killed) >= every + 2):
+            while not ((killed.ck / "latest.pt").exists() and killed.last_step() >= every + 2):
                 if killed.proc.poll() is not None:
                     raise RuntimeError(f"the run to kill exited ({killed.proc.returncode}) first: "
                                        f"{last_lines(killed.output)}")
@@ -630,7 +778,7 @@ class GpuCheck:
                     raise RuntimeError("no checkpoint appeared in time")
                 time.sleep(0.02)
             killed.kill()
-            killed_at = self._last_step(killed)
+            killed_at = killed.last_step()
             if killed.proc.returncode != -signal.SIGKILL or killed_at >= n:
                 raise RuntimeError(f"the kill came too late (exit {killed.proc.returncode}, step {killed_at} of {n})")
             saved = self.torch.load(killed.ck / "latest.pt", weights_only=True)["step"]
@@ -660,10 +808,6 @@ class GpuCheck:
         return Row(item, result, target, "pass" if losses_match and weights_match else "fail", details)
 
     @staticmethod
-    def _last_step(run: TrainerRun) -> int:
-        return max((r["step"] for r in step_records(run.records())), default=0)
-
-    @staticmethod
     def _losses(run: TrainerRun) -> list[tuple[int, float]]:
         return [(r["step"], r["loss"]) for r in step_records(run.records())]
 
@@ -685,6 +829,152 @@ class GpuCheck:
         result = f"{plain:.1f} GB without --compile, {self._fmt(compiled, '.1f')} GB with, of {total_gb:.0f} GB"
         details = ["torch.cuda.max_memory_allocated as the trainer logs it (perf/gpu_max_memory_gb, 1 GB = 1e9 bytes)"]
         return Row(item, result, target, "pass" if plain < total_gb else "fail", details)
+
+    # -- item 6 ------------------------------------------------------------------------------------------------
+
+    def fp8_plan(self) -> dict[str, list[str]]:
+        """Item 6's trainer runs by name, each with its command line but for its folders. The val_loss pair trains
+        to its end (from the same seed, so on the same tokens); the --compile runs never end by themselves
+        (measure_alone kills them) and so never save."""
+        n = self.s.fp8_val_steps
+        val = [*self.common_flags(), "--no-async_checkpoint",
+               *flags(**self.s.model, **self.s.batch, max_steps=n, eval_freq=n, val_steps=self.s.fp8_val_batches,
+                      warmup_steps=10, checkpoint_freq=0, checkpoint_minutes=0, log_freq=10)]
+        speed = [*flags(max_steps=1_000_000, checkpoint_freq=0, checkpoint_minutes=0), "--no-async_checkpoint",
+                 "--compile"]
+        return {"fp8_val_bf16": val, "fp8_val_fp8": [*val, *FP8_FLAGS],
+                # item 2's compiled run in fp8: that run is the bf16 side at 124M
+                "fp8_gpt2": [*self.common_flags(), *self.model_flags(), *speed, *FP8_FLAGS],
+                "fp8_xl_bf16": [*self.common_flags(), *self.model_flags(**FP8_XL), *speed],
+                "fp8_xl_fp8": [*self.common_flags(), *self.model_flags(**FP8_XL), *speed, *FP8_FLAGS]}
+
+    def fp8_unavailable(self) -> str | None:
+        """Why item 6 cannot run on this GPU (compute capability below 8.9, torchao not importable), or None."""
+        fp8 = fp8_module()
+        capability = self.torch.cuda.get_device_capability(0)
+        if capability < fp8.MIN_CAPABILITY:
+            return (f"{self.gpu_name} has compute capability {capability[0]}.{capability[1]}; float8 matmuls need "
+                    f"{'.'.join(map(str, fp8.MIN_CAPABILITY))}+ (Ada, Hopper, Blackwell)")
+        wheel = f"bring it as a wheel: {fp8.PIP_INSTALL} (requirements-fp8.txt)"
+        try:
+            importlib.import_module("torchao.float8")
+        except Exception as e:  # not installed, or built for another torch
+            if isinstance(e, ModuleNotFoundError) and e.name == "torchao":
+                return f"torchao not installed; {wheel}"
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return f"torchao could not be imported under torch {self.torch.__version__} ({detail}); {wheel}"
+        return None
+
+    def start_fp8_runs(self) -> None:
+        """Start item 6 beside items 4 and 1, which check correctness only: the val_loss pair, and the --compile
+        runs, each paused once it has compiled (PauseWhenCompiled). fp8() measures them later, one at a time. Nothing
+        starts without a GPU or when the item is skipped; a failure to start is reported by fp8()."""
+        if not self.gpu:
+            return
+        try:
+            reason = self.fp8_unavailable()
+            if reason:
+                self._fp8 = reason
+                return
+            self._fp8_val_deadline = time.monotonic() + self.budget.limit(self.s.limits["fp8_val"])
+            runs = {}
+            for name, args in self.fp8_plan().items():
+                run = self.run(name)
+                runs[name] = run.start([*args, *run.dir_flags()])
+            self._fp8 = runs
+            self._fp8_pause = PauseWhenCompiled([runs[name] for name in FP8_SPEED_RUNS], self.s.fp8_pause_step)
+        except Exception as e:
+            self._fp8 = e
+
+    def fp8(self) -> Row:
+        """Item 6's row: the val_loss pair's result, then each paused --compile run measured alone."""
+        item, target = ITEMS[6]
+        if not self.gpu:
+            return self._fp8_commands_row()
+        if isinstance(self._fp8, str):
+            return Row(item, f"skipped: {self._fp8}", target, "skip", [])
+        if isinstance(self._fp8, Exception):
+            raise self._fp8
+        runs, errors = self._fp8, []
+        deadline = time.monotonic() + self.budget.limit(self.s.limits["fp8"])
+        val_loss: dict[str, float] = {}
+        for name in FP8_VAL_RUNS:  # done by now, or nearly: they ran beside items 4 and 1
+            try:
+                records = runs[name].finish(max(1.0, self._fp8_val_deadline - time.monotonic()))
+                losses = [r["val_loss"] for r in records if "val_loss" in r]
+                if not losses:
+                    raise RuntimeError("no val_loss in its metrics.jsonl")
+                val_loss[name] = losses[-1]
+            except Exception as e:
+                errors.append(f"{name}: {e}")
+            runs[name].remove_checkpoints()
+        errors += [f"{name}: {why}" for name, why in self._fp8_pause.wait(deadline - FP8_MEASURE_SECONDS).items()]
+        measured: dict[str, list[dict[str, Any]]] = {}
+        for name in FP8_SPEED_RUNS:  # alone on the machine: items 4 and 1 are done, the others paused or gone
+            if name in self._fp8_pause.paused:
+                try:
+                    measured[name] = measure_alone(runs[name], self.s.fp8_measured_steps, deadline)
+                except Exception as e:
+                    errors.append(f"{name}: {e}")
+        tokens_per_second = {name: statistics.median(r["tokens_per_second"] for r in steps)
+                             for name, steps in measured.items()}
+        if self.compiled is not None:
+            tokens_per_second["bf16_gpt2"] = median_tokens_per_second(self.compiled.records(), self.s.warmup_steps)
+        else:
+            errors.append("bf16 at 124M: item 2's --compile run did not run")
+        result = fp8_findings(tokens_per_second, val_loss)
+        details = self._fp8_details(runs, measured, tokens_per_second, val_loss)
+        details += [f"error: {e}" for e in errors]
+        if errors:
+            result += f"; {len(errors)} error(s): {errors[0]}" + (" (more in the details)" if len(errors) > 1 else "")
+        return Row(item, result, target, "fail" if errors else "pass", details)
+
+    def _fp8_details(self, runs: dict[str, TrainerRun], measured: dict[str, list[dict[str, Any]]],
+                     tokens_per_second: dict[str, float], val_loss: dict[str, float]) -> list[str]:
+        def tps(name: str) -> str:
+            if name not in tokens_per_second:
+                return "n/a"
+            steps = measured.get(name)
+            where = f"steps {steps[0]['step']}-{steps[-1]['step']}" if steps else \
+                f"item 2's run, after its {self.s.warmup_steps} warm-up steps"
+            return f"{tokens_per_second[name]:,.0f} tok/s ({where})"
+
+        def compiling(name: str) -> str:
+            first = [r for r in step_records(runs[name].records()) if r["step"] == 1]
+            return f"{name} {first[0]['step_ms'] / 1000:.0f} s" if first else f"{name} n/a"
+
+        def per_step(batch: dict[str, int]) -> str:  # no gradient accumulation in these runs
+            return f"{batch['batch_size']} x {batch['total_batch_size'] // batch['batch_size']} tokens per step"
+
+        n, batch = self.s.fp8_val_steps, self.s.batch["total_batch_size"]
+        return [
+            f"--compile, median tokens/s of the steps measured: gpt2 ({per_step(self.s.batch)}): fp8 "
+            f"{tps('fp8_gpt2')}, bf16 {tps('bf16_gpt2')}; gpt2-xl ({per_step(FP8_XL)}): fp8 {tps('fp8_xl_fp8')}, "
+            f"bf16 {tps('fp8_xl_bf16')}",
+            f"how: the --compile runs of this item started beside items 4 and 1 and were each paused (SIGSTOP) once "
+            f"{self.s.fp8_pause_step} steps were done; then each was resumed alone, measured over "
+            f"{self.s.fp8_measured_steps} steps after {FP8_SKIPPED_AFTER_RESUME} left out, and killed (nothing "
+            f"saved). Step 1, compiling, side by side with all that: {', '.join(map(compiling, FP8_SPEED_RUNS))}",
+            f"val_loss after {n} steps of {batch:,} tokens (the same seed, 10 warm-up steps, no --compile: "
+            f"float8's numerics do not need it), over {self.s.fp8_val_batches} batches: bf16 "
+            f"{self._fmt(val_loss.get('fp8_val_bf16'), '.4f')}, fp8 {self._fmt(val_loss.get('fp8_val_fp8'), '.4f')}."
+            " The shards are uniform random tokens (loss floor ln 50257 = 10.825): the gap shows whether fp8 "
+            "training tracks bf16, not how it does on text"]
+
+    def _fp8_commands_row(self) -> Row:
+        """Without a GPU nothing of item 6 runs (torchao's import alone takes seconds on CPU): the trainer only
+        parses the item's command lines, so that a mistake in them shows here and not on the GPU."""
+        item, target = ITEMS[6]
+        T = trainer_module()
+        plan = self.fp8_plan()
+        for name, args in plan.items():
+            try:
+                T.TrainConfig(**T.parse_flags(args))
+            except SystemExit:  # argparse has printed why
+                raise RuntimeError(f"the trainer rejects the command line of {name}: {' '.join(args)}") from None
+        return Row(item, skipped_no_gpu(f"float8 matmuls need a GPU of compute capability 8.9+; the trainer "
+                                        f"accepts the item's {len(plan)} command lines"), target, "skip",
+                   [f"{name}: {' '.join(args)}" for name, args in plan.items()])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -828,12 +1118,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[int, Row] = {}
     try:
         check.write_shards()
-        # order: the measurements first, alone on the machine (item 2's runs feed items 3 and 5); then item 1 in
-        # the background beside item 4, and what is left of the budget for it
+        # order: the measurements first, alone on the machine (item 2's runs feed items 3, 5 and 6); then item 1
+        # and item 6's compiling in the background beside item 4, and what is left of the budget for item 1; then
+        # item 6's measurements, alone again
         for number, measure in ((2, check.throughput), (5, check.peak_memory), (3, check.async_checkpoint),
-                                (4, check.kill_and_resume), (1, check.cuda_tests)):
+                                (4, check.kill_and_resume), (1, check.cuda_tests), (6, check.fp8)):
             if number == 4:
                 check.start_cuda_tests()
+                check.start_fp8_runs()
             t0 = time.monotonic()
             print(f"[{check.budget.elapsed():5.0f} s] item {number} ...", flush=True)
             try:
