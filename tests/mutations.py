@@ -224,7 +224,8 @@ def run_tests(repo: Path, tests: tuple[str, ...]) -> tuple[str, str, str]:
     shared_tokenizer = ROOT.parent / "shared" / "tiktoken_cache"  # tests/conftest.py finds it from the checkout
     if "TIKTOKEN_CACHE_DIR" not in env and shared_tokenizer.is_dir():
         env["TIKTOKEN_CACHE_DIR"] = str(shared_tokenizer)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    # one process (-o addopts: not the suite's xdist workers, whose early stop exits 2 like a collection error)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-o", "addopts=-ra", "-p", "no:cacheprovider", *tests]
     try:
         result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
