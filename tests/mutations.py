@@ -133,7 +133,7 @@ ROWS = [
         ("self._copied.wait()", "pass"),
     ), (ASYNC + "test_async_snapshot_is_the_state_at_submit_even_if_training_changes_it_after_the_fence",)),
     Row("the_disk_full_error_hidden_behind_torchs_unexpected_pos", (
-        ("                        raise out.error from None\n", ""),
+        ("                        raise out.error from None\n", "                        pass\n"),
     ), (FAILED_SAVE,)),
     # issue 15: the audit's rows
     Row("ddp_buckets_not_settled_before_the_first_resumed_step", (
@@ -177,7 +177,7 @@ ROWS = [
     ), (ASYNC + "test_snapshot_buffers_cut_from_one_slab_hold_about_one_checkpoint_and_write_the_same_file",)),
     # issue 12: one run per folder, no orphaned workers, the mirror
     Row("no_lock_on_the_folder", (
-        ("            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", ""),
+        ("            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "            pass\n"),
     ), (RESUME + "test_a_second_launch_on_a_folder_in_use_exits_2_and_the_first_run_ends_bit_exact",)),
     Row("workers_outlive_their_launcher", (
         ("            stop.watch_launcher()\n", "            pass\n"),
