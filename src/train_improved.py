@@ -2155,14 +2155,18 @@ def refuse_to_replay_divergence(manager: CheckpointManager) -> None:
                         + "\n(a restart with the same settings would diverge again at the same step)")
 
 
+def run_settings(saved_args: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's settings that a resumed run inherits: this script's fields, without the launch settings."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in saved_args.items() if k in known and k not in LAUNCH_FIELDS}
+
+
 def resolve_config(flags: dict[str, Any], ckpt: dict[str, Any] | None) -> TrainConfig:
     """The run's settings: the checkpoint's, overridden by the flags given now. Architecture must not change."""
     if ckpt is None:
         return TrainConfig(**flags)
     saved_args, saved_shape = ckpt["args"], ckpt["model_config"]
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    merged = {k: v for k, v in saved_args.items() if k in known and k not in LAUNCH_FIELDS}
-    merged.update(flags)
+    merged = {**run_settings(saved_args), **flags}
     cfg = TrainConfig(**merged)
     wanted = dataclasses.asdict(cfg.gpt_config())
     for name in ARCH_FIELDS:
@@ -2221,8 +2225,7 @@ def warn_if_schedule_changed(cfg: TrainConfig, saved_args: dict[str, Any], step:
                              steps_per_epoch: int) -> None:
     """Say in plain words when settings given on resume (run length, learning rates, warmup) move the learning rate
     at the resumed step: the cosine schedule is stretched or squeezed from there on, not continued."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    old = dataclasses.replace(cfg, **{k: v for k, v in saved_args.items() if k in known and k not in LAUNCH_FIELDS})
+    old = dataclasses.replace(cfg, **run_settings(saved_args))
     old_total = planned_steps(old, steps_per_epoch)
     before, after = lr_at(step, old, old_total), lr_at(step, cfg, total_steps)
     if before != after or old_total != total_steps:

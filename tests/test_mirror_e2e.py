@@ -84,13 +84,19 @@ def test_a_damaged_newest_remote_copy_falls_back_to_the_one_before(tmp_path, dat
     assert_same_run(tmp_path, reference)
 
 
+def start_a_long_mirrored_run(tmp_path, data, server):
+    """A run that saves every 5 steps and mirrors to S3, once its first checkpoint is committed there."""
+    url = s3_url(server)
+    args = run_args(tmp_path, data, "--mirror", url, "--max_steps", "100000", "--max_checkpoint_overhead", "1")
+    proc = launch(args, extra_env=server.env)
+    wait_for(lambda: committed(server, url), timeout=180, proc=proc)
+    return proc, url
+
+
 def test_the_s3_server_dies_and_comes_back_training_never_stops_and_the_mirror_catches_up(tmp_path, data,
                                                                                           s3_server):
-    url = s3_url(s3_server)
-    args = run_args(tmp_path, data, "--mirror", url, "--max_steps", "100000", "--max_checkpoint_overhead", "1")
-    proc = launch(args, extra_env=s3_server.env)
+    proc, url = start_a_long_mirrored_run(tmp_path, data, s3_server)
     try:
-        wait_for(lambda: committed(s3_server, url), timeout=180, proc=proc)
         s3_server.kill()
         down_at = last_step(tmp_path / "logs")
         wait_for(lambda: last_step(tmp_path / "logs") >= down_at + 15, timeout=180, proc=proc)  # trains on
@@ -111,11 +117,8 @@ def test_a_hung_s3_server_never_holds_training_and_the_uploader_skips_to_the_new
     """Training must not wait for a mirror that hangs (SIGSTOP): the steps go on, saves go on, and when the server
     answers again only the newest of the checkpoints that piled up is uploaded. (Throughput with a stalled mirror is
     measured in benchmarks/bench_mirror.py, not asserted here.)"""
-    url = s3_url(s3_server)
-    args = run_args(tmp_path, data, "--mirror", url, "--max_steps", "100000", "--max_checkpoint_overhead", "1")
-    proc = launch(args, extra_env=s3_server.env)
+    proc, url = start_a_long_mirrored_run(tmp_path, data, s3_server)
     try:
-        wait_for(lambda: committed(s3_server, url), timeout=180, proc=proc)
         s3_server.pause()
         hung_at = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]
         wait_for(lambda: T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"] >= hung_at + 20,
