@@ -7,7 +7,8 @@ The trainer imports this module only when --mirror is given, and calls it throug
     mirror.submit(ckpt_dir / names[0], step, names)  # after each durable, verified save; never blocks, never raises
     mirror.status()                                  # plain numbers for the step line, metrics.jsonl, TensorBoard
     mirror.wait(timeout_seconds); mirror.close()     # at the end of the run
-    mirror.fetch_newest_valid(ckpt_dir, CheckpointManager.load)  # no valid local checkpoint: take the mirror's
+    mirror.fetch_newest_valid(ckpt_dir, CheckpointManager.load, newer_than=step)  # resume: the mirror's, if newer
+    mirror.fetch(mirror.find(sha256), ckpt_dir, CheckpointManager.load)  # a node without rank 0's file fetches it
 
 Remote layout under the URL (s3://bucket/prefix):
 
@@ -676,43 +677,58 @@ class Mirror:
                     self.fs.rm_file(blob)
 
     # fetching ---------------------------------------------------------------------------------------------
-    def fetch_newest_valid(self, local_dir: Path, verify: Callable[[Path], Any]) -> tuple[Path, dict] | None:
-        """Download the newest committed checkpoint that passes its manifest's size and sha256 and verify(path)
-        (which raises, or returns False, for an invalid file), trying older ones in turn and logging why each was
-        skipped. It is written under a temporary name, fsync'ed, then placed under latest.pt and the rolling and
-        epoch names its manifest lists (hard links to one file). Returns (local_dir/latest.pt, manifest), or None
-        if the mirror holds no valid checkpoint. Raises MirrorError if the mirror cannot be read, OSError if
-        local_dir cannot be written: neither means "nothing valid"."""
+    def fetch_newest_valid(self, local_dir: Path, verify: Callable[[Path], Any],
+                           newer_than: int = -1) -> tuple[Path, dict] | None:
+        """Download the newest committed checkpoint after step `newer_than` that passes its manifest's size and
+        sha256 and verify(path) (which raises, or returns False, for an invalid file), trying older ones in turn and
+        logging why each was skipped. It is placed as fetch() does. Returns (local_dir/latest.pt, manifest), or None
+        if the mirror holds no valid checkpoint after that step. Raises MirrorError if the mirror cannot be read,
+        OSError if local_dir cannot be written: neither means "nothing valid"."""
+        candidates = [c for c in self.remote_checkpoints() if c["step"] > newer_than]
+        skipped = []
+        for entry in candidates:
+            path = self.fetch(entry, local_dir, verify)
+            if path is not None:
+                if skipped:
+                    log.info("mirror: used step %d after skipping unusable step(s) %s", entry["step"], skipped)
+                return path, entry
+            skipped.append(entry["step"])
+            if entry is not candidates[-1]:
+                log.warning("mirror: trying the next older checkpoint")
+        if candidates:
+            log.error("mirror: none of the %d checkpoint(s) on %s%s is usable", len(candidates), self.redacted_url(),
+                      f" newer than step {newer_than}" if newer_than >= 0 else "")
+        return None
+
+    def find(self, sha256: str) -> dict | None:
+        """The committed checkpoint whose content has this sha256 (what a local file was uploaded as), or None."""
+        return next((c for c in self.remote_checkpoints() if c["sha256"] == sha256), None)
+
+    def fetch(self, entry: dict, local_dir: Path, verify: Callable[[Path], Any]) -> Path | None:
+        """Download the checkpoint `entry` (from remote_checkpoints) into local_dir: written under a temporary name,
+        fsync'ed, checked against its manifest's size and sha256 and by verify(path), then placed under latest.pt and
+        the rolling name its manifest lists (hard links to one file). Returns local_dir/latest.pt, or None (the
+        reason logged) if the copy is not usable. Raises as download() does."""
         local_dir = Path(local_dir)
         local_dir.mkdir(parents=True, exist_ok=True)
-        candidates = self.remote_checkpoints()
         tmp = local_dir / f".tmp-mirror-fetch-{os.getpid()}.pt"  # .tmp-*: the trainer removes leftovers at start
-        skipped = []
         try:
-            for entry in candidates:
-                problem = self.download(entry, tmp)
-                if problem is None:
-                    try:
-                        ok = verify(tmp)
-                        problem = "failed verification" if ok is False else None
-                    except Exception as e:
-                        problem = f"failed verification ({_one_line(e)})"
-                if problem is not None:
-                    skipped.append(entry["step"])
-                    log.error("mirror: the copy of step %d on %s (%s) is not usable: %s; trying the next older one",
-                              entry["step"], self.redacted_url(), self._relative(entry["key"]), problem)
-                    tmp.unlink(missing_ok=True)
-                    continue
-                path = self._place(tmp, local_dir, entry["names"])
-                log.info("mirror: fetched step %d from %s (%.1f MB) into %s%s", entry["step"], self.redacted_url(),
-                         entry["size"] / 1e6, local_dir,
-                         f" after skipping unusable step(s) {skipped}" if skipped else "")
-                return path, entry
+            problem = self.download(entry, tmp)
+            if problem is None:
+                try:
+                    problem = "failed verification" if verify(tmp) is False else None
+                except Exception as e:
+                    problem = f"failed verification ({_one_line(e)})"
+            if problem is not None:
+                log.error("mirror: the copy of step %d on %s (%s) is not usable: %s", entry["step"],
+                          self.redacted_url(), self._relative(entry["key"]), problem)
+                return None
+            path = self._place(tmp, local_dir, entry["names"])
+            log.info("mirror: fetched step %d from %s (%.1f MB) into %s", entry["step"], self.redacted_url(),
+                     entry["size"] / 1e6, local_dir)
+            return path
         finally:
             tmp.unlink(missing_ok=True)
-        if candidates:
-            log.error("mirror: none of the %d checkpoint(s) on %s is usable", len(candidates), self.redacted_url())
-        return None
 
     def download(self, entry: dict, tmp: Path) -> str | None:
         """Copy the blob of `entry` (from remote_checkpoints) to tmp, fsync'ed, and check its size and sha256: None

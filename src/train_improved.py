@@ -34,6 +34,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import logging.handlers
@@ -1927,17 +1928,18 @@ class StopSignal:
     def watch_launcher(self, interval_seconds: float = 1.0) -> None:
         """Under torchrun: if the launcher dies (kill -9, the OOM killer), its workers would train on, and write
         checkpoints, with nobody to stop them. A watcher thread notices within interval_seconds that this process
-        was re-parented and requests a stop as SIGTERM does: every rank stops at the same step boundary (each one's
-        own watcher fires, and the stop vote rides the step's all-reduce), saves and exits."""
+        was re-parented and requests a stop as SIGTERM does: every rank stops at the same step boundary (the first
+        watcher to fire is enough: the stop vote rides the step's all-reduce), saves and exits."""
         launcher = os.getppid()
 
         def watch() -> None:
             while self.signum is None:
                 time.sleep(interval_seconds)
                 if os.getppid() != launcher and self.signum is None:
-                    if self.announce:
-                        os.write(2, f"\nthe launcher (pid {launcher}) is gone: stopping at the next step boundary "
-                                    "and saving a checkpoint\n".encode())
+                    # every rank says so: the first to notice stops them all, maybe before rank 0's watcher looks
+                    who = "" if self.announce else f"rank {os.environ.get('RANK', '?')}: "
+                    os.write(2, f"\n{who}the launcher (pid {launcher}) is gone: stopping at the next step boundary "
+                                "and saving a checkpoint\n".encode())
                     self.signum, self.first_at = signal.SIGTERM, time.monotonic()
 
         threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
@@ -2544,22 +2546,26 @@ def settle_ddp_buckets(model: nn.parallel.DistributedDataParallel, loader: Shard
 # 10. entry point
 # ---------------------------------------------------------------------------------------------------------------
 
-def open_mirror(url: str, keep_last: int):
-    """The off-machine copy of the checkpoints (src/mirror.py, imported only when --mirror is given), checked: a
-    mirror that cannot be written, listed, read and cleaned is a one-line UserError before training starts."""
+def open_mirror(url: str, keep_last: int, check: bool = True):
+    """The off-machine copy of the checkpoints (src/mirror.py, imported only when --mirror is given). check=True (a
+    run that will upload): a mirror that cannot be written, listed, read and cleaned is a one-line UserError before
+    training starts. check=False: only reading is needed (a resume's fetch), so read-only credentials do."""
     from mirror import Mirror, MirrorError
     try:
         mirror = Mirror(url, keep_last=keep_last)
-        mirror.check()
+        if check:
+            mirror.check()
     except MirrorError as e:
         raise UserError(str(e)) from None
     return mirror
 
 
 def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str | None) -> Path | None:
-    """--resume's checkpoint, verified, with damaged local files set aside. For latest and auto with a mirror: when
-    no local checkpoint is valid (the folder is missing or empty, or every file fails verification), the newest valid
-    mirrored one is downloaded into the folder, checked against the mirror's checksums and ours, and used."""
+    """--resume's checkpoint, verified, with damaged local files set aside. For latest and auto with a mirror, local
+    and mirrored checkpoints are both considered: when the mirror holds a valid checkpoint newer than every valid
+    local one (the folder is missing or empty, every file fails verification, or this machine's disk holds an older
+    run state, as a node of an earlier job may), it is downloaded into the folder, checked against the mirror's
+    checksums and ours, and used."""
     try:
         path = manager.resolve(resume)
     except UserError:
@@ -2567,25 +2573,136 @@ def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str
             raise
         path = None
     manager.set_aside(manager.damaged)  # a damaged file never takes a name resume or rotation uses
-    if path is not None or not mirror_url or resume not in ("latest", "auto"):
-        if path is not None and mirror_url:
-            log.info("resuming from the local checkpoint %s (the mirror is used when no local one is valid)", path)
+    if not mirror_url or resume not in ("latest", "auto"):
         return path
-    mirror = open_mirror(mirror_url, keep_last=1)
+    local_step = CheckpointManager.load(path, verify=False)["step"] if path else -1
+    from mirror import MirrorError
+    mirror = open_mirror(mirror_url, keep_last=1, check=False)
     try:
-        fetched = mirror.fetch_newest_valid(manager.dir, lambda p: CheckpointManager.load(p))
-    except Exception as e:  # MirrorError: the mirror could not be read at all
+        fetched = mirror.fetch_newest_valid(manager.dir, CheckpointManager.load, newer_than=local_step)
+    except MirrorError as e:  # the mirror could not be read at all
         raise UserError(str(e)) from None
     finally:
         mirror.close()
     if fetched is None:
+        if path is not None:
+            log.info("resuming from the local checkpoint %s (step %d; the mirror holds nothing newer)", path,
+                     local_step)
+            return path
         if resume == "auto":
             return None
         raise UserError(f"--resume latest: no valid checkpoint in {manager.dir}/ nor on the mirror "
                         f"{redact_url(mirror_url)}; start without --resume, or check --checkpoint_dir and --mirror")
-    log.warning("no valid local checkpoint in %s/: resuming from the MIRROR's step %d (%s), downloaded and verified",
-                manager.dir, fetched[1]["step"], redact_url(mirror_url))
+    log.warning("%s: resuming from the MIRROR's step %d (%s), downloaded and verified",
+                f"the mirror holds a newer checkpoint than {manager.dir}/ (step {local_step})" if path else
+                f"no valid local checkpoint in {manager.dir}/", fetched[1]["step"], redact_url(mirror_url))
     return fetched[0]
+
+
+def gather_from_all(env: DistEnv, value) -> list:
+    """`value` from every rank, in rank order (small picklable values; one collective)."""
+    if not env.distributed:
+        return [value]
+    values = [None] * env.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def agree(env: DistEnv, problem: str | None) -> None:
+    """Raise the first rank's problem on every rank, so that all of them stop together (none waits for the others
+    in a collective until a timeout)."""
+    problems = [p for p in gather_from_all(env, problem) if p is not None]
+    if problems:
+        raise UserError(problems[0])
+
+
+def checkpoint_fingerprint(path: Path) -> tuple | None:
+    """What identifies a checkpoint file's content, read cheaply: its size and the CRC-32 and size of every record,
+    from the zip archive's directory (a few KB, not the tensors). None if there is no readable checkpoint file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = tuple((i.filename.partition("/")[2], i.CRC, i.file_size) for i in archive.infolist())
+        return (path.stat().st_size, records)
+    except (OSError, zipfile.BadZipFile):
+        return None
+
+
+def checkpoint_for_every_node(manager: CheckpointManager, path: Path, resume: str, mirror_url: str | None,
+                              blind: list[int]) -> tuple[Path, tuple, dict]:
+    """Rank 0, when ranks `blind` cannot see its checkpoint `path` (nodes without shared storage): the mirror's
+    copy of it, for their nodes to fetch. If the mirror does not hold it (its upload had not finished when the run
+    died), latest and auto take the mirror's newest valid checkpoint instead, on every node, rank 0 too. Returns
+    (rank 0's path, its fingerprint, the mirror's entry)."""
+    step = CheckpointManager.load(path, verify=False)["step"]
+    where = f"rank(s) {', '.join(map(str, blind))} cannot see {path} (step {step})"
+    if not mirror_url:
+        raise UserError(f"{where}: on several machines, put --checkpoint_dir on storage every node shares, or give "
+                        "--mirror so that each node fetches the checkpoint it needs")
+    from mirror import MirrorError
+    mirror = open_mirror(mirror_url, keep_last=1, check=False)
+    try:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(16 << 20):
+                digest.update(chunk)
+        entry = mirror.find(digest.hexdigest())
+        if entry is not None:
+            log.warning("%s (no storage every node shares): their node(s) fetch it from the mirror %s", where,
+                        mirror.redacted_url())
+        elif resume not in ("latest", "auto"):
+            raise UserError(f"{where}, and the mirror {mirror.redacted_url()} does not hold it: copy it to every "
+                            "node, or resume with --resume latest")
+        else:
+            fetched = mirror.fetch_newest_valid(manager.dir, CheckpointManager.load)
+            if fetched is None:
+                raise UserError(f"{where}, and the mirror {mirror.redacted_url()} holds no valid checkpoint: put "
+                                "--checkpoint_dir on storage every node shares, or copy the folder to every node")
+            path, entry = fetched
+            log.warning("%s (no storage every node shares) and the mirror does not hold it (its upload had not "
+                        "finished?): EVERY node resumes from the mirror's newest valid checkpoint, step %d", where,
+                        entry["step"])
+    except MirrorError as e:
+        raise UserError(str(e)) from None
+    finally:
+        mirror.close()
+    return path, checkpoint_fingerprint(path), entry
+
+
+def share_checkpoint(env: DistEnv, manager: CheckpointManager, path: Path, resume: str,
+                     mirror_url: str | None) -> Path:
+    """This rank's copy of the checkpoint rank 0 chose. With storage every node shares, that is rank 0's file. On
+    several machines with local disks only, a node that cannot see it, or holds another file under its name, fetches
+    the same checkpoint from the mirror into its own --checkpoint_dir, once per node (its first local rank), checked
+    by sha256 and CRC-32 and compared with rank 0's; every rank stops with one error if any node cannot get it."""
+    if not env.distributed:
+        return path
+    fingerprint = broadcast_from_main(env, lambda: checkpoint_fingerprint(path))
+    blind = [rank for rank, sees in enumerate(gather_from_all(env, checkpoint_fingerprint(path) == fingerprint))
+             if not sees]
+    if not blind:
+        return path
+    path, fingerprint, entry = broadcast_from_main(
+        env, lambda: checkpoint_for_every_node(manager, path, resume, mirror_url, blind))
+    here = manager.dir / CheckpointManager.LATEST
+    problem = None
+    if checkpoint_fingerprint(path) != fingerprint and env.local_rank == 0:
+        try:
+            mirror = open_mirror(mirror_url, keep_last=1, check=False)
+            try:
+                fetched = mirror.fetch(entry, manager.dir, CheckpointManager.load)
+            finally:
+                mirror.close()
+            if fetched is None or checkpoint_fingerprint(here) != fingerprint:
+                problem = f"rank {env.rank} could not fetch step {entry['step']} from the mirror (see its log)"
+        except Exception as e:  # UserError, MirrorError, OSError: this node's fetch failed
+            problem = f"rank {env.rank} could not fetch step {entry['step']} from the mirror: {e}"
+    agree(env, problem)  # also: no rank looks before its node's fetch is done
+    mine = path if checkpoint_fingerprint(path) == fingerprint else here
+    agree(env, None if checkpoint_fingerprint(mine) == fingerprint else
+          f"rank {env.rank} cannot see {path} nor a copy of it in {manager.dir}/")
+    if env.is_main:
+        log.info("every rank holds step %d now (fetched from the mirror where it was missing)", entry["step"])
+    return mine
 
 
 def fp8_call(name: str, *args):
@@ -2643,10 +2760,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ckpt_path = broadcast_from_main(env, lambda: resolve_with_mirror(manager, resume, flags.get("mirror")))
             if ckpt_path is None:
                 log.info("--resume auto: no checkpoint in %s/, starting a new run", checkpoint_dir)
-            elif not ckpt_path.is_file():  # rank 0 found it; this rank, on another machine, may not see it
-                log.error("rank %d cannot see %s: on several machines the checkpoint folder must be on storage "
-                          "every node shares", env.rank, ckpt_path)
-                raise UserError(f"rank {env.rank} cannot see {ckpt_path}; put --checkpoint_dir on shared storage")
+            else:  # rank 0 found it; a rank on another machine may not see it
+                ckpt_path = share_checkpoint(env, manager, ckpt_path, resume, flags.get("mirror"))
         # only the settings are needed here: with mmap, loading reads the small metadata record, not the tensors;
         # train() loads again and drops the state once restored, so it is not held for the whole run
         cfg = resolve_config(flags, CheckpointManager.load(ckpt_path, verify=False) if ckpt_path else None)

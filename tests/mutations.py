@@ -58,6 +58,8 @@ DISK_FULL = "tests/test_disk_full.py::"
 RESUME = "tests/test_e2e_resume.py::"
 GPU_READY = "tests/test_gpu_ready.py::"
 MIRROR = "tests/test_mirror_e2e.py::"
+MIRROR_UNIT = "tests/test_mirror.py::"
+MULTINODE = "tests/test_multinode.py::"
 
 ROWS = [
     Row("fsyncs_removed", (
@@ -186,9 +188,24 @@ ROWS = [
         ('                mirror.submit(manager.dir / r["names"][0], r["step"], r["names"])\n', "                pass\n"),
     ), (MIRROR + "test_plain_folder_mirror_kill_the_run_delete_the_folder_and_continue_bit_exact",)),
     Row("resume_ignores_the_mirror", (
-        ('    if path is not None or not mirror_url or resume not in ("latest", "auto"):',
-         "    if True:"),
+        ('    if not mirror_url or resume not in ("latest", "auto"):\n        return path\n', "    return path\n"),
     ), (MIRROR + "test_plain_folder_mirror_kill_the_run_delete_the_folder_and_continue_bit_exact",)),
+    Row("a_valid_local_checkpoint_hides_a_newer_mirrored_one", (
+        ('    if not mirror_url or resume not in ("latest", "auto"):\n        return path\n',
+         '    if path is not None or not mirror_url or resume not in ("latest", "auto"):\n        return path\n'),
+    ), (MIRROR_UNIT + "test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder",)),
+    Row("a_node_without_the_checkpoint_does_not_fetch_it", (
+        ("    if checkpoint_fingerprint(path) != fingerprint and env.local_rank == 0:",
+         "    if checkpoint_fingerprint(path) != fingerprint and env.is_main:"),
+    ), (MULTINODE + "test_nodes_without_shared_storage_each_fetch_the_checkpoint_from_the_mirror_and_resume_"
+                    "bit_exact",)),
+    Row("nodes_compare_checkpoints_by_name_only", (
+        ("        return (path.stat().st_size, records)", "        return (path.stat().st_size,)"),
+    ), (MIRROR_UNIT + "test_a_node_that_cannot_see_rank_0s_checkpoint_gets_the_mirrors_copy_of_it",)),
+    Row("a_checkpoint_the_mirror_lacks_is_not_replaced", (
+        ('        elif resume not in ("latest", "auto"):\n            raise UserError(f"{where}, and the mirror',
+         '        elif True:\n            raise UserError(f"{where}, and the mirror'),
+    ), (MIRROR_UNIT + "test_when_the_mirror_lacks_rank_0s_checkpoint_every_node_takes_the_mirrors_newest",)),
 ]
 
 

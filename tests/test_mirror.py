@@ -360,3 +360,67 @@ def test_credentials_in_the_url_never_show_in_messages(s3, mirrors, base_state, 
     assert any(FAILING in m for m in said)
     for secret in (wrong_secret, wrong_key, SECRET_KEY, ACCESS_KEY):
         assert not [m for m in said if secret in m], secret
+
+
+# resume: local and mirrored checkpoints both count, and nodes without shared storage ------------------------------
+def mirrored_run(tmp_path, base_state, steps):
+    """A plain-folder mirror holding a run's checkpoints of `steps` (saved and uploaded in order)."""
+    url = str(tmp_path / "mirror")
+    mirror = Mirror(url)
+    mirror.check()
+    run = Checkpoints(tmp_path / "run", base_state)
+    for step in steps:
+        mirror.submit(*run.save(step))
+        assert mirror.wait(30)
+    mirror.close()
+    return url, run
+
+
+def test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder(base_state, tmp_path, train_log):
+    url, run = mirrored_run(tmp_path, base_state, (5, 8))
+    local = Checkpoints(tmp_path / "ck", base_state)  # this machine's disk holds an older state of the run
+    local.save(5)
+    path = T.resolve_with_mirror(local.manager, "latest", url)
+    assert T.CheckpointManager.load(path)["step"] == 8 and path == local.manager.dir / "latest.pt"
+    assert path.read_bytes() == run.manager.rolling_path(8).read_bytes()
+    assert any("the mirror holds a newer checkpoint than" in m and "(step 5): resuming from the MIRROR's step 8" in m
+               for m in train_log)
+    # nothing newer on the mirror: the local file, and the mirror is only read (no probe object written)
+    local.save(9)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "mirror").rglob("*"))
+    assert T.resolve_with_mirror(local.manager, "auto", url) == local.manager.dir / "latest.pt"
+    assert T.CheckpointManager.load(local.manager.dir / "latest.pt")["step"] == 9
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "mirror").rglob("*")) == before
+    assert any("step 9; the mirror holds nothing newer" in m for m in train_log)
+
+
+def test_a_node_that_cannot_see_rank_0s_checkpoint_gets_the_mirrors_copy_of_it(base_state, tmp_path, train_log):
+    url, run = mirrored_run(tmp_path, base_state, (5, 8))
+    path = run.manager.dir / "latest.pt"  # rank 0's checkpoint (step 8), on its own disk only
+    same, fingerprint, entry = T.checkpoint_for_every_node(run.manager, path, "latest", url, blind=[1])
+    assert same == path and fingerprint == T.checkpoint_fingerprint(path) and entry["step"] == 8
+    assert any("rank(s) 1 cannot see" in m and "their node(s) fetch it from the mirror" in m for m in train_log)
+    node = T.CheckpointManager(tmp_path / "node1" / "ck")  # what that node's first rank then does
+    fetched = Mirror(url).fetch(entry, node.dir, T.CheckpointManager.load)
+    assert T.checkpoint_fingerprint(fetched) == fingerprint and fetched.read_bytes() == path.read_bytes()
+    # a different checkpoint under the same name is not the same file, whatever its name
+    assert T.checkpoint_fingerprint(run.manager.rolling_path(5)) != fingerprint
+
+
+def test_when_the_mirror_lacks_rank_0s_checkpoint_every_node_takes_the_mirrors_newest(base_state, tmp_path,
+                                                                                       train_log):
+    url, run = mirrored_run(tmp_path, base_state, (5,))
+    run.save(8)  # saved after the mirror's last upload: the run died before it was mirrored
+    path = run.manager.dir / "latest.pt"
+    chosen, fingerprint, entry = T.checkpoint_for_every_node(run.manager, path, "auto", url, blind=[2, 3])
+    assert entry["step"] == 5 and T.CheckpointManager.load(chosen)["step"] == 5
+    assert fingerprint == T.checkpoint_fingerprint(chosen) != T.checkpoint_fingerprint(run.manager.rolling_path(8))
+    assert any("rank(s) 2, 3 cannot see" in m and "EVERY node resumes from the mirror's newest valid checkpoint, "
+               "step 5" in m for m in train_log)
+    assert T.CheckpointManager.load(run.manager.rolling_path(8))["step"] == 8  # rank 0's newer file is still there
+    # a checkpoint named explicitly is never swapped for another; without a mirror, the error says what to do
+    with pytest.raises(T.UserError, match="does not hold it: copy it to every node, or resume with --resume latest"):
+        T.checkpoint_for_every_node(run.manager, run.manager.rolling_path(8), str(run.manager.rolling_path(8)), url,
+                                    blind=[1])
+    with pytest.raises(T.UserError, match="storage every node shares, or give --mirror"):
+        T.checkpoint_for_every_node(run.manager, path, "latest", None, blind=[1])

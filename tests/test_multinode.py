@@ -6,9 +6,11 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import train_improved as T
 from helpers import ROOT, TRAINER, kill_9_everything, last_step, trainer_env, wait_for, workers
-from test_e2e_resume import assert_same_run, data, reference, resume, run_args  # noqa: F401 (fixtures)
+from test_e2e_resume import STEPS, assert_same_run, data, reference, resume, run_args  # noqa: F401 (fixtures)
 
 
 def free_port() -> int:
@@ -17,11 +19,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_node(args, port, node_rank):
+def launch_node(args, port, node_rank, cwd=ROOT):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=multinode-test",
            f"--node_rank={node_rank}", str(TRAINER), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=cwd, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
@@ -64,3 +66,40 @@ def test_two_nodes_train_stop_on_one_signal_and_resume_on_two_nodes_or_one_bit_e
     assert_same_run(again, reference)
     resume(tmp_path, data)  # one machine, two processes: same world size, so still bit-exact
     assert_same_run(tmp_path, reference)
+
+
+def test_nodes_without_shared_storage_each_fetch_the_checkpoint_from_the_mirror_and_resume_bit_exact(tmp_path, data,
+                                                                                                   reference):
+    """Two machines with local disks only: the same command line (relative --checkpoint_dir) in a different folder
+    each. Node 0 holds the run's newest checkpoint before its end (the reference run, rewound there) and so does the
+    mirror; node 1's disk is empty. Node 1 fetches that checkpoint from the mirror and the run continues exactly."""
+    from mirror import Mirror
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    shutil.copytree(reference / "logs", node0 / "logs")
+    ck = node0 / "ck"
+    ck.mkdir()
+    steps = [s for s, _ in T.CheckpointManager(reference / "ck")._numbered("rolling_step_")]
+    older, step = [s for s in steps if s < STEPS][-2:]  # which steps were saved was up to the save policy
+    for s in (older, step):
+        os.link(reference / "ck" / f"rolling_step_{s:06d}.pt", ck / f"rolling_step_{s:06d}.pt")
+    os.link(ck / f"rolling_step_{step:06d}.pt", ck / "latest.pt")
+    mirror_url = str(tmp_path / "mirror")
+    mirror = Mirror(mirror_url)
+    mirror.check()
+    for s in (older, step):
+        mirror.submit(ck / f"rolling_step_{s:06d}.pt", s, [f"rolling_step_{s:06d}.pt"])
+        assert mirror.wait(30)
+    mirror.close()
+    node1.mkdir()
+    args = run_args(Path("."), data, "--resume", "latest", "--mirror", mirror_url)
+    port = free_port()
+    nodes = [launch_node(args, port, rank, cwd=where) for rank, where in enumerate((node0, node1))]
+    outs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outs[0][-3000:] + outs[1][-3000:]
+    assert f"rank(s) 1 cannot see ck/latest.pt (step {step}) (no storage every node shares): their node(s) fetch " \
+           "it from the mirror" in outs[0]
+    assert f"every rank holds step {step} now" in outs[0] and f"resumed from ck/latest.pt: step {step}," in outs[0]
+    assert_same_run(node0, reference)
+    # node 1's disk got exactly the checkpoint its rank needed, and nothing else was written there
+    assert (node1 / "ck" / "latest.pt").read_bytes() == (reference / "ck" / f"rolling_step_{step:06d}.pt").read_bytes()
+    assert sorted(p.name for p in node1.rglob("*")) == ["ck", "latest.pt", f"rolling_step_{step:06d}.pt"]
