@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,3 +167,21 @@ def kill_9_everything(proc: subprocess.Popen) -> None:
     for pid in pids[1:]:  # wait until the orphans are really gone
         while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z":
             time.sleep(0.01)
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that build(folder) fills once per test session, for every pytest-xdist worker: the first to ask
+    builds it (the others wait on a lock), later ones reuse it. For expensive read-only fixtures, such as the
+    uninterrupted reference runs that many test files compare with: a test that must change one works on a copy."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers of this session
+    folder, done = base / f"built-once-{name}", base / f"built-once-{name}.done"
+    with open(base / f"built-once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder

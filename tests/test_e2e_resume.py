@@ -6,21 +6,26 @@ its per-step losses and its final weights bit for bit."""
 import contextlib
 import json
 import os
+import shutil
 import signal
+import subprocess
 import time
 
 import pytest
 import torch
 
 import train_improved as T
-from helpers import (EXACT_SAVES, TINY_ARGS, descendants, kill_9_everything, last_step, launch, read_metrics, run,
-                     tensorboard_scalars, wait_for, workers)
+from helpers import (EXACT_SAVES, TINY_ARGS, built_once, descendants, kill_9_everything, last_step, launch,
+                     read_metrics, run, tensorboard_scalars, wait_for, workers, write_bin_shard)
 
 STEPS = 40
 
 
 def run_args(root, shard_dir, *extra):
-    return [*TINY_ARGS, "--data_dir", str(shard_dir), "--total_batch_size", "256", "--max_steps", str(STEPS),
+    # 128 tokens a step, in windows of one sequence: with 2 ranks still 2 micro-steps each (gradient accumulation),
+    # at half the compute of 2 sequences a window (the suite's time goes mostly into these runs)
+    return [*TINY_ARGS, "--batch_size", "1", "--data_dir", str(shard_dir), "--total_batch_size", "128",
+            "--max_steps", str(STEPS),
             "--dropout", "0.1", "--checkpoint_freq", "5", "--eval_freq", "10", "--log_freq", "10",
             "--checkpoint_dir", str(root / "ck"), "--log_dir", str(root / "logs"), *extra]
 
@@ -51,20 +56,21 @@ def assert_same_run(root, reference):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from helpers import write_bin_shard
-    d = tmp_path_factory.mktemp("data")
-    write_bin_shard(d / "syn_val_000000.bin", start=0, count=4000)
-    write_bin_shard(d / "syn_train_000001.bin", start=10_000, count=6000)
-    write_bin_shard(d / "syn_train_000002.bin", start=20_000, count=5000)
-    return d
+    def build(d):
+        write_bin_shard(d / "syn_val_000000.bin", start=0, count=4000)
+        # 40 steps of 128 tokens stay within one epoch and move from the first shard to the second halfway
+        write_bin_shard(d / "syn_train_000001.bin", start=10_000, count=3000)
+        write_bin_shard(d / "syn_train_000002.bin", start=20_000, count=2500)
+    return built_once(tmp_path_factory, "data", build)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data):
-    root = tmp_path_factory.mktemp("reference")
-    result = run(run_args(root, data))
-    assert result.returncode == 0, result.stdout[-3000:]
-    return root
+    """The uninterrupted run every resume is compared with: built once per session (read-only; copy to change)."""
+    def build(root):
+        result = run(run_args(root, data))
+        assert result.returncode == 0, result.stdout[-3000:]
+    return built_once(tmp_path_factory, "reference", build)
 
 
 def interrupt(root, data, send, after_step=12):
@@ -85,14 +91,37 @@ def interrupt(root, data, send, after_step=12):
     return proc.returncode, out
 
 
+def interrupted_once(tmp_path_factory, data, name, send, after_step, dest):
+    """A run interrupted by interrupt(..., send, after_step) once per session, copied into dest (hard links and
+    all, with `cp -a`) for a test to continue: several tests start from the same kind of stop without each paying
+    for a run of its own. Returns the interrupted launch's (exit code, output)."""
+    def build(root):
+        code, out = interrupt(root, data, send, after_step)
+        (root / "interrupted.json").write_text(json.dumps(dict(code=code, out=out)))
+    source = built_once(tmp_path_factory, name, build)
+    for part in ("ck", "logs"):
+        subprocess.run(["cp", "-a", str(source / part), str(dest / part)], check=True)
+    record = json.loads((source / "interrupted.json").read_text())
+    return record["code"], record["out"].replace(str(source), str(dest))
+
+
+def killed_at_17(tmp_path_factory, data, dest):
+    return interrupted_once(tmp_path_factory, data, "killed_at_17", kill_9_everything, 17, dest)
+
+
+def ctrl_c_at_12(tmp_path_factory, data, dest):
+    return interrupted_once(tmp_path_factory, data, "ctrl_c_at_12", lambda p: os.killpg(p.pid, signal.SIGINT), 12,
+                            dest)
+
+
 def resume(root, data, *extra, nproc=2):
     result = run(run_args(root, data, "--resume", "latest", *extra), nproc=nproc)
     assert result.returncode == 0, result.stdout[-3000:]
     return result.stdout
 
 
-def test_kill_9_of_every_process_then_resume_is_bit_exact(tmp_path, data, reference):
-    code, _ = interrupt(tmp_path, data, kill_9_everything, after_step=17)
+def test_kill_9_of_every_process_then_resume_is_bit_exact(tmp_path_factory, tmp_path, data, reference):
+    code, _ = killed_at_17(tmp_path_factory, data, tmp_path)
     assert code == -signal.SIGKILL
     killed_at = last_step(tmp_path / "logs")
     saved = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]
@@ -120,9 +149,9 @@ def test_torchrun_restarts_after_a_worker_is_killed_and_the_run_ends_bit_exact(t
     assert_same_run(tmp_path, reference)
 
 
-def test_ctrl_c_saves_at_the_step_boundary_and_resume_is_bit_exact(tmp_path, data, reference):
+def test_ctrl_c_saves_at_the_step_boundary_and_resume_is_bit_exact(tmp_path_factory, tmp_path, data, reference):
     # a terminal's Ctrl+C goes to its foreground process group: torchrun, which forwards it to the workers
-    code, out = interrupt(tmp_path, data, lambda p: os.killpg(p.pid, signal.SIGINT))
+    code, out = ctrl_c_at_12(tmp_path_factory, data, tmp_path)
     stopped = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]
     assert stopped == last_step(tmp_path / "logs") < STEPS  # the checkpoint is of the very step it stopped at
     assert f"checkpoint step {stopped} (stop signal" in out
@@ -146,8 +175,9 @@ def test_sigterm_to_torchrun_alone_stops_all_ranks_and_resume_is_bit_exact(tmp_p
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncate"])
-def test_damaged_latest_falls_back_to_the_backup_and_still_ends_bit_exact(tmp_path, data, reference, damage):
-    interrupt(tmp_path, data, kill_9_everything, after_step=17)
+def test_damaged_latest_falls_back_to_the_backup_and_still_ends_bit_exact(tmp_path_factory, tmp_path, data, reference,
+                                                                          damage):
+    killed_at_17(tmp_path_factory, data, tmp_path)
     latest = tmp_path / "ck" / "latest.pt"
     backup_step = T.CheckpointManager.load(tmp_path / "ck" / "latest_backup.pt")["step"]
     with open(latest, "r+b") as f:  # damage the file in place, as a failing disk would
@@ -175,7 +205,7 @@ def test_synchronous_saving_gives_the_same_run(tmp_path, data, reference):
 
 
 def test_retention_across_two_epochs(tmp_path, data):
-    # 512 tokens per step = 16 windows: 343 // 16 = 21 steps per epoch
+    # 512 tokens per step = 16 windows: 171 // 16 = 10 steps per epoch
     args = [*TINY_ARGS, *EXACT_SAVES, "--data_dir", str(data), "--total_batch_size", "512", "--num_epochs", "2",
             "--checkpoint_freq", "4", "--keep_last", "3", "--eval_freq", "0",
             "--checkpoint_dir", str(tmp_path / "ck"), "--log_dir", str(tmp_path / "logs")]
@@ -184,33 +214,35 @@ def test_retention_across_two_epochs(tmp_path, data):
     ck = tmp_path / "ck"
     assert sorted(p.name for p in ck.iterdir()) == [
         ".lock",  # the run's lock on the folder (one run per folder)
-        ".tmp-spare.pt",  # the file retired last (rolling 32), for the next save to overwrite
+        ".tmp-spare.pt",  # the file retired last (rolling 10), for the next save to overwrite
         "epoch_00001.pt", "epoch_00002.pt", "latest.pt", "latest_backup.pt",
-        "rolling_step_000036.pt", "rolling_step_000040.pt", "rolling_step_000042.pt"]
+        "rolling_step_000012.pt", "rolling_step_000016.pt", "rolling_step_000020.pt"]
     assert ck / ".tmp-spare.pt" not in T.CheckpointManager(ck).all_checkpoints()
-    assert T.CheckpointManager.load(ck / ".tmp-spare.pt")["step"] == 32
+    assert T.CheckpointManager.load(ck / ".tmp-spare.pt")["step"] == 10
     files = [p for p in ck.iterdir() if p.suffix == ".pt"]
     step = {p.name: T.CheckpointManager.load(p)["step"] for p in files}
-    assert step["epoch_00001.pt"] == 21 and step["epoch_00002.pt"] == 42 == step["latest.pt"]
+    assert step["epoch_00001.pt"] == 10 and step["epoch_00002.pt"] == 20 == step["latest.pt"]
+    assert step["latest_backup.pt"] == 16
     assert T.CheckpointManager.load(ck / "epoch_00001.pt")["epoch"] == 1
     for p in files:  # every file loads without running code from it
         assert torch.load(p, weights_only=True)["format_version"] == 1
 
 
 def test_starting_again_without_resume_refuses_to_touch_the_checkpoints(tmp_path, data, reference):
-    ck = reference / "ck"
+    shutil.copytree(reference / "ck", tmp_path / "ck")
+    ck = tmp_path / "ck"
     def checkpoints():  # (the .lock file names whoever launched last)
         return {p.name: p.stat().st_mtime_ns for p in ck.iterdir() if p.name != ".lock"}
     before = checkpoints()
-    result = run(run_args(reference, data), nproc=None)
+    result = run(run_args(tmp_path, data), nproc=None)
     assert result.returncode == 2
     assert "already holds checkpoints" in result.stdout and "--resume latest" in result.stdout
     assert "Traceback" not in result.stdout
     assert checkpoints() == before
 
 
-def test_resume_on_another_world_size_continues_the_same_token_stream(tmp_path, data, reference):
-    interrupt(tmp_path, data, lambda p: os.killpg(p.pid, signal.SIGINT))
+def test_resume_on_another_world_size_continues_the_same_token_stream(tmp_path_factory, tmp_path, data, reference):
+    ctrl_c_at_12(tmp_path_factory, data, tmp_path)
     out = resume(tmp_path, data, nproc=None)  # a GPU died: one process instead of two
     assert "resuming a 2-process checkpoint on 1 processes" in out and "bit for bit" in out
     mine = torch.load(tmp_path / "ck" / "latest.pt", weights_only=True)
@@ -243,12 +275,9 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path, data):
     (lambda ck: ck / "latest.pt", ["--n_layer", "3"], "n_layer=2 but the flags ask for 3"),
 ])
 def test_bad_resume_targets_are_one_line_errors(tmp_path, data, reference, make_path, extra, message):
-    (reference / "ck" / "notes.pt").write_text("not a checkpoint") if not (reference / "ck" / "notes.pt").exists() \
-        else None
-    args = run_args(tmp_path, data, "--resume", str(make_path(reference / "ck")), *extra)
-    args[args.index("--checkpoint_dir") + 1] = str(reference / "ck")
-    result = run(args, nproc=None)
-    (reference / "ck" / "notes.pt").unlink(missing_ok=True)
+    shutil.copytree(reference / "ck", tmp_path / "ck")
+    (tmp_path / "ck" / "notes.pt").write_text("not a checkpoint")
+    result = run(run_args(tmp_path, data, "--resume", str(make_path(tmp_path / "ck")), *extra), nproc=None)
     assert result.returncode == 2, result.stdout[-2000:]
     assert result.stdout.strip().splitlines()[-1].startswith("error: ") and message in result.stdout
     assert "Traceback" not in result.stdout

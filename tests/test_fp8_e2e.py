@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, kill_9_everything, last_step, launch, read_metrics, run, trainer_env, wait_for
+from helpers import ROOT, built_once, kill_9_everything, last_step, launch, read_metrics, run, trainer_env, wait_for
 from test_e2e_resume import assert_same_run, data, run_args  # noqa: F401 (fixtures)
 
 if os.environ.get("REQUIRE_FP8_TESTS") != "1":  # CI requires them: there a missing torchao fails collection
@@ -18,11 +18,12 @@ FP8 = ["--fp8", "--fp8_emulate"]
 
 @pytest.fixture(scope="module")
 def reference_fp8(tmp_path_factory, data):
-    root = tmp_path_factory.mktemp("reference_fp8")
-    result = run(run_args(root, data, *FP8))
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert "fp8: 8 Linear layers of the transformer blocks in float8 (tensorwise scaling, emulated)" in result.stdout
-    return root
+    def build(root):
+        result = run(run_args(root, data, *FP8))
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert "fp8: 8 Linear layers of the transformer blocks in float8 (tensorwise scaling, emulated)" in \
+            result.stdout
+    return built_once(tmp_path_factory, "reference_fp8", build)
 
 
 def test_fp8_trains_and_kill_9_then_resume_is_bit_exact(tmp_path, data, reference_fp8):
@@ -47,12 +48,13 @@ def test_fp8_and_bf16_checkpoints_are_interchangeable(tmp_path, data, reference_
     assert {k: (v.shape, v.dtype) for k, v in fp8_state["model"].items()} == \
         {k: (v.shape, v.dtype) for k, v in plain_state["model"].items()}  # the same keys, shapes, fp32 weights
     # fp8 -> plain with --no-fp8, plain -> fp8 with --fp8: both continue, and say that the numerics changed
-    for root, flags, now in ((reference_fp8, ["--no-fp8"], "without"), (tmp_path / "plain", FP8, "with")):
+    # (a few steps each: from step 40 and from step 10)
+    for root, flags, now, end in ((reference_fp8, ["--no-fp8"], "without", 43), (tmp_path / "plain", FP8, "with", 13)):
         work = tmp_path / f"continued-{now}"
         (work / "ck").mkdir(parents=True)
         (work / "ck" / "start.pt").write_bytes((root / "ck" / "latest.pt").read_bytes())
-        result = run([*run_args(work, data, "--resume", str(work / "ck" / "start.pt"), *flags), "--max_steps", "45"],
-                     nproc=None)
+        result = run([*run_args(work, data, "--resume", str(work / "ck" / "start.pt"), *flags),
+                      "--max_steps", str(end)], nproc=None)
         assert result.returncode == 0, result.stdout[-3000:]
         assert f"continues {now} it: the weights and optimizer state carry over unchanged, but the numerics" in \
             result.stdout

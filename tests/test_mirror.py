@@ -23,6 +23,9 @@ from mirror import Mirror, MirrorError  # noqa: E402
 from s3_server import ACCESS_KEY, READ_KEY, READ_SECRET, SECRET_KEY, free_ports  # noqa: E402
 from test_checkpoint_manager import make_state, with_step  # noqa: E402
 
+# one pytest-xdist worker runs every test of the "s3" group, so the session starts one S3 server, not one per
+# worker (an idle SeaweedFS still takes about 6% of a core)
+pytestmark = pytest.mark.xdist_group("s3")
 FAILING = "MIRROR UPLOAD FAILING"
 # short timeouts and backoff: a hung or dead server is noticed within seconds
 QUICK = dict(timeout_seconds=1.0, retry_initial_seconds=0.1, retry_max_seconds=0.5,

@@ -14,6 +14,11 @@ from helpers import kill_9_everything, last_step, launch, run, wait_for
 from test_e2e_resume import STEPS, assert_same_run, data, reference, run_args  # noqa: F401 (fixtures)
 
 
+# one pytest-xdist worker runs every test of the "s3" group, so the session starts one S3 server, not one per
+# worker (an idle SeaweedFS still takes about 6% of a core)
+pytestmark = pytest.mark.xdist_group("s3")
+
+
 def s3_url(server):
     return f"s3://{server.bucket}/run-{uuid.uuid4().hex[:8]}"
 

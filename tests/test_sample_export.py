@@ -8,24 +8,23 @@ import pytest
 import torch
 
 import train_improved as T
-from helpers import ROOT, TINY_ARGS, run, trainer_env
+from helpers import ROOT, TINY_ARGS, built_once, run, trainer_env, write_bin_shard
 
 PROMPT = "The meaning of life is"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A single-process run of 8 steps with evaluation, so best_model.pt and latest.pt both exist."""
-    from helpers import write_bin_shard
-    root = tmp_path_factory.mktemp("trained")
-    (root / "data").mkdir()
-    write_bin_shard(root / "data" / "syn_val_000000.bin", start=0, count=4000)
-    write_bin_shard(root / "data" / "syn_train_000001.bin", start=10_000, count=6000)
-    result = run([*TINY_ARGS, "--data_dir", str(root / "data"), "--total_batch_size", "128", "--max_steps", "8",
-                  "--eval_freq", "4", "--checkpoint_dir", str(root / "ck"), "--log_dir", str(root / "logs")],
-                 nproc=None)
-    assert result.returncode == 0, result.stdout[-3000:]
-    return root
+    """A single-process run of 8 steps with evaluation, so best_model.pt and latest.pt both exist (read-only)."""
+    def build(root):
+        (root / "data").mkdir()
+        write_bin_shard(root / "data" / "syn_val_000000.bin", start=0, count=4000)
+        write_bin_shard(root / "data" / "syn_train_000001.bin", start=10_000, count=6000)
+        result = run([*TINY_ARGS, "--data_dir", str(root / "data"), "--total_batch_size", "128", "--max_steps", "8",
+                      "--eval_freq", "4", "--checkpoint_dir", str(root / "ck"), "--log_dir", str(root / "logs")],
+                     nproc=None)
+        assert result.returncode == 0, result.stdout[-3000:]
+    return built_once(tmp_path_factory, "trained", build)
 
 
 def cli(script, *args):
