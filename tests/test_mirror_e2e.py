@@ -36,57 +36,52 @@ def committed(server, url):
         return [c["step"] for c in Mirror(url).remote_checkpoints()]
 
 
-def kill_lose_the_disk_and_continue_from_the_mirror(tmp_path, data, reference, url, server):
+def kill_lose_the_disk_and_continue_from_the_mirror(tmp_path, data, reference, url, server, damage_newest=False):
+    """A mirrored 2-process run is killed once the mirror holds two checkpoints, its folder deleted, and a new run
+    continues from the mirror: from the newest copy, or with damage_newest (one flipped byte in the newest remote
+    copy) from the one before it, saying why. Either way it ends bit for bit as the uninterrupted run."""
     env = mirror_env(server)
     proc = launch(run_args(tmp_path, data, "--mirror", url), extra_env=env)
-    wait_for(lambda: last_step(tmp_path / "logs") >= 17 and committed(server, url), timeout=180, proc=proc)
+    wait_for(lambda: last_step(tmp_path / "logs") >= 17 and len(committed(server, url)) >= 2, timeout=180, proc=proc)
     kill_9_everything(proc)  # the machine is gone...
     proc.communicate()
-    newest = committed(server, url)[0]
+    from mirror import Mirror
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        remote = Mirror(url).remote_checkpoints()
+    newest, previous = remote[0], remote[1]
+    if damage_newest:
+        fs = server.filesystem()
+        blob = bytearray(fs.cat_file(newest["key"]))
+        blob[len(blob) // 2] ^= 0xFF
+        fs.pipe_file(newest["key"], bytes(blob))
     shutil.rmtree(tmp_path / "ck")  # ...with its disk
     proc = launch(run_args(tmp_path, data, "--resume", "auto", "--mirror", url), extra_env=env)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    assert f"resuming from the MIRROR's step {newest}" in out
-    assert f"resumed from {tmp_path / 'ck' / 'latest.pt'}: step {newest}," in out
+    used = previous if damage_newest else newest
+    if damage_newest:
+        assert f"the copy of step {newest['step']}" in out and "sha256 mismatch" in out
+        assert "trying the next older" in out
+    assert f"resuming from the MIRROR's step {used['step']}" in out
+    assert f"resumed from {tmp_path / 'ck' / 'latest.pt'}: step {used['step']}," in out
     assert_same_run(tmp_path, reference)
     assert f"mirror: the last checkpoint (step {STEPS}) is on" in out
     return out
 
 
-def test_s3_mirror_kill_the_run_delete_the_folder_and_continue_bit_exact(tmp_path, data, reference, s3_server):
+def test_s3_mirror_kill_the_run_delete_the_folder_and_a_damaged_newest_copy_falls_back_bit_exact(tmp_path, data,
+                                                                                                  reference,
+                                                                                                  s3_server):
     url = s3_url(s3_server)
-    out = kill_lose_the_disk_and_continue_from_the_mirror(tmp_path, data, reference, url, s3_server)
+    out = kill_lose_the_disk_and_continue_from_the_mirror(tmp_path, data, reference, url, s3_server,
+                                                           damage_newest=True)
     assert s3_server.env["AWS_SECRET_ACCESS_KEY"] not in out  # no secret in any log line
 
 
 def test_plain_folder_mirror_kill_the_run_delete_the_folder_and_continue_bit_exact(tmp_path, data, reference):
     kill_lose_the_disk_and_continue_from_the_mirror(tmp_path, data, reference, str(tmp_path / "second-disk"), None)
-
-
-def test_a_damaged_newest_remote_copy_falls_back_to_the_one_before(tmp_path, data, reference, s3_server):
-    url = s3_url(s3_server)
-    proc = launch(run_args(tmp_path, data, "--mirror", url), extra_env=s3_server.env)
-    wait_for(lambda: len(committed(s3_server, url)) >= 2, timeout=180, proc=proc)
-    kill_9_everything(proc)
-    proc.communicate()
-    from mirror import Mirror
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in s3_server.env.items():
-            mp.setenv(k, v)
-        remote = Mirror(url).remote_checkpoints()
-    newest, previous = remote[0], remote[1]
-    fs = s3_server.filesystem()
-    blob = bytearray(fs.cat_file(newest["key"]))
-    blob[len(blob) // 2] ^= 0xFF  # one flipped byte in the newest remote checkpoint
-    fs.pipe_file(newest["key"], bytes(blob))
-    shutil.rmtree(tmp_path / "ck")
-    proc = launch(run_args(tmp_path, data, "--resume", "latest", "--mirror", url), extra_env=s3_server.env)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    assert f"the copy of step {newest['step']}" in out and "sha256 mismatch" in out and "trying the next older" in out
-    assert f"resuming from the MIRROR's step {previous['step']}" in out
-    assert_same_run(tmp_path, reference)
 
 
 def start_a_long_mirrored_run(tmp_path, data, server):
