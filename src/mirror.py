@@ -45,6 +45,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -108,6 +109,11 @@ class _Failing:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or "no message"
     return f"{type(e).__name__}: {text[:300]}"
+
+
+def _host_pid() -> str:
+    """This process, unique across the machines that may share a folder (pids alone repeat between machines)."""
+    return f"{re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname())}-{os.getpid()}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -711,7 +717,8 @@ class Mirror:
         reason logged) if the copy is not usable. Raises as download() does."""
         local_dir = Path(local_dir)
         local_dir.mkdir(parents=True, exist_ok=True)
-        tmp = local_dir / f".tmp-mirror-fetch-{os.getpid()}.pt"  # .tmp-*: the trainer removes leftovers at start
+        # .tmp-*: the trainer removes leftovers at start; host and pid: nodes may fetch into one shared folder at once
+        tmp = local_dir / f".tmp-mirror-fetch-{_host_pid()}.pt"
         try:
             problem = self.download(entry, tmp)
             if problem is None:
@@ -766,7 +773,7 @@ class Mirror:
         run when due."""
         extra = [n for n in names if n != LATEST and ROLLING_NAME.fullmatch(n)]
         for name in extra:
-            link = local_dir / f".tmp-mirror-link-{os.getpid()}.pt"
+            link = local_dir / f".tmp-mirror-link-{_host_pid()}.pt"
             link.unlink(missing_ok=True)
             try:
                 os.link(tmp, link)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -185,3 +186,9 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
             build(folder)
             done.touch()
     return folder
+
+
+def saved_on_stop(out: str, step: int) -> bool:
+    """Whether the log says step `step` was saved because of a stop: "checkpoint step 15 (stop signal)", or with
+    the other reasons due at the same step listed first ("(periodic, stop signal)")."""
+    return re.search(rf"checkpoint step {step} \((?:[a-z ]+, )*stop signal[,)]", out) is not None

@@ -16,7 +16,7 @@ import torch
 
 import train_improved as T
 from helpers import (EXACT_SAVES, TINY_ARGS, built_once, descendants, kill_9_everything, last_step, launch,
-                     read_metrics, run, tensorboard_scalars, wait_for, workers, write_bin_shard)
+                     read_metrics, run, saved_on_stop, tensorboard_scalars, wait_for, workers, write_bin_shard)
 
 STEPS = 40
 
@@ -154,7 +154,7 @@ def test_ctrl_c_saves_at_the_step_boundary_and_resume_is_bit_exact(tmp_path_fact
     code, out = ctrl_c_at_12(tmp_path_factory, data, tmp_path)
     stopped = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]
     assert stopped == last_step(tmp_path / "logs") < STEPS  # the checkpoint is of the very step it stopped at
-    assert f"checkpoint step {stopped} (stop signal" in out
+    assert saved_on_stop(out, stopped)
     assert f"stopped cleanly at step {stopped} of {STEPS}, checkpoint saved. Resume with:" in out
     # (torchrun starts the workers in sessions of their own: the Ctrl+C reaches them once, forwarded by torchrun)
     assert "--resume latest" in out and "second SIGINT" not in out
@@ -251,9 +251,10 @@ def test_resume_on_another_world_size_continues_the_same_token_stream(tmp_path_f
     train, _ = read_metrics(tmp_path / "logs")
     ref_train, _ = read_metrics(reference / "logs")
     assert sorted(train) == list(range(1, STEPS + 1))
-    # same data, same schedule, the AdamW moments carried over: close, not identical (measured gap about 0.0007;
-    # with the moments reset it is about 0.02)
-    assert abs(train[STEPS] - ref_train[STEPS]) < 0.005, (train[STEPS], ref_train[STEPS])
+    # same data, same schedule, the AdamW moments carried over: close, not identical (other dropout masks on one
+    # process; measured gaps 0.0017 to 0.0040 over four stops at steps 13 and 14; with the moments reset 0.012). The
+    # exact check of the carried-over state is test_gpu_ready's test_resuming_on_another_world_size_restores_...
+    assert abs(train[STEPS] - ref_train[STEPS]) < 0.008, (train[STEPS], ref_train[STEPS])
 
 
 def test_resume_auto_starts_fresh_then_continues(tmp_path, data):
@@ -323,7 +324,7 @@ def test_workers_stop_together_save_and_exit_when_torchrun_is_killed(tmp_path, d
     assert "the launcher (pid " in out and "is gone: stopping at the next step boundary" in out
     stopped = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]
     assert stopped == last_step(tmp_path / "logs") < STEPS  # both ranks stopped at that step, and it was saved
-    assert f"checkpoint step {stopped} (stop signal" in out
+    assert saved_on_stop(out, stopped)
     resume(tmp_path, data)
     assert_same_run(tmp_path, reference)
 

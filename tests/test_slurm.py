@@ -6,7 +6,7 @@ import shutil
 import signal
 import subprocess
 
-from helpers import ROOT, descendants, last_step, trainer_env, wait_for
+from helpers import ROOT, descendants, last_step, saved_on_stop, trainer_env, wait_for
 from test_e2e_resume import assert_same_run, data, reference, run_args  # noqa: F401 (fixtures)
 from test_multinode import free_port
 
@@ -51,7 +51,7 @@ def test_time_limit_signal_saves_requeues_and_the_next_allocation_continues_bit_
     assert first.returncode == 0, out[-3000:]
     stopped = last_step(tmp_path / "logs")
     assert "SIGUSR1 received" in out, "\n".join(l for l in out.splitlines() if "INFO step" not in l)[-2500:]
-    assert f"checkpoint step {stopped} (stop signal" in out
+    assert saved_on_stop(out, stopped)
     assert "requeueing job 4242" in out and (tmp_path / "requeue.log").read_text() == "requeue 4242\n"
     assert f"mirror: the last checkpoint (step {stopped}) is on {tmp_path / 'mirror'}" in out
     # the requeued job lands on another node, without the local folder: same command, it continues from the mirror
