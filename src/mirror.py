@@ -8,7 +8,7 @@ The trainer imports this module only when --mirror is given, and calls it throug
     mirror.status()                                  # plain numbers for the step line, metrics.jsonl, TensorBoard
     mirror.wait(timeout_seconds); mirror.close()     # at the end of the run
     mirror.fetch_newest_valid(ckpt_dir, CheckpointManager.load, newer_than=step)  # resume: the mirror's, if newer
-    mirror.fetch(mirror.find(sha256), ckpt_dir, CheckpointManager.load)  # a node without rank 0's file fetches it
+    mirror.fetch(mirror.find_copy_of(path), ckpt_dir, CheckpointManager.load)  # a node without rank 0's file
 
 Remote layout under the URL (s3://bucket/prefix):
 
@@ -706,9 +706,18 @@ class Mirror:
                       f" newer than step {newer_than}" if newer_than >= 0 else "")
         return None
 
-    def find(self, sha256: str) -> dict | None:
-        """The committed checkpoint whose content has this sha256 (what a local file was uploaded as), or None."""
-        return next((c for c in self.remote_checkpoints() if c["sha256"] == sha256), None)
+    def find_copy_of(self, local_path: Path) -> dict | None:
+        """The committed checkpoint whose content is the local file's, byte for byte (its size, then the sha256 of
+        its upload), or None. The file is read only if a committed checkpoint has its size."""
+        size = Path(local_path).stat().st_size
+        same_size = [c for c in self.remote_checkpoints() if c["size"] == size]
+        if not same_size:
+            return None
+        digest = hashlib.sha256()
+        with open(local_path, "rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                digest.update(chunk)
+        return next((c for c in same_size if c["sha256"] == digest.hexdigest()), None)
 
     def fetch(self, entry: dict, local_dir: Path, verify: Callable[[Path], Any]) -> Path | None:
         """Download the checkpoint `entry` (from remote_checkpoints) into local_dir: written under a temporary name,

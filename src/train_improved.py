@@ -34,7 +34,6 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import logging.handlers
@@ -2641,11 +2640,7 @@ def checkpoint_for_every_node(manager: CheckpointManager, path: Path, resume: st
     from mirror import MirrorError
     mirror = open_mirror(mirror_url, keep_last=1, check=False)
     try:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(16 << 20):
-                digest.update(chunk)
-        entry = mirror.find(digest.hexdigest())
+        entry = mirror.find_copy_of(path)
         if entry is not None:
             log.warning("%s (no storage every node shares): their node(s) fetch it from the mirror %s", where,
                         mirror.redacted_url())
@@ -2676,28 +2671,27 @@ def share_checkpoint(env: DistEnv, manager: CheckpointManager, path: Path, resum
     by sha256 and CRC-32 and compared with rank 0's; every rank stops with one error if any node cannot get it."""
     if not env.distributed:
         return path
-    fingerprint = broadcast_from_main(env, lambda: checkpoint_fingerprint(path))
-    blind = [rank for rank, sees in enumerate(gather_from_all(env, checkpoint_fingerprint(path) == fingerprint))
-             if not sees]
+    seen = checkpoint_fingerprint(path)
+    fingerprint = broadcast_from_main(env, lambda: seen)
+    blind = [rank for rank, sees in enumerate(gather_from_all(env, seen == fingerprint)) if not sees]
     if not blind:
         return path
     path, fingerprint, entry = broadcast_from_main(
         env, lambda: checkpoint_for_every_node(manager, path, resume, mirror_url, blind))
-    here = manager.dir / CheckpointManager.LATEST
+    sees = checkpoint_fingerprint(path) == fingerprint  # rank 0's choice may have changed: look again
     problem = None
-    if checkpoint_fingerprint(path) != fingerprint and env.local_rank == 0:
+    if not sees and env.local_rank == 0:
         try:
             mirror = open_mirror(mirror_url, keep_last=1, check=False)
             try:
-                fetched = mirror.fetch(entry, manager.dir, CheckpointManager.load)
+                if mirror.fetch(entry, manager.dir, CheckpointManager.load) is None:
+                    problem = f"rank {env.rank} could not fetch step {entry['step']} from the mirror (see its log)"
             finally:
                 mirror.close()
-            if fetched is None or checkpoint_fingerprint(here) != fingerprint:
-                problem = f"rank {env.rank} could not fetch step {entry['step']} from the mirror (see its log)"
         except Exception as e:  # UserError, MirrorError, OSError: this node's fetch failed
             problem = f"rank {env.rank} could not fetch step {entry['step']} from the mirror: {e}"
     agree(env, problem)  # also: no rank looks before its node's fetch is done
-    mine = path if checkpoint_fingerprint(path) == fingerprint else here
+    mine = path if sees else manager.dir / CheckpointManager.LATEST
     agree(env, None if checkpoint_fingerprint(mine) == fingerprint else
           f"rank {env.rank} cannot see {path} nor a copy of it in {manager.dir}/")
     if env.is_main:

@@ -78,16 +78,17 @@ def test_nodes_without_shared_storage_each_fetch_the_checkpoint_from_the_mirror_
     shutil.copytree(reference / "logs", node0 / "logs")
     ck = node0 / "ck"
     ck.mkdir()
-    steps = [s for s, _ in T.CheckpointManager(reference / "ck")._numbered("rolling_step_")]
-    older, step = [s for s in steps if s < STEPS][-2:]  # which steps were saved was up to the save policy
+    saved, here = T.CheckpointManager(reference / "ck"), T.CheckpointManager(ck)
+    # which steps were saved was up to the save policy: the two newest before the end
+    older, step = [s for s, _ in saved.rolling() if s < STEPS][-2:]
     for s in (older, step):
-        shutil.copyfile(reference / "ck" / f"rolling_step_{s:06d}.pt", ck / f"rolling_step_{s:06d}.pt")
-    os.link(ck / f"rolling_step_{step:06d}.pt", ck / "latest.pt")
+        shutil.copyfile(saved.rolling_path(s), here.rolling_path(s))
+    os.link(here.rolling_path(step), ck / "latest.pt")
     mirror_url = str(tmp_path / "mirror")
     mirror = Mirror(mirror_url)
     mirror.check()
     for s in (older, step):
-        mirror.submit(ck / f"rolling_step_{s:06d}.pt", s, [f"rolling_step_{s:06d}.pt"])
+        mirror.submit(here.rolling_path(s), s, [here.rolling_path(s).name])
         assert mirror.wait(30)
     mirror.close()
     node1.mkdir()
@@ -101,5 +102,5 @@ def test_nodes_without_shared_storage_each_fetch_the_checkpoint_from_the_mirror_
     assert f"every rank holds step {step} now" in outs[0] and f"resumed from ck/latest.pt: step {step}," in outs[0]
     assert_same_run(node0, reference)
     # node 1's disk got exactly the checkpoint its rank needed, and nothing else was written there
-    assert (node1 / "ck" / "latest.pt").read_bytes() == (reference / "ck" / f"rolling_step_{step:06d}.pt").read_bytes()
-    assert sorted(p.name for p in node1.rglob("*")) == ["ck", "latest.pt", f"rolling_step_{step:06d}.pt"]
+    assert (node1 / "ck" / "latest.pt").read_bytes() == saved.rolling_path(step).read_bytes()
+    assert sorted(p.name for p in node1.rglob("*")) == ["ck", "latest.pt", saved.rolling_path(step).name]
