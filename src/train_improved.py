@@ -407,7 +407,17 @@ class MetricsLog:
         Returns the last training step the file had recorded."""
         if not self.enabled or not self.path.exists():
             return step
-        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records, torn = [], 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line a crash cut short, or the zeros a power loss can leave
+                torn += line.strip("\0 \t") != ""
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+        if torn:
+            log.warning("%s: dropped %d unreadable line(s) (cut short by a crash?)", self.path, torn)
         last = max([r["step"] for r in records if "loss" in r], default=step)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))

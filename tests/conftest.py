@@ -5,11 +5,20 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_bin_shard
+from helpers import end_all_jobs, write_bin_shard
 
 SHARED_TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN_CACHE.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_TIKTOKEN_CACHE)
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test():
+    """Whatever a test did (a failed assertion while its run trains on, a timeout), every process it started
+    through helpers.start() is gone when it ends: nothing left running slows the tests after it or holds a pipe
+    that a later wait would block on."""
+    yield
+    end_all_jobs()
 
 
 @pytest.fixture

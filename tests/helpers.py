@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -56,29 +58,104 @@ def trainer_env() -> dict[str, str]:
     return env
 
 
+# Every process a test starts through start() carries this variable, with a value of its own job's, in its
+# environment; so does everything it starts in turn (torchrun's workers, in sessions of their own, and orphans
+# re-parented away from the launcher), which is how end_job() finds them all.
+JOB_TAG = "TRAIN_IMPROVED_TEST_JOB"
+_jobs: list[tuple[subprocess.Popen, str]] = []
+
+
+def start(cmd: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a test's job: its own process group (a test can signal or kill -9 the whole job like a terminal would),
+    stdout and stderr merged into one text pipe, and registered so that end_all_jobs() leaves nothing running
+    after the test, whatever the test did."""
+    tag = uuid.uuid4().hex
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**(env or trainer_env()), JOB_TAG: tag}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _jobs.append((proc, tag))
+    return proc
+
+
 def launch(args: list[str], nproc: int | None = 2, launcher_args: tuple[str, ...] = (),
            extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start the trainer under torchrun (nproc processes) or as a plain python process (nproc=None).
-
-    The launch gets its own process group, so a test can signal or kill -9 the whole job like a terminal would."""
+    """Start the trainer under torchrun (nproc processes) or as a plain python process (nproc=None)."""
     if nproc is None:
         cmd = [sys.executable, str(TRAINER), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                *launcher_args, str(TRAINER), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**trainer_env(), **(extra_env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return start(cmd, env={**trainer_env(), **(extra_env or {})})
+
+
+def _job_tag(proc: subprocess.Popen) -> str | None:
+    return next((tag for p, tag in _jobs if p is proc), None)
+
+
+def job_processes(tag: str) -> list[int]:
+    """The live (not zombie) processes of the job tagged `tag`."""
+    marker = f"{JOB_TAG}={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker not in f.read().split(b"\0"):
+                        continue
+            except OSError:
+                continue
+            if _alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+def end_job(proc: subprocess.Popen) -> str:
+    """kill -9 every process of proc's job that is still alive (its workers too, wherever they were re-parented)
+    and return the job's remaining output. Never blocks for long: a test that fails must not hang the suite."""
+    tag = _job_tag(proc)
+    deadline = time.monotonic() + 30
+    while True:
+        pids = job_processes(tag) if tag else []
+        if proc.poll() is None:
+            pids.append(proc.pid)
+        if not pids or time.monotonic() > deadline:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    try:
+        out, _ = proc.communicate(timeout=10)
+    except (subprocess.TimeoutExpired, ValueError):  # ValueError: its output was read already
+        out = ""
+    return out or ""
+
+
+def end_all_jobs() -> None:
+    """After each test (an autouse fixture): no process a test started outlives it."""
+    while _jobs:
+        proc, _ = _jobs[-1]
+        if proc.poll() is None or job_processes(_jobs[-1][1]):
+            end_job(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        _jobs.pop()
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    """proc's output once its whole job has ended; past `timeout`, the job is killed and this raises."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the job did not end within {timeout}s:\n{end_job(proc)[-4000:]}") from None
+    return out
 
 
 def run(args: list[str], nproc: int | None = 2, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run the trainer to completion and return its result (stdout and stderr merged)."""
     proc = launch(args, nproc)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"trainer timed out after {timeout}s:\n{out[-4000:]}")
+    out = finish(proc, timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, None)
 
 
@@ -111,17 +188,20 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, in
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}) before the condition held:\n"
-                                 f"{proc.stdout.read()[-4000:]}")
+            code = proc.returncode  # its workers may still be running: end_job() ends them and reads the output
+            raise AssertionError(f"process exited ({code}) before the condition held:\n{end_job(proc)[-4000:]}")
         time.sleep(interval)
     raise AssertionError("timed out waiting")
 
 
 def last_step(log_dir: Path) -> int:
+    """The newest training step in a (possibly running) run's metrics.jsonl. Only whole lines count: a reader can
+    see the first part of a line the trainer is writing (one that crosses a page of the file)."""
     path = log_dir / "metrics.jsonl"
     if not path.exists():
         return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
+    whole = path.read_text().split("\n")[:-1]
+    steps = [json.loads(line)["step"] for line in whole if '"loss"' in line]
     return max(steps, default=0)
 
 
@@ -142,6 +222,22 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+@contextlib.contextmanager
+def frozen(proc: subprocess.Popen):
+    """The whole job stopped (SIGSTOP) inside the block and continued after it, even if the block fails: a signal
+    sent meanwhile lands a step or two later however fast the machine is."""
+    job = [proc.pid, *descendants(proc.pid)]
+    for pid in job:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in job:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def workers(proc: subprocess.Popen) -> list[int]:
@@ -165,9 +261,20 @@ def kill_9_everything(proc: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 30
     for pid in pids[1:]:  # wait until the orphans are really gone
-        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z":
+        while _alive(pid):
+            assert time.monotonic() < deadline, f"process {pid} outlived kill -9 by 30 s"
             time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie or a vanished process does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return False
 
 
 def built_once(tmp_path_factory, name: str, build) -> Path:
@@ -178,12 +285,19 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # shared by the workers of this session
     folder, done = base / f"built-once-{name}", base / f"built-once-{name}.done"
+    failed = base / f"built-once-{name}.failed"
     with open(base / f"built-once-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.exists():  # fail fast: a build that failed (or hung) once would cost every test its time again
+            raise AssertionError(f"building {name!r} failed earlier in this session:\n{failed.read_text()}")
         if not done.exists():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-            build(folder)
+            try:
+                build(folder)
+            except BaseException as e:
+                failed.write_text(f"{type(e).__name__}: {str(e)[-3000:]}")
+                raise
             done.touch()
     return folder
 

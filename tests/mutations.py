@@ -205,6 +205,12 @@ ROWS = [
         ('        elif resume not in ("latest", "auto"):\n            raise UserError(f"{where}, and the mirror',
          '        elif True:\n            raise UserError(f"{where}, and the mirror'),
     ), (MIRROR_UNIT + "test_when_the_mirror_lacks_rank_0s_checkpoint_every_node_takes_the_mirrors_newest",)),
+    Row("a_torn_metrics_line_stops_the_resume", (
+        ("""            except json.JSONDecodeError:  # a line a crash cut short, or the zeros a power loss can leave
+                torn += line.strip("\\0 \\t") != ""
+                continue""", """            except json.JSONDecodeError:
+                raise"""),
+    ), (GPU_READY + "test_a_metrics_line_cut_short_by_a_crash_never_stops_the_resume",)),
 ]
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train_improved as T
-from helpers import (EXACT_SAVES, TINY_ARGS, built_once, descendants, kill_9_everything, last_step, launch,
+from helpers import (EXACT_SAVES, TINY_ARGS, built_once, frozen, kill_9_everything, last_step, launch,
                      read_metrics, run, saved_on_stop, tensorboard_scalars, wait_for, workers, write_bin_shard)
 
 STEPS = 40
@@ -80,13 +80,8 @@ def interrupt(root, data, send, after_step=12):
     after `after_step` however fast the machine is, never after the run's end."""
     proc = launch(run_args(root, data))
     wait_for(lambda: last_step(root / "logs") >= after_step, timeout=120, proc=proc)
-    job = [proc.pid, *descendants(proc.pid)]
-    for pid in job:
-        os.kill(pid, signal.SIGSTOP)
-    send(proc)
-    for pid in job:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+    with frozen(proc):
+        send(proc)
     out, _ = proc.communicate(timeout=120)
     return proc.returncode, out
 
@@ -343,7 +338,7 @@ def test_four_ranks_kill_9_then_resume_is_bit_exact(tmp_path, data, reference_4_
     proc = launch(run_args(tmp_path, data), nproc=4)
     wait_for(lambda: last_step(tmp_path / "logs") >= 12, timeout=180, proc=proc)
     kill_9_everything(proc)
-    proc.communicate()
+    proc.communicate(timeout=60)
     saved = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]
     assert 5 <= saved < STEPS and saved % 5 == 0
     resume(tmp_path, data, nproc=4)
@@ -365,7 +360,7 @@ def test_kill_9_while_the_background_writer_is_mid_write_then_resume_is_bit_exac
         return False
     wait_for(mid_write, timeout=120, proc=proc)
     kill_9_everything(proc)
-    proc.communicate()
+    proc.communicate(timeout=60)
     assert T.CheckpointManager.load(ck / "latest.pt")["step"] == 5  # the write in flight never took a name
     out = resume(tmp_path, data)
     assert f"resumed from {ck / 'latest.pt'}: step 5," in out

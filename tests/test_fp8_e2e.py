@@ -32,7 +32,7 @@ def test_fp8_trains_and_kill_9_then_resume_is_bit_exact(tmp_path, data, referenc
     proc = launch(run_args(tmp_path, data, *FP8))
     wait_for(lambda: last_step(tmp_path / "logs") >= 12, timeout=180, proc=proc)
     kill_9_everything(proc)
-    proc.communicate()
+    proc.communicate(timeout=60)
     # the resume command needs no fp8 flag: --fp8 comes back from the checkpoint like every numerics setting
     result = run(run_args(tmp_path, data, "--resume", "latest"))
     assert result.returncode == 0, result.stdout[-3000:]

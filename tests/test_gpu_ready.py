@@ -104,6 +104,18 @@ def test_metrics_are_written_through_one_open_file_a_whole_line_at_a_time(tmp_pa
     metrics.close()
 
 
+def test_a_metrics_line_cut_short_by_a_crash_never_stops_the_resume(tmp_path, caplog):
+    """A host crash or power loss can leave the last line half written, or zeros: the resume drops it and goes on
+    (it used to stop on a JSONDecodeError, every restart again)."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps(dict(step=s, loss=1.0 / s)) for s in (1, 2, 3)]
+    path.write_text("\n".join(lines) + "\n" + lines[2].replace("3", "4")[:20] + "\0\0\0")
+    metrics = T.MetricsLog(path, enabled=True)
+    assert metrics.truncate_after(2) == 3
+    assert path.read_text() == "\n".join(lines[:2]) + "\n"
+    assert "dropped 1 unreadable line(s)" in caplog.text
+
+
 def test_the_loops_votes_ride_the_steps_own_reduction(shard_dir):
     cfg = T.TrainConfig(preset="tiny", n_layer=1, n_head=2, n_embd=16, block_size=32, batch_size=2,
                         total_batch_size=64)

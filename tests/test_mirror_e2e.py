@@ -28,7 +28,8 @@ def mirror_env(server):
 
 
 def committed(server, url):
-    """The steps committed on the mirror (manifests whose blob is whole), newest first."""
+    """The steps committed on the mirror (manifests whose blob is whole), newest first (a poll every 0.25 s at most:
+    each call lists the bucket through a new client)."""
     from mirror import Mirror
     with pytest.MonkeyPatch.context() as mp:
         for k, v in mirror_env(server).items():
@@ -42,9 +43,10 @@ def kill_lose_the_disk_and_continue_from_the_mirror(tmp_path, data, reference, u
     copy) from the one before it, saying why. Either way it ends bit for bit as the uninterrupted run."""
     env = mirror_env(server)
     proc = launch(run_args(tmp_path, data, "--mirror", url), extra_env=env)
-    wait_for(lambda: last_step(tmp_path / "logs") >= 17 and len(committed(server, url)) >= 2, timeout=180, proc=proc)
+    wait_for(lambda: last_step(tmp_path / "logs") >= 17 and len(committed(server, url)) >= 2, timeout=180, proc=proc,
+             interval=0.25)
     kill_9_everything(proc)  # the machine is gone...
-    proc.communicate()
+    proc.communicate(timeout=60)
     from mirror import Mirror
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
@@ -89,7 +91,7 @@ def start_a_long_mirrored_run(tmp_path, data, server):
     url = s3_url(server)
     args = run_args(tmp_path, data, "--mirror", url, "--max_steps", "100000", "--max_checkpoint_overhead", "1")
     proc = launch(args, extra_env=server.env)
-    wait_for(lambda: committed(server, url), timeout=180, proc=proc)
+    wait_for(lambda: committed(server, url), timeout=180, proc=proc, interval=0.25)
     return proc, url
 
 
@@ -103,7 +105,7 @@ def test_the_s3_server_dies_and_comes_back_training_never_stops_and_the_mirror_c
     finally:
         s3_server.restart()
     local = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]
-    wait_for(lambda: committed(s3_server, url)[0] >= local, timeout=180, proc=proc)  # caught up
+    wait_for(lambda: committed(s3_server, url)[0] >= local, timeout=180, proc=proc, interval=0.25)  # caught up
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert "MIRROR" in out and "mirror recovered" in out
@@ -126,7 +128,7 @@ def test_a_hung_s3_server_never_holds_training_and_the_uploader_skips_to_the_new
     finally:
         s3_server.resume()
     piled_up = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]
-    wait_for(lambda: committed(s3_server, url)[0] >= piled_up, timeout=240, proc=proc)
+    wait_for(lambda: committed(s3_server, url)[0] >= piled_up, timeout=240, proc=proc, interval=0.25)
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode in (0, 1), out[-3000:]  # torchrun's own code after a signal

@@ -4,12 +4,11 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import train_improved as T
-from helpers import ROOT, TRAINER, kill_9_everything, last_step, saved_on_stop, trainer_env, wait_for, workers
+from helpers import ROOT, TRAINER, kill_9_everything, last_step, saved_on_stop, start, wait_for, workers
 from test_e2e_resume import STEPS, assert_same_run, data, reference, resume, run_args  # noqa: F401 (fixtures)
 
 
@@ -23,8 +22,7 @@ def launch_node(args, port, node_rank, cwd=ROOT):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=multinode-test",
            f"--node_rank={node_rank}", str(TRAINER), *args]
-    return subprocess.Popen(cmd, cwd=cwd, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return start(cmd, cwd=cwd)
 
 
 def test_two_nodes_train_stop_on_one_signal_and_resume_on_two_nodes_or_one_bit_exact(tmp_path, data, reference):

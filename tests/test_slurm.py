@@ -1,12 +1,11 @@
 """slurm/train.sbatch without SLURM: stub scontrol/srun, real bash, real torchrun, real signals."""
 
-import contextlib
 import os
 import shutil
 import signal
 import subprocess
 
-from helpers import ROOT, descendants, last_step, saved_on_stop, trainer_env, wait_for
+from helpers import ROOT, frozen, last_step, saved_on_stop, start, trainer_env, wait_for
 from test_e2e_resume import assert_same_run, data, reference, run_args  # noqa: F401 (fixtures)
 from test_multinode import free_port
 
@@ -28,8 +27,7 @@ def allocation(tmp_path, data):
     env = dict(trainer_env(), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node1",
                SLURM_JOB_NUM_NODES="1", SLURM_JOB_ID="4242", NGPU="2", RDZV_PORT=str(free_port()),
                MIRROR=str(tmp_path / "mirror"))
-    return subprocess.Popen(["bash", str(SCRIPT), *run_args(tmp_path, data)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return start(["bash", str(SCRIPT), *run_args(tmp_path, data)], env=env)
 
 
 def test_sbatch_script_is_valid_bash():
@@ -40,13 +38,8 @@ def test_time_limit_signal_saves_requeues_and_the_next_allocation_continues_bit_
     make_stubs(tmp_path / "bin", tmp_path / "requeue.log")
     first = allocation(tmp_path, data)
     wait_for(lambda: last_step(tmp_path / "logs") >= 12, timeout=120, proc=first)
-    job = [first.pid, *descendants(first.pid)]
-    for pid in job:  # frozen while signalled: the signal lands well before the run's end, however fast the machine
-        os.kill(pid, signal.SIGSTOP)
-    os.kill(first.pid, signal.SIGUSR1)  # what --signal=B:USR1@300 does: signal the batch script
-    for pid in job:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+    with frozen(first):  # the signal lands well before the run's end, however fast the machine
+        os.kill(first.pid, signal.SIGUSR1)  # what --signal=B:USR1@300 does: signal the batch script
     out, _ = first.communicate(timeout=120)
     assert first.returncode == 0, out[-3000:]
     stopped = last_step(tmp_path / "logs")
