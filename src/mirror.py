@@ -382,7 +382,10 @@ class Mirror:
                     self._current = None
                     if not job.keep and self._pending and self._pending[-1] is not job:
                         self._finish(job, "skipped")  # the retry goes for the newer submission
-                    self._cond.wait_for(lambda: self._closed, timeout=delay)
+                    # back off, but a newer checkpoint is tried at once: the one a graceful stop saves must not
+                    # spend its --mirror_wait_seconds waiting out the backoff of an older one
+                    newest = self._newest
+                    self._cond.wait_for(lambda: self._closed or self._newest is not newest, timeout=delay)
                 delay = min(delay * 2, self.retry_max_seconds)
                 continue
             delay = self.retry_initial_seconds

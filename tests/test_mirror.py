@@ -23,8 +23,10 @@ from mirror import Mirror, MirrorError  # noqa: E402
 from s3_server import ACCESS_KEY, READ_KEY, READ_SECRET, SECRET_KEY, free_ports  # noqa: E402
 from test_checkpoint_manager import make_state, with_step  # noqa: E402
 
-# one pytest-xdist worker runs every test of the "s3" group, so the session starts one S3 server, not one per
-# worker (an idle SeaweedFS still takes about 6% of a core)
+# meant to run every S3 test on one pytest-xdist worker, so that the session starts one S3 server, not one per worker
+# (an idle SeaweedFS takes about 6% of a core). pytest 9.2 makes pytest-xdist 3.8 ignore the group (pytest-xdist
+# issue #1386): each worker then starts a server of its own (the fixture is per worker process). Correct either
+# way: a test kills, pauses and restarts only its own worker's server.
 pytestmark = pytest.mark.xdist_group("s3")
 FAILING = "MIRROR UPLOAD FAILING"
 # short timeouts and backoff: a hung or dead server is noticed within seconds
@@ -315,6 +317,27 @@ def test_a_local_folder_mirror_commits_and_fetches_the_same_way(scheme, mirrors,
     path, entry = mirror.fetch_newest_valid(tmp_path / "fresh", T.CheckpointManager.load)
     assert entry["step"] == 3 and path.read_bytes() == ck.manager.rolling_path(3).read_bytes()
     assert mirror.remote_checkpoints()[1]["names"] == ["rolling_step_000001.pt", "latest.pt", "epoch_00001.pt"]
+
+
+def test_a_newer_checkpoint_is_tried_at_once_after_a_failure_not_after_the_backoff(mirrors, base_state, tmp_path,
+                                                                                    monkeypatch):
+    """A failed upload backs off (here 600 s) before its retry; a checkpoint submitted meanwhile, such as the one a
+    graceful stop saves and waits --mirror_wait_seconds for, is uploaded at once."""
+    mirror = mirrors(str(tmp_path / "mirror"), retry_initial_seconds=600, retry_max_seconds=600)
+    mirror.check()
+    ck = Checkpoints(tmp_path / "ck", base_state)
+    upload, failures = Mirror._upload, [OSError("the mirror's disk is gone")]
+
+    def fails_once(self, job):
+        if failures:
+            raise failures.pop()
+        return upload(self, job)
+    monkeypatch.setattr(Mirror, "_upload", fails_once)
+    mirror.submit(*ck.save(1))
+    until(lambda: mirror.status()["consecutive_failures"] == 1, what="the failed upload")
+    mirror.submit(*ck.save(2))
+    assert mirror.wait(30)  # not 600 s
+    assert steps_on(mirror) == [2]
 
 
 def test_check_is_one_line_on_a_missing_bucket_without_permission_or_unreachable(s3, mirrors, monkeypatch, tmp_path):

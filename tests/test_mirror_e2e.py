@@ -14,8 +14,10 @@ from helpers import kill_9_everything, last_step, launch, run, wait_for
 from test_e2e_resume import STEPS, assert_same_run, data, reference, run_args  # noqa: F401 (fixtures)
 
 
-# one pytest-xdist worker runs every test of the "s3" group, so the session starts one S3 server, not one per
-# worker (an idle SeaweedFS still takes about 6% of a core)
+# meant to run every S3 test on one pytest-xdist worker, so that the session starts one S3 server, not one per worker
+# (an idle SeaweedFS takes about 6% of a core). pytest 9.2 makes pytest-xdist 3.8 ignore the group (pytest-xdist
+# issue #1386): each worker then starts a server of its own (the fixture is per worker process). Correct either
+# way: a test kills, pauses and restarts only its own worker's server.
 pytestmark = pytest.mark.xdist_group("s3")
 
 
