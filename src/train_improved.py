@@ -2805,12 +2805,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     from torch.distributed.elastic.multiprocessing.errors import record  # a crash's traceback in torchrun's report
-    summary = record(main)()
+    try:
+        summary = record(main)()
+        # 3: the loss diverged; 4: the run's newest steps could not be saved; None: --help (record() returns None
+        # for a SystemExit(0))
+        code = summary["exit_code"] if summary else 0
+    except SystemExit as e:  # a user error (2, its one line printed already) or a usage error from argparse
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
     # Everything is closed by now (process group destroyed, logs closed, the last checkpoint on disk). Skipping the
     # interpreter's finalization avoids a rare SIGABRT ("terminate called without an active exception") from gloo's
-    # C++ threads racing Python's teardown, which would make torchrun report a finished run as failed.
+    # C++ threads racing Python's teardown, which would make torchrun report a finished run as failed, or turn a
+    # user error's exit status 2 into 134. (A crash, any other exception, still ends the normal way, traceback and
+    # all, after record() has written it for torchrun's report.)
     sys.stdout.flush()
     sys.stderr.flush()
-    # 3: the loss diverged; 4: the run's newest steps could not be saved; None: --help (record() returns None for a
-    # SystemExit(0))
-    os._exit(summary["exit_code"] if summary else 0)
+    os._exit(code)
