@@ -65,13 +65,14 @@ JOB_TAG = "TRAIN_IMPROVED_TEST_JOB"
 _jobs: list[tuple[subprocess.Popen, str]] = []
 
 
-def start(cmd: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start(cmd: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None,
+          stderr: int = subprocess.STDOUT) -> subprocess.Popen:
     """Start a test's job: its own process group (a test can signal or kill -9 the whole job like a terminal would),
-    stdout and stderr merged into one text pipe, and registered so that end_all_jobs() leaves nothing running
-    after the test, whatever the test did."""
+    stdout and stderr merged into one text pipe (or stderr=subprocess.PIPE: a pipe of its own), and registered so
+    that end_all_jobs() leaves nothing running after the test, whatever the test did."""
     tag = uuid.uuid4().hex
     proc = subprocess.Popen(cmd, cwd=cwd, env={**(env or trainer_env()), JOB_TAG: tag}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=stderr, text=True, start_new_session=True)
     _jobs.append((proc, tag))
     return proc
 
@@ -138,8 +139,9 @@ def end_all_jobs() -> None:
         proc, _ = _jobs[-1]
         if proc.poll() is None or job_processes(_jobs[-1][1]):
             end_job(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
         _jobs.pop()
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_improved as T
-from helpers import ROOT
+from helpers import ROOT, start
 
 CPU = torch.device("cpu")
 ENV = T.DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)
@@ -252,8 +252,7 @@ def test_kill_9_at_any_instant_of_writing_leaves_a_valid_recent_checkpoint(tmp_p
     ck = tmp_path / "ck"
     rng = random.Random(0)
     for trial in range(8):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT / "src"), str(ck)],
-                                stdout=subprocess.PIPE, text=True)
+        proc = start([sys.executable, "-c", WRITER, str(ROOT / "src"), str(ck)], stderr=subprocess.DEVNULL)
         completed = [int(proc.stdout.readline())]  # at least one save finished
         time.sleep(rng.uniform(0.0, 0.4))
         os.kill(proc.pid, signal.SIGKILL)

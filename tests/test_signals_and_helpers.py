@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_improved as T
-from helpers import EXACT_SAVES, ROOT, TINY_ARGS, TRAINER, last_step, launch, run, trainer_env, wait_for
+from helpers import EXACT_SAVES, ROOT, TINY_ARGS, TRAINER, last_step, launch, run, start, trainer_env, wait_for
 
 STOPPER = """
 import os, signal, sys, time
@@ -28,8 +28,7 @@ while True:
 
 
 def test_a_repeated_signal_is_ignored_but_a_deliberate_second_one_aborts():
-    proc = subprocess.Popen([sys.executable, "-c", STOPPER, str(ROOT / "src")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start([sys.executable, "-c", STOPPER, str(ROOT / "src")], stderr=subprocess.PIPE)
     assert proc.stdout.readline().strip() == "ready"
     os.kill(proc.pid, signal.SIGINT)
     os.kill(proc.pid, signal.SIGINT)  # the same Ctrl+C delivered twice (terminal + torchrun forwarding)
