@@ -361,6 +361,7 @@ class Mirror:
                     return
                 job = self._pending[0]
                 self._current = job
+                seen = self._newest  # a checkpoint submitted after this moment ends a backoff (below)
             job.attempts += 1
             try:
                 manifest, seconds = self._upload(job)
@@ -382,10 +383,9 @@ class Mirror:
                     self._current = None
                     if not job.keep and self._pending and self._pending[-1] is not job:
                         self._finish(job, "skipped")  # the retry goes for the newer submission
-                    # back off, but a newer checkpoint is tried at once: the one a graceful stop saves must not
-                    # spend its --mirror_wait_seconds waiting out the backoff of an older one
-                    newest = self._newest
-                    self._cond.wait_for(lambda: self._closed or self._newest is not newest, timeout=delay)
+                    # back off, but not past a checkpoint submitted since this attempt began (even during it): the
+                    # one a graceful stop saves must not spend its --mirror_wait_seconds waiting out the backoff
+                    self._cond.wait_for(lambda: self._closed or self._newest is not seen, timeout=delay)
                 delay = min(delay * 2, self.retry_max_seconds)
                 continue
             delay = self.retry_initial_seconds

@@ -21,6 +21,11 @@ def no_process_outlives_its_test():
     end_all_jobs()
 
 
+def pytest_sessionfinish(session):
+    """Also at the end of the session: a timeout that fires during a test's own teardown leaves jobs behind."""
+    end_all_jobs()
+
+
 @pytest.fixture
 def shard_dir(tmp_path):
     """Two train shards and one val shard of consecutive integers: every window's content is known."""

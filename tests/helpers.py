@@ -104,7 +104,7 @@ def job_processes(tag: str) -> list[int]:
                         continue
             except OSError:
                 continue
-            if _alive(int(entry)):
+            if alive(int(entry)):
                 found.append(int(entry))
     return found
 
@@ -265,12 +265,12 @@ def kill_9_everything(proc: subprocess.Popen) -> None:
             pass
     deadline = time.monotonic() + 30
     for pid in pids[1:]:  # wait until the orphans are really gone
-        while _alive(pid):
+        while alive(pid):
             assert time.monotonic() < deadline, f"process {pid} outlived kill -9 by 30 s"
             time.sleep(0.01)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether pid runs (a zombie or a vanished process does not)."""
     try:
         with open(f"/proc/{pid}/stat") as f:

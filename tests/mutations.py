@@ -206,7 +206,7 @@ ROWS = [
          '        elif True:\n            raise UserError(f"{where}, and the mirror'),
     ), (MIRROR_UNIT + "test_when_the_mirror_lacks_rank_0s_checkpoint_every_node_takes_the_mirrors_newest",)),
     Row("the_backoff_holds_back_a_newer_checkpoint", (
-        ("self._cond.wait_for(lambda: self._closed or self._newest is not newest, timeout=delay)",
+        ("self._cond.wait_for(lambda: self._closed or self._newest is not seen, timeout=delay)",
          "self._cond.wait_for(lambda: self._closed, timeout=delay)"),
     ), (MIRROR_UNIT + "test_a_newer_checkpoint_is_tried_at_once_after_a_failure_not_after_the_backoff",),
         path="src/mirror.py"),

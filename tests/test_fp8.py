@@ -15,7 +15,7 @@ import torch
 
 import fp8
 import train_improved as T
-from helpers import ROOT, trainer_env
+from helpers import ROOT, finish, start
 
 BLOCK_LINEARS = [f"transformer.h.{i}.{name}" for i in range(2)
                  for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
@@ -236,10 +236,10 @@ def test_ddp_on_gloo_with_two_processes(torchao, tmp_path):
     weights stay identical."""
     script = tmp_path / "ddp_fp8.py"
     script.write_text(DDP_SCRIPT)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), str(ROOT / "src")], env=trainer_env(), capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    result = json.loads(out.stdout.split("RESULT ", 1)[1])
+    proc = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                  str(ROOT / "src")])
+    out = finish(proc, 120)
+    assert proc.returncode == 0, out[-3000:]
+    result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
     assert result["same"]
     assert result["losses"][-1] < result["losses"][0] - 0.5, result["losses"]

@@ -4,11 +4,10 @@ CPU; its GPU-only machinery (compile side by side, pause, measure one at a time)
 
 import os
 import re
-import subprocess
 import sys
 import time
 
-from helpers import ROOT
+from helpers import ROOT, finish, start
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402  (only the standard library at import)
@@ -16,12 +15,11 @@ import gpu_check  # noqa: E402  (only the standard library at import)
 
 def test_gpu_check_smoke_runs_every_item_and_the_kill_9_resume_is_bit_exact(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable)  # the script would otherwise use the machine's python3
-    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", "--out", str(tmp_path)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:]
+    proc = start(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", "--out", str(tmp_path)], env=env)
+    out = finish(proc, 240)
+    assert proc.returncode == 0, out[-4000:]
     table = (tmp_path / "gpu_check_results.md").read_text()
-    assert table in result.stdout  # printed at the end, too
+    assert table in out  # printed at the end, too
     rows = {int(m[1]): (m[2], m[3]) for m in re.finditer(r"^\| (\d)\. [^|]*\| (.*) \| .* \| (\w+) \|$", table, re.M)}
     assert sorted(rows) == [1, 2, 3, 4, 5, 6]
     for number in (1, 2, 3, 5, 6):  # GPU-only: run on CPU where they can, and say so

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -321,23 +322,27 @@ def test_a_local_folder_mirror_commits_and_fetches_the_same_way(scheme, mirrors,
 
 def test_a_newer_checkpoint_is_tried_at_once_after_a_failure_not_after_the_backoff(mirrors, base_state, tmp_path,
                                                                                     monkeypatch):
-    """A failed upload backs off (here 600 s) before its retry; a checkpoint submitted meanwhile, such as the one a
-    graceful stop saves and waits --mirror_wait_seconds for, is uploaded at once."""
+    """A failed upload backs off (here 600 s) before its retry; a checkpoint submitted meanwhile, even while the
+    failing attempt was still going on (a graceful stop's checkpoint, which gets --mirror_wait_seconds to reach the
+    mirror), is uploaded at once."""
     mirror = mirrors(str(tmp_path / "mirror"), retry_initial_seconds=600, retry_max_seconds=600)
     mirror.check()
     ck = Checkpoints(tmp_path / "ck", base_state)
-    upload, failures = Mirror._upload, [OSError("the mirror's disk is gone")]
+    upload, attempting, submitted = Mirror._upload, threading.Event(), threading.Event()
 
-    def fails_once(self, job):
-        if failures:
-            raise failures.pop()
+    def step_1_fails(self, job):
+        if job.step == 1:
+            attempting.set()
+            submitted.wait(30)
+            raise OSError("the mirror's disk is gone")
         return upload(self, job)
-    monkeypatch.setattr(Mirror, "_upload", fails_once)
+    monkeypatch.setattr(Mirror, "_upload", step_1_fails)
     mirror.submit(*ck.save(1))
-    until(lambda: mirror.status()["consecutive_failures"] == 1, what="the failed upload")
-    mirror.submit(*ck.save(2))
+    assert attempting.wait(30)
+    mirror.submit(*ck.save(2))  # while step 1's attempt is still going on
+    submitted.set()
     assert mirror.wait(30)  # not 600 s
-    assert steps_on(mirror) == [2]
+    assert steps_on(mirror) == [2] and mirror.status()["consecutive_failures"] == 0
 
 
 def test_check_is_one_line_on_a_missing_bucket_without_permission_or_unreachable(s3, mirrors, monkeypatch, tmp_path):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import train_improved as T
-from helpers import ROOT, TRAINER, kill_9_everything, last_step, saved_on_stop, start, wait_for, workers
+from helpers import ROOT, TRAINER, alive, kill_9_everything, last_step, saved_on_stop, start, wait_for, workers
 from test_e2e_resume import STEPS, assert_same_run, data, reference, resume, run_args  # noqa: F401 (fixtures)
 
 
@@ -36,8 +36,7 @@ def test_two_nodes_train_stop_on_one_signal_and_resume_on_two_nodes_or_one_bit_e
         # node 0's worker learns of the stop through the per-step all-reduce, saves (global rank 0 writes) and
         # exits by itself. Its torchrun then waits up to 300 s in its exit barrier for the signalled agent, which
         # left through its signal handler: that launcher's work is done, so end it.
-        wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read()
-                                 .split(") ")[1][:1] for pid in node0_worker), timeout=120)
+        wait_for(lambda: not any(alive(pid) for pid in node0_worker), timeout=120)
         kill_9_everything(nodes[0])
         out0 = nodes[0].communicate(timeout=60)[0]
     finally:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import train_improved as T
-from helpers import EXACT_SAVES, ROOT, TINY_ARGS, TRAINER, last_step, launch, run, start, trainer_env, wait_for
+from helpers import (EXACT_SAVES, ROOT, TINY_ARGS, TRAINER, finish, last_step, launch, run, start, trainer_env,
+                     wait_for)
 
 STOPPER = """
 import os, signal, sys, time
@@ -92,8 +93,8 @@ def test_resume_training_sh_continues_the_run_with_its_saved_settings(tmp_path, 
     first = run(base_args(tmp_path, shard_dir, "--max_steps", "6"))
     assert first.returncode == 0, first.stdout[-2000:]
     env = dict(trainer_env(), NGPU="2", CHECKPOINT_DIR=str(tmp_path / "ck"))
-    result = subprocess.run([str(ROOT / "resume_training.sh"), "--max_steps", "8"], capture_output=True,
-                            text=True, env=env, timeout=240)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert ": step 6," in result.stdout and "max_steps: 6 -> 8" in result.stdout
+    proc = start([str(ROOT / "resume_training.sh"), "--max_steps", "8"], env=env)
+    out = finish(proc, 240)
+    assert proc.returncode == 0, out[-4000:]
+    assert ": step 6," in out and "max_steps: 6 -> 8" in out
     assert last_step(tmp_path / "logs") == 8  # the log dir, data dir and model came from the checkpoint
