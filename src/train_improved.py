@@ -1531,7 +1531,13 @@ class CheckpointWriter:
         cpu = [(src, dst) for src, dst in copies if not src.is_cuda]
         self._thread = threading.Thread(target=self._run, args=(snapshot, cpu, epoch_completed, is_best, t0),
                                         name="checkpoint-writer", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError as e:  # no thread to be had (a process or memory limit): save in this one, now
+            self._thread = None
+            log.warning("checkpoint: no background writer thread (%s); step %d is saved in the training thread",
+                        e, snapshot["step"])
+            self._run(snapshot, cpu, epoch_completed, is_best, t0, background=False)
         self.submit_seconds = self.blocked_seconds = time.monotonic() - t0
 
     def fence(self) -> None:
@@ -1573,7 +1579,7 @@ class CheckpointWriter:
         return snapshot, list(copies.values())
 
     def _run(self, snapshot: dict[str, Any], cpu_copies: list, epoch_completed: int | None, is_best: bool,
-             t0: float) -> None:
+             t0: float, background: bool = True) -> None:
         try:
             for src, dst in cpu_copies:
                 dst.copy_(src)
@@ -1581,8 +1587,9 @@ class CheckpointWriter:
             self._copied.set()
         if self._cuda_event is not None:
             self._cuda_event.synchronize()
-        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice value
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # training comes first for the CPU
+        if background:
+            with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice value
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # training comes first for the CPU
         self._write(snapshot, epoch_completed, is_best, t0)
 
     def _write(self, snapshot: dict[str, Any], epoch_completed: int | None, is_best: bool, t0: float) -> None:

@@ -210,6 +210,12 @@ ROWS = [
          "self._cond.wait_for(lambda: self._closed, timeout=delay)"),
     ), (MIRROR_UNIT + "test_a_newer_checkpoint_is_tried_at_once_after_a_failure_not_after_the_backoff",),
         path="src/mirror.py"),
+    Row("no_thread_for_the_writer_leaves_the_save_undone", (
+        ("""        try:
+            self._thread.start()
+        except RuntimeError as e:""", """        self._thread.start()
+        if False:"""),
+    ), (ASYNC + "test_without_a_thread_for_the_writer_the_save_is_made_in_the_training_thread",)),
     Row("a_torn_metrics_line_stops_the_resume", (
         ("""            except json.JSONDecodeError:  # a line a crash cut short, or the zeros a power loss can leave
                 torn += line.strip("\\0 \\t") != ""

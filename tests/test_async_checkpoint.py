@@ -32,6 +32,24 @@ def test_async_snapshot_is_the_state_at_submit_even_if_training_changes_it_after
     assert saved["model"]["lm_head.weight"].data_ptr() == saved["model"]["transformer.wte.weight"].data_ptr()
 
 
+def test_without_a_thread_for_the_writer_the_save_is_made_in_the_training_thread(tmp_path, shard_dir, monkeypatch,
+                                                                                 caplog):
+    """A process at its thread limit (or out of memory) cannot start the background writer: the checkpoint is
+    written in the calling thread instead (it used to leave the next fence waiting forever)."""
+    class NoThreads(T.threading.Thread):
+        def start(self):
+            raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(T.threading, "Thread", NoThreads)
+    state = make_state(shard_dir)
+    writer = T.CheckpointWriter(T.CheckpointManager(tmp_path / "ck"), asynchronous=True)
+    writer.submit(state)
+    writer.fence()
+    writer.wait()
+    assert writer.results.get_nowait()["error"] is None
+    assert T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"] == state["step"]
+    assert "no background writer thread (can't start new thread)" in caplog.text
+
+
 def test_host_buffers_are_allocated_once_and_reused(tmp_path, shard_dir):
     state = make_state(shard_dir)
     writer = T.CheckpointWriter(T.CheckpointManager(tmp_path / "ck"), asynchronous=True)
