@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train_improved as T
-from helpers import (EXACT_SAVES, TINY_ARGS, built_once, frozen, kill_9_everything, last_step, launch,
+from helpers import (EXACT_SAVES, TINY_ARGS, alive, built_once, frozen, kill_9_everything, last_step, launch,
                      read_metrics, run, saved_on_stop, tensorboard_scalars, wait_for, workers, write_bin_shard)
 
 STEPS = 40
@@ -308,13 +308,7 @@ def test_workers_stop_together_save_and_exit_when_torchrun_is_killed(tmp_path, d
     assert len(pids) == 2
     os.kill(proc.pid, signal.SIGKILL)  # torchrun alone: kill -9, the OOM killer
 
-    def gone(pid):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().split(") ")[1][0] == "Z"
-        except FileNotFoundError:
-            return True
-    wait_for(lambda: all(gone(pid) for pid in pids), timeout=60)
+    wait_for(lambda: not any(alive(pid) for pid in pids), timeout=60)
     out, _ = proc.communicate(timeout=30)
     assert "the launcher (pid " in out and "is gone: stopping at the next step boundary" in out
     stopped = T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"]

@@ -29,14 +29,19 @@ def mirror_env(server):
     return server.env if server is not None else {}
 
 
-def committed(server, url):
-    """The steps committed on the mirror (manifests whose blob is whole), newest first (a poll every 0.25 s at most:
-    each call lists the bucket through a new client)."""
+def remote_checkpoints(server, url):
+    """The checkpoints committed on the mirror (manifests whose blob is whole), newest first, listed through a new
+    client (poll it every 0.25 s at most)."""
     from mirror import Mirror
     with pytest.MonkeyPatch.context() as mp:
         for k, v in mirror_env(server).items():
             mp.setenv(k, v)
-        return [c["step"] for c in Mirror(url).remote_checkpoints()]
+        return Mirror(url).remote_checkpoints()
+
+
+def committed(server, url):
+    """The steps of remote_checkpoints(), newest first."""
+    return [c["step"] for c in remote_checkpoints(server, url)]
 
 
 def kill_lose_the_disk_and_continue_from_the_mirror(tmp_path, data, reference, url, server, damage_newest=False):
@@ -49,12 +54,7 @@ def kill_lose_the_disk_and_continue_from_the_mirror(tmp_path, data, reference, u
              interval=0.25)
     kill_9_everything(proc)  # the machine is gone...
     proc.communicate(timeout=60)
-    from mirror import Mirror
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        remote = Mirror(url).remote_checkpoints()
-    newest, previous = remote[0], remote[1]
+    newest, previous = remote_checkpoints(server, url)[:2]
     if damage_newest:
         fs = server.filesystem()
         blob = bytearray(fs.cat_file(newest["key"]))
