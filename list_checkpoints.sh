@@ -7,4 +7,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
-exec "$PYTHON" -c 'import sys; sys.path.insert(0, "src"); import train_improved as t; sys.exit(t.list_checkpoints_cli(sys.argv[1:]))' "$@"
+exec "$PYTHON" src/list_checkpoints.py "$@"

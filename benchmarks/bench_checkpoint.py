@@ -100,9 +100,8 @@ def main():
         step_once(model, optimizer, loader)
 
     def state(step):
-        return T.build_state(raw_model=model, optimizer=optimizer, loader=loader, cfg=cfg, step=step,
-                             train_loss=1.0, val_loss=None, best_val_loss=None, rng_states=T.gather_rng_states(env),
-                             elapsed_seconds=0.0, world_size=1)
+        return T.build_state(T.TrainState(step=step, train_loss=1.0), raw_model=model, optimizer=optimizer,
+                             loader=loader, cfg=cfg, rng_states=T.gather_rng_states(env), world_size=1)
 
     # 1b. plain synchronous torch.save + fsync of the same state (the baseline of ratios 1 and 4)
     sync_seconds = []

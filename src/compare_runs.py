@@ -39,9 +39,11 @@ class Run:
     tokens_per_step: int
 
     def tokens(self, step: int) -> int:
+        """Tokens seen after optimizer step `step`."""
         return step * self.tokens_per_step
 
     def val_by_tokens(self) -> dict[int, float]:
+        """{tokens seen: validation loss} of each evaluation."""
         return {self.tokens(step): loss for step, loss in self.val_loss.items()}
 
     def covered_tokens(self) -> int:
@@ -115,11 +117,13 @@ def compare(reference: Run, run: Run) -> dict:
 
 
 def median_tokens_per_second(run: Run) -> float | None:
+    """The run's median training throughput (None if it logged none)."""
     rates = [r["tokens_per_second"] for r in run.train.values() if "tokens_per_second" in r]
     return statistics.median(rates) if rates else None
 
 
 def verdict_lines(runs: list[Run], speeds: dict[str, float | None], gaps: dict[str, dict]) -> list[str]:
+    """The comparison in words: which run is ahead on validation loss at equal tokens, and by how much."""
     reference = runs[0]
     lines = []
     for run in runs:

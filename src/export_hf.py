@@ -95,6 +95,7 @@ def export(state: dict, out_dir: Path, tokenizer: bool = True) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Export a checkpoint as a Hugging Face GPT2LMHeadModel folder (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="export_hf.py", description="Export a checkpoint to the Hugging Face "
                                      "GPT-2 format (safetensors + config.json + tokenizer files).")
     parser.add_argument("--checkpoint", default="best", help="best | latest | latest_backup | PATH (default: best)")

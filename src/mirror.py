@@ -7,8 +7,8 @@ The trainer imports this module only when --mirror is given, and calls it throug
     mirror.submit(ckpt_dir / names[0], step, names)  # after each durable, verified save; never blocks, never raises
     mirror.status()                                  # plain numbers for the step line, metrics.jsonl, TensorBoard
     mirror.wait(timeout_seconds); mirror.close()     # at the end of the run
-    mirror.fetch_newest_valid(ckpt_dir, CheckpointManager.load, newer_than=step)  # resume: the mirror's, if newer
-    mirror.fetch(mirror.find_copy_of(path), ckpt_dir, CheckpointManager.load)  # a node without rank 0's file
+    mirror.fetch_newest_valid(manager, newer_than=step)  # resume: the mirror's, if newer, named by the manager
+    mirror.fetch(mirror.find_copy_of(path), manager)     # a node without rank 0's file
 
 Remote layout under the URL (s3://bucket/prefix):
 
@@ -44,21 +44,19 @@ import json
 import logging
 import os
 import re
-import shutil
-import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 from urllib.parse import unquote
 
 log = logging.getLogger("train")
 
 MANIFEST_FORMAT = 1
 CHUNK_BYTES = 8 << 20  # read and hash the local file in pieces of this size: never a second copy in memory
-LATEST, BEST = "latest.pt", "best_model.pt"
+BEST = "best_model.pt"
 ROLLING_NAME = re.compile(r"rolling_step_\d+\.pt")
 EPOCH_NAME = re.compile(r"epoch_\d+\.pt")
 STEM = re.compile(r"step_(\d+)-([0-9a-f]+)")
@@ -109,11 +107,6 @@ class _Failing:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or "no message"
     return f"{type(e).__name__}: {text[:300]}"
-
-
-def _host_pid() -> str:
-    """This process, unique across the machines that may share a folder (pids alone repeat between machines)."""
-    return f"{re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname())}-{os.getpid()}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -686,17 +679,16 @@ class Mirror:
                     self.fs.rm_file(blob)
 
     # fetching ---------------------------------------------------------------------------------------------
-    def fetch_newest_valid(self, local_dir: Path, verify: Callable[[Path], Any],
-                           newer_than: int = -1) -> tuple[Path, dict] | None:
-        """Download the newest committed checkpoint after step `newer_than` that passes its manifest's size and
-        sha256 and verify(path) (which raises, or returns False, for an invalid file), trying older ones in turn and
-        logging why each was skipped. It is placed as fetch() does. Returns (local_dir/latest.pt, manifest), or None
-        if the mirror holds no valid checkpoint after that step. Raises MirrorError if the mirror cannot be read,
-        OSError if local_dir cannot be written: neither means "nothing valid"."""
+    def fetch_newest_valid(self, target, newer_than: int = -1) -> tuple[Path, dict] | None:
+        """Fetch (as fetch() does) the newest committed checkpoint after step `newer_than` that passes its manifest's
+        size and sha256 and the target's verification, trying older ones in turn and logging why each was skipped.
+        Returns (its local path, manifest), or None if the mirror holds no valid checkpoint after that step. Raises
+        MirrorError if the mirror cannot be read, OSError if the local folder cannot be written: neither means
+        "nothing valid"."""
         candidates = [c for c in self.remote_checkpoints() if c["step"] > newer_than]
         skipped = []
         for entry in candidates:
-            path = self.fetch(entry, local_dir, verify)
+            path = self.fetch(entry, target)
             if path is not None:
                 if skipped:
                     log.info("mirror: used step %d after skipping unusable step(s) %s", entry["step"], skipped)
@@ -722,29 +714,27 @@ class Mirror:
                 digest.update(chunk)
         return next((c for c in same_size if c["sha256"] == digest.hexdigest()), None)
 
-    def fetch(self, entry: dict, local_dir: Path, verify: Callable[[Path], Any]) -> Path | None:
-        """Download the checkpoint `entry` (from remote_checkpoints) into local_dir: written under a temporary name,
-        fsync'ed, checked against its manifest's size and sha256 and by verify(path), then placed under latest.pt and
-        the rolling name its manifest lists (hard links to one file). Returns local_dir/latest.pt, or None (the
-        reason logged) if the copy is not usable. Raises as download() does."""
-        local_dir = Path(local_dir)
-        local_dir.mkdir(parents=True, exist_ok=True)
-        # .tmp-*: the trainer removes leftovers at start; host and pid: nodes may fetch into one shared folder at once
-        tmp = local_dir / f".tmp-mirror-fetch-{_host_pid()}.pt"
+    def fetch(self, entry: dict, target) -> Path | None:
+        """Download the checkpoint `entry` (from remote_checkpoints) for `target`, the local folder's owner (the
+        trainer's CheckpointManager): into target.incoming_path(), fsync'ed, checked against its manifest's size and
+        sha256 and by target.load(path) (which raises, or returns False, for an invalid file), then named by
+        target.adopt(path, names). Returns the adopted path, or None (the reason logged) if the copy is not usable.
+        Raises as download() does."""
+        tmp = target.incoming_path()
         try:
             problem = self.download(entry, tmp)
             if problem is None:
                 try:
-                    problem = "failed verification" if verify(tmp) is False else None
+                    problem = "failed verification" if target.load(tmp) is False else None
                 except Exception as e:
                     problem = f"failed verification ({_one_line(e)})"
             if problem is not None:
                 log.error("mirror: the copy of step %d on %s (%s) is not usable: %s", entry["step"],
                           self.redacted_url(), self._relative(entry["key"]), problem)
                 return None
-            path = self._place(tmp, local_dir, entry["names"])
+            path = target.adopt(tmp, entry["names"])
             log.info("mirror: fetched step %d from %s (%.1f MB) into %s", entry["step"], self.redacted_url(),
-                     entry["size"] / 1e6, local_dir)
+                     entry["size"] / 1e6, path.parent)
             return path
         finally:
             tmp.unlink(missing_ok=True)
@@ -776,23 +766,3 @@ class Mirror:
         if digest.hexdigest() != entry["sha256"]:
             return "sha256 mismatch: the copy on the mirror is damaged"
         return None
-
-
-    @staticmethod
-    def _place(tmp: Path, local_dir: Path, names: list[str]) -> Path:
-        """Give the downloaded file latest.pt and its rolling name, each by an atomic rename. Not its epoch or best
-        name: those are files of their own locally (never hard links into the rolling chain), written again by the
-        run when due."""
-        extra = [n for n in names if n != LATEST and ROLLING_NAME.fullmatch(n)]
-        for name in extra:
-            link = local_dir / f".tmp-mirror-link-{_host_pid()}.pt"
-            link.unlink(missing_ok=True)
-            try:
-                os.link(tmp, link)
-            except OSError:  # a file system without hard links: a copy, as CheckpointManager does
-                shutil.copyfile(tmp, link)
-            os.replace(link, local_dir / name)
-        latest = local_dir / LATEST
-        os.replace(tmp, latest)
-        _fsync_dir(local_dir)
-        return latest

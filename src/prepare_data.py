@@ -157,13 +157,16 @@ class ShardWriter:
 
     @property
     def split(self) -> str:
+        """The split ("train" or "val") the next token goes to."""
         return "val" if self.index == 0 and self.val_tokens > 0 else "train"
 
     @property
     def capacity(self) -> int:
+        """Tokens the current shard can still take."""
         return self.val_tokens if self.split == "val" else self.shard_tokens
 
     def add(self, tokens: np.ndarray) -> None:
+        """Append a document's tokens, writing shards as they fill."""
         while len(tokens):
             take = min(len(tokens), self.capacity - self.filled)
             self.buffer[self.filled:self.filled + take] = tokens[:take]
@@ -173,6 +176,7 @@ class ShardWriter:
                 self.flush()
 
     def flush(self) -> None:
+        """Write the shard in progress, if it holds any tokens."""
         if self.filled == 0:
             return
         if self.index == 0 and self.val_tokens == 0:
@@ -199,6 +203,7 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of prepare_data.py."""
     p = argparse.ArgumentParser(description="Tokenize text into GPT-2 token shards (uint16).")
     p.add_argument("--source", nargs="+", help="files or folders of .txt/.md/.jsonl/.parquet "
                    "(default: the Python standard library's sources, no download needed)")
@@ -274,6 +279,7 @@ def prepare(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Tokenize the input into train and val shards (see the module docstring)."""
     try:
         return prepare(build_parser().parse_args(argv))
     except PrepareError as e:

@@ -21,6 +21,7 @@ import train_improved as T
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line of sample.py, checked."""
     parser = argparse.ArgumentParser(prog="sample.py", description="Generate text from a train_improved.py checkpoint.")
     parser.add_argument("--checkpoint", default="best",
                         help="best | latest | latest_backup | PATH (default: best, i.e. best_model.pt)")

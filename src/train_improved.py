@@ -12,16 +12,20 @@ that step and exit 0. A checkpoint resumes bit-exactly (same settings and world 
 stop the run without saving (exit 3). Curves: tensorboard --logdir logs/tensorboard.
 
 Sections, in dependency order:
-  1. config            TrainConfig (all run settings, argparse generated from it), GPTConfig (model shape)
-  2. distributed       DistEnv, setup / cleanup, small collectives
+  1. config            TrainConfig (all run settings, argparse generated from it), GPTConfig (model shape),
+                       resolve_config (a resumed run's settings: the checkpoint's, overridden by the flags)
+  2. distributed       DistEnv, setup / cleanup, the small collectives (broadcast_from_main, gather_from_all, agree)
   3. logging           rank 0 narrates to stdout and <log_dir>/train.log; metrics.jsonl; TensorBoard; GPU stats
   4. model             GPT-2, generate()
   5. data              shard readers (.npy and llm.c .bin), ShardedLoader with a rank-independent position
-  6. checkpointing     build_state / restore_state, CheckpointManager (files, atomic writes, retention, fallback)
+  6. checkpointing     TrainState, build_state / restore_state, CheckpointManager (files, atomic writes, retention,
+                       fallback), CheckpointWriter (background writes), SavePolicy, UnsavedWatch, and Checkpointer:
+                       the one object the loop saves through
   7. optimization      AdamW groups, learning-rate schedule, train_step
   8. evaluation        validation loss, text samples
-  9. training loop     StopSignal, DivergenceGuard, SavePolicy, train()
- 10. entry point       main(argv) -> summary dict
+  9. training loop     StopSignal, DivergenceGuard, build_run, StepReporter, train()
+ 10. resume            find_resume_point -> ResumePoint: local chain and fallback, mirror, nodes without shared storage
+ 11. entry point       main(argv) -> summary dict
 
 Importing this file defines things and does nothing else.
 """
@@ -31,7 +35,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import datetime
 import json
@@ -41,8 +44,10 @@ import math
 import os
 import queue
 import random
+import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -269,6 +274,34 @@ def parse_flags(argv: list[str] | None) -> dict[str, Any]:
     return vars(build_parser().parse_args(argv))
 
 
+def run_settings(saved_args: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's settings that a resumed run inherits: this script's fields, without the launch settings."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in saved_args.items() if k in known and k not in LAUNCH_FIELDS}
+
+
+def resolve_config(flags: dict[str, Any], point: ResumePoint | None) -> TrainConfig:
+    """The run's settings: those of the checkpoint resumed from, overridden by the flags given now. Architecture
+    must not change."""
+    if point is None:
+        return TrainConfig(**flags)
+    saved_args, saved_shape = point.args, point.model_config
+    merged = {**run_settings(saved_args), **flags}
+    cfg = TrainConfig(**merged)
+    wanted = dataclasses.asdict(cfg.gpt_config())
+    for name in ARCH_FIELDS:
+        if wanted[name] != saved_shape[name] and (name in flags or "preset" in flags):
+            raise UserError(f"the checkpoint's model has {name}={saved_shape[name]} but the flags ask for "
+                            f"{wanted[name]}; the architecture comes from the checkpoint: drop the conflicting "
+                            "flag, or start a new run in another --checkpoint_dir")
+    shown_old, shown_new = printable_settings(saved_args), printable_settings(flags)
+    changed = [f"{k}: {shown_old.get(k)!r} -> {shown_new[k]!r}" for k, v in flags.items()
+               if k not in LAUNCH_FIELDS and k in saved_args and saved_args[k] != v]
+    if changed:
+        log.warning("settings changed since the checkpoint (the new values apply): %s", "; ".join(changed))
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. distributed
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,10 +317,12 @@ class DistEnv:
 
     @property
     def is_main(self) -> bool:
+        """Global rank 0: the rank that writes checkpoints and narrates."""
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
+        """Part of a process group (collectives needed)."""
         return self.world_size > 1 or dist.is_initialized()
 
 
@@ -349,6 +384,23 @@ def broadcast_from_main(env: DistEnv, compute):
     if error is not None:
         raise error
     return result
+
+
+def gather_from_all(env: DistEnv, value) -> list:
+    """`value` from every rank, in rank order (small picklable values; one collective)."""
+    if not env.distributed:
+        return [value]
+    values = [None] * env.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def agree(env: DistEnv, problem: str | None) -> None:
+    """Raise the first rank's problem on every rank, so that all of them stop together (none waits for the others
+    in a collective until a timeout)."""
+    problems = [p for p in gather_from_all(env, problem) if p is not None]
+    if problems:
+        raise UserError(problems[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,12 +477,14 @@ class MetricsLog:
         return last
 
     def write(self, **record: Any) -> None:
+        """Append one record (rank 0 only; a no-op elsewhere)."""
         if self.enabled:
             if self._file is None:
                 self._file = open(self.path, "a", buffering=1)  # line-buffered: each record reaches the file whole
             self._file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
+        """Close the file."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -456,6 +510,7 @@ class TensorBoardLog:
 
     @property
     def enabled(self) -> bool:
+        """Curves are written (rank 0 with --tensorboard)."""
         return self.writer is not None
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
@@ -467,14 +522,17 @@ class TensorBoardLog:
                 self.writer.add_scalar(tag, value, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
+        """Log a text (a sample) at `step`."""
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
 
     def flush(self) -> None:
+        """Put every event so far on disk."""
         if self.writer is not None:
             self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the event file."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -538,11 +596,13 @@ class DeviceStats:
         return self.flops_per_token * tokens_per_second / world_size / self.peak_flops
 
     def memory_gb(self) -> float | None:
+        """Peak GPU memory allocated so far, in GB (None on CPU)."""
         if self.device.type != "cuda":
             return None
         return torch.cuda.max_memory_allocated(self.device) / 1e9
 
     def utilization(self) -> float | None:
+        """GPU utilization in percent from NVML (None where unavailable)."""
         if self.nvml_handle is None:
             return None
         import pynvml
@@ -601,6 +661,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.dropout = config.n_head, config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C), each position attending to itself and the ones before."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -621,6 +682,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C)."""
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
@@ -635,6 +697,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
@@ -668,6 +731,7 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_parameters(self) -> int:
+        """Parameters, counting the tied embedding once."""
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self) -> float:
@@ -678,6 +742,7 @@ class GPT(nn.Module):
         return 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, vocab) for token ids idx (B, T); with targets, also the mean cross-entropy loss."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
@@ -850,12 +915,14 @@ class ShardedLoader:
         return self.epoch + self.position / (self.steps_per_epoch * self.windows_per_step)
 
     def state_dict(self) -> dict[str, int]:
+        """The position in the token stream as plain ints, the same on every rank."""
         k = int(np.searchsorted(self.starts, self.position, side="right")) - 1
         return dict(epoch=self.epoch, position=self.position, shard=int(self.order[k]),
                     offset=int(self.position - self.starts[k]), num_shards=len(self.tokens),
                     num_windows=self.num_windows, block_size=self.block_size)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a position saved by state_dict()."""
         if (state["num_shards"], state["num_windows"], state["block_size"]) != (
                 len(self.tokens), self.num_windows, self.block_size):
             raise UserError(
@@ -877,6 +944,7 @@ class ValLoader:
         self.num_windows = 0 if self.tokens is None else (len(self.tokens) - 1) // block_size
 
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validation micro-batch i of this rank: (x, y), always the same tokens."""
         first = (i * self.world_size + self.rank) * self.batch_size
         rows = [self.tokens[(w % self.num_windows) * self.block_size:][:self.block_size + 1]
                 for w in range(first, first + self.batch_size)]
@@ -979,39 +1047,77 @@ def gather_rng_states(env: DistEnv) -> list[dict[str, Any]] | None:
     return gathered
 
 
-def build_state(*, raw_model: nn.Module, optimizer: torch.optim.Optimizer, loader: ShardedLoader,
-                cfg: TrainConfig, step: int, train_loss: float | None, val_loss: float | None,
-                best_val_loss: float | None, rng_states: list, elapsed_seconds: float,
-                world_size: int, val_step: int | None = None) -> dict[str, Any]:
-    """The one place that knows what a checkpoint holds. Plain types only, so weights_only loading works.
+@dataclass
+class TrainState:
+    """The loop's own small state, which a checkpoint carries beside the model, optimizer, data position and RNG:
+    `step` counts finished optimizer steps. The loop holds one of these and changes it in place."""
+
+    step: int = 0
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_step: int | None = None  # the step val_loss was measured at (an earlier one for a save between evaluations)
+    best_val_loss: float | None = None
+    elapsed_before_seconds: float = 0.0  # training time of the launches before this one
+    started_at: float = field(default_factory=time.monotonic)  # this launch's clock (not saved)
+
+    @property
+    def elapsed_seconds(self) -> float:
+        """Training time of the whole run so far, every launch of it."""
+        return self.elapsed_before_seconds + time.monotonic() - self.started_at
+
+    def start_clock(self) -> None:
+        """Start timing this launch's training (after the set-up, which is not training time)."""
+        self.started_at = time.monotonic()
+
+    def record_eval(self, val_loss: float) -> bool:
+        """Note an evaluation of the current step; True when it is the best of the whole run so far."""
+        is_best = self.best_val_loss is None or val_loss < self.best_val_loss
+        self.val_loss, self.val_step = val_loss, self.step
+        self.best_val_loss = val_loss if is_best else self.best_val_loss
+        return is_best
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values, stored as top-level keys of the checkpoint."""
+        return dict(step=self.step, train_loss=self.train_loss, val_loss=self.val_loss, val_step=self.val_step,
+                    best_val_loss=self.best_val_loss, elapsed_seconds=self.elapsed_seconds)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the values a checkpoint holds (val_step is absent in checkpoints from before it was recorded)."""
+        self.step, self.train_loss, self.val_loss = state["step"], state["train_loss"], state["val_loss"]
+        self.val_step, self.best_val_loss = state.get("val_step"), state["best_val_loss"]
+        self.elapsed_before_seconds = state["elapsed_seconds"]
+        self.start_clock()
+
+
+def build_state(train_state: TrainState, *, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
+                loader: ShardedLoader, cfg: TrainConfig, rng_states: list, world_size: int) -> dict[str, Any]:
+    """What a checkpoint holds, as written (restore_state is its inverse). Plain types only, so weights_only loading
+    works. The metadata keys (step, args, model_config, world_size, ...) are read back by ResumePoint, resolve_config
+    and the tools (sample.py, export_hf.py, list_checkpoints.py).
 
     Tensors are the live ones: hand the result to CheckpointWriter.submit (which snapshots them) before the next
     optimizer step."""
     return dict(
         format_version=CHECKPOINT_FORMAT_VERSION,
-        step=step,
+        **train_state.state_dict(),
         epoch=loader.epoch,  # completed epochs
         model=raw_model.state_dict(),  # live tensors: CheckpointWriter snapshots them
         optimizer=optimizer.state_dict(),
-        train_loss=train_loss,
-        val_loss=val_loss,
-        val_step=val_step,  # the step val_loss was measured at (an earlier one for a save between evaluations)
-        best_val_loss=best_val_loss,
         rng_state=rng_states,
         dataloader_state=loader.state_dict(),
         args=dataclasses.asdict(cfg),
         model_config=dataclasses.asdict(raw_model.config),
         world_size=world_size,
-        tokens=step * cfg.total_batch_size,
-        elapsed_seconds=elapsed_seconds,
+        tokens=train_state.step * cfg.total_batch_size,
         timestamp=time.time(),
         torch_version=str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
     )
 
 
 def restore_state(state: dict[str, Any], *, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
-                  loader: ShardedLoader, cfg: TrainConfig, env: DistEnv) -> None:
-    """Put model, optimizer, data position and this rank's RNG back to the checkpoint's step boundary."""
+                  loader: ShardedLoader, cfg: TrainConfig, env: DistEnv) -> TrainState:
+    """Put model, optimizer, data position and this rank's RNG back to the checkpoint's step boundary; returns the
+    loop's state at that boundary."""
     raw_model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     for per_param in optimizer.state.values():
@@ -1025,6 +1131,9 @@ def restore_state(state: dict[str, Any], *, raw_model: nn.Module, optimizer: tor
     else:
         # Another world size cannot replay the old dropout streams; seed a fresh, deterministic one per rank.
         torch.manual_seed(cfg.seed + 1_000_003 * (state["step"] + 1) + env.rank)
+    train_state = TrainState()
+    train_state.load_state_dict(state)
+    return train_state
 
 
 class CheckpointManager:
@@ -1063,9 +1172,11 @@ class CheckpointManager:
 
     # names ------------------------------------------------------------------------------------------------
     def rolling_path(self, step: int) -> Path:
+        """The rolling checkpoint name of `step`."""
         return self.dir / f"rolling_step_{step:06d}.pt"
 
     def epoch_path(self, epoch: int) -> Path:
+        """The epoch checkpoint name after `epoch` epochs."""
         return self.dir / f"epoch_{epoch:05d}.pt"
 
     def rolling(self) -> list[tuple[int, Path]]:
@@ -1094,6 +1205,26 @@ class CheckpointManager:
         best = self.dir / self.BEST
         return self.fallback_order() + ([best] if best.exists() else [])
 
+    def incoming_path(self) -> Path:
+        """Where a checkpoint fetched from elsewhere (the mirror) is written before adopt() names it: a .tmp-* name
+        (removed at start if a killed run left it), unique per host and process (nodes may share the folder)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+        return self.dir / f".tmp-fetch-{host}-{os.getpid()}.pt"
+
+    def adopt(self, path: Path, names: list[str]) -> Path:
+        """Make a verified checkpoint file fetched into incoming_path() the newest: latest.pt and the rolling name
+        its origin gave it (a hard link), each by an atomic rename. Not its epoch or best name: those are files of
+        their own here (never hard links into the rolling chain), written again by the run when due."""
+        for name in names:
+            digits = name.removeprefix("rolling_step_").removesuffix(".pt")
+            if name.startswith("rolling_step_") and digits.isdigit():
+                self._place(path, self.rolling_path(int(digits)))
+        latest = self.dir / self.LATEST
+        os.replace(path, latest)
+        fsync_path(self.dir)
+        return latest
+
     def set_aside(self, damaged: list[Path]) -> list[str]:
         """Rename each damaged checkpoint file to NAME.corrupt, with every other checkpoint name of the same file
         removed, so that no name resume, a rotation or retention uses can ever point at it again. Returns one
@@ -1116,6 +1247,27 @@ class CheckpointManager:
                         "it when you no longer need it for inspection", path.name, shared, aside.name)
             done.append(f"{path.name} -> {aside.name}")
         return done
+
+    def refuse_new_run(self) -> None:
+        """A new run (no --resume) must not overwrite another run's checkpoints: a UserError names the way out."""
+        existing = self.all_checkpoints()
+        if existing:
+            raise UserError(f"{self.dir}/ already holds checkpoints ({existing[0].name}, ...): continue that run with "
+                            "--resume latest, or start a new one with another --checkpoint_dir")
+
+    # the divergence mark ----------------------------------------------------------------------------------
+    def mark_diverged(self, reason: str) -> None:
+        """Record that the run stopped because its loss diverged (see refuse_to_replay_divergence)."""
+        (self.dir / self.DIVERGED).write_text(reason + "\n")
+
+    def divergence_mark(self) -> str | None:
+        """Why the run was marked diverged, or None."""
+        marker = self.dir / self.DIVERGED
+        return marker.read_text().strip() if marker.exists() else None
+
+    def clear_divergence_mark(self) -> None:
+        """Forget the divergence mark (a launch by hand)."""
+        (self.dir / self.DIVERGED).unlink(missing_ok=True)
 
     # writing ------------------------------------------------------------------------------------------------
     def clean_stale_temporaries(self) -> None:
@@ -1183,6 +1335,7 @@ class CheckpointManager:
         return [p.name for p in names]
 
     def free_bytes(self) -> int:
+        """Free bytes on the folder's disk."""
         return shutil.disk_usage(self.dir).free
 
     def make_room(self, size_bytes: int, reusable_bytes: int = 0, step: int | None = None) -> None:
@@ -1375,6 +1528,7 @@ class HostSlab:
 
     @property
     def nbytes(self) -> int:
+        """Size of the slab in bytes."""
         return self.memory.numel()
 
     def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
@@ -1387,6 +1541,7 @@ class HostSlab:
         return self.memory[start:end].view(dtype).view(shape)
 
     def close(self) -> None:
+        """Unpin the slab (if it was pinned)."""
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.memory.data_ptr())
             self.pinned = False
@@ -1485,6 +1640,7 @@ class CheckpointWriter:
 
     @property
     def busy(self) -> bool:
+        """A background write is in flight."""
         return self._thread is not None and self._thread.is_alive()
 
     def reserve(self, nbytes: int, pin: bool) -> None:
@@ -1509,6 +1665,8 @@ class CheckpointWriter:
             self._slab = None
 
     def submit(self, state: dict[str, Any], *, epoch_completed: int | None = None, is_best: bool = False) -> None:
+        """Snapshot `state` and write it (in the background unless asynchronous=False), after the save in flight;
+        its outcome goes to self.results."""
         t0 = time.monotonic()
         self.wait()
         if not self.asynchronous:
@@ -1603,13 +1761,18 @@ class CheckpointWriter:
 
 
 def _sync_file_range():
-    """Linux's sync_file_range(2), or None where there is none."""
+    """Linux's sync_file_range(2) through ctypes, or None where there is none. Looked up on the first save, not at
+    import."""
+    import ctypes
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, TypeError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     return fn
+
+
+_NOT_LOOKED_UP = object()
 
 
 class EarlyWriteback:
@@ -1619,15 +1782,18 @@ class EarlyWriteback:
     finds little left to do. Only a speed-up: durability comes from that fsync. Elsewhere than Linux, a plain file."""
 
     SYNC_FILE_RANGE_WRITE = 2
-    sync_file_range = _sync_file_range()
+    sync_file_range: Any = _NOT_LOOKED_UP  # set on first use (a test may replace it)
 
     def __init__(self, f, chunk: int = 32 << 20, pause_seconds: float = 0.0):
+        if EarlyWriteback.sync_file_range is _NOT_LOOKED_UP:
+            EarlyWriteback.sync_file_range = _sync_file_range()
         self.f, self.chunk = f, chunk
         self.written = self.handed = 0  # bytes written from the start of the file; of those, handed to the disk
         self.pause_seconds = pause_seconds  # test-only: stop once, 1 MB into the file (see write_pause_for_tests)
         self.error: OSError | None = None  # a failed write (disk full, I/O error), which torch.save would obscure
 
     def write(self, data) -> int:
+        """Write `data`, handing every `chunk` bytes to the disk as it goes."""
         view = memoryview(data).cast("B")
         for start in range(0, len(view), self.chunk):  # a large tensor goes to the disk piece by piece
             try:
@@ -1647,6 +1813,7 @@ class EarlyWriteback:
         return len(view)
 
     def flush(self) -> None:
+        """Flush Python's buffer."""
         self.f.flush()
 
 
@@ -1666,93 +1833,292 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def list_checkpoints_cli(argv: list[str] | None = None) -> int:
-    """./list_checkpoints.sh: one row per checkpoint, from metadata only unless --verify is given. Exits 1 if any
-    name resume could use is invalid; damaged files already set aside are listed but not counted."""
-    parser = argparse.ArgumentParser(prog="list_checkpoints.sh", description="List the checkpoints of a run.")
-    parser.add_argument("--checkpoint_dir", default="checkpoints")
-    parser.add_argument("--verify", action="store_true", help="also check every file's checksums (reads it all)")
-    parser.add_argument("--mirror", help="list the checkpoints on this mirror (the trainer's --mirror URL) instead")
-    args = parser.parse_args(argv)
-    try:
-        if args.mirror:
-            code = _list_mirror(args.mirror, args.verify)
+class SavePolicy:
+    """When a periodic checkpoint is due: every checkpoint_freq steps and every checkpoint_minutes, spaced out
+    when saving that often would block training for more than max_checkpoint_overhead of the time, or would
+    start before the previous save has finished writing. Rank 0 decides; the step's all-reduce hands the decision to
+    every rank, so no rank saves or waits alone. Epoch ends, new best models, stops and the end always save."""
+
+    clock = staticmethod(time.monotonic)  # seconds; a test may drive the policy with a clock of its own
+
+    def __init__(self, cfg: TrainConfig):
+        self.every_steps = cfg.checkpoint_freq
+        self.every_seconds = cfg.checkpoint_minutes * 60
+        self.budget = cfg.max_checkpoint_overhead
+        self.stretch = 1  # the step interval in force is every_steps * stretch
+        self.min_gap_seconds = 0.0
+        self.last_save_time = self.clock()
+        self.waiting_for_writer = False
+        self.baseline_step_seconds: float | None = None
+        self.slowdown_seconds = 0.0
+        self.announced_time_stretch = False
+
+    def periodic_due(self, step: int, writer_busy: bool) -> bool:
+        """Whether a periodic save is due at `step` (never while the previous write is in flight)."""
+        since = self.clock() - self.last_save_time
+        by_steps = self.every_steps > 0 and step % (self.every_steps * self.stretch) == 0
+        by_time = self.every_seconds > 0 and since >= self.every_seconds
+        if not (by_steps or by_time) or since < self.min_gap_seconds:
+            return False
+        if writer_busy:  # never two saves in flight: this one moves to the next step after the write ends
+            if not self.waiting_for_writer:
+                log.warning("a checkpoint is due at step %d but the previous one is still being written; "
+                            "saving as soon as it is done", step)
+            self.waiting_for_writer = True
+            return False
+        self.waiting_for_writer = False
+        return True
+
+    def saved(self) -> None:
+        """A save was made now: the time-based interval starts again."""
+        self.last_save_time = self.clock()
+
+    def observe_step(self, step_seconds: float, writer_was_busy: bool) -> None:
+        """Learn the normal step time, and how much slower steps run while a background write competes with
+        training for CPU and memory bandwidth: that slowdown is part of what a save costs."""
+        if writer_was_busy and self.baseline_step_seconds is not None:
+            self.slowdown_seconds += max(0.0, step_seconds - self.baseline_step_seconds)
+        elif not writer_was_busy:
+            b = self.baseline_step_seconds
+            self.baseline_step_seconds = step_seconds if b is None else 0.9 * b + 0.1 * step_seconds
+
+    def record(self, blocked_seconds: float, write_seconds: float) -> float:
+        """After each save: space saves so their cost stays within the budget and writes never overlap.
+        blocked_seconds is the time the loop stood still outside any step. Returns the measured cost of this save
+        in seconds of training time."""
+        cost = blocked_seconds + self.slowdown_seconds
+        self.slowdown_seconds = 0.0
+        if self.budget >= 1:  # no budget: every save exactly when due (never two in flight: periodic_due sees to it)
+            return cost
+        self.min_gap_seconds = max(cost / self.budget, write_seconds)
+        step_seconds = self.baseline_step_seconds
+        if self.every_steps and step_seconds:
+            stretch = max(1, math.ceil(self.min_gap_seconds / (step_seconds * self.every_steps)))
+            if stretch > self.stretch:
+                log.warning("checkpoint cost: %.3f s of training time per save (%.3f s blocked, the rest slower "
+                            "steps during the background write), written in %.2f s; saving every %d steps (%.1f s) "
+                            "would exceed the %.1f%% overhead budget or overlap writes: saving every %d steps "
+                            "(%.1f s) instead", cost, blocked_seconds, write_seconds, self.interval_steps,
+                            self.interval_steps * step_seconds, 100 * self.budget, self.every_steps * stretch,
+                            self.every_steps * stretch * step_seconds)
+            self.stretch = stretch
+        elif self.every_seconds and self.min_gap_seconds > self.every_seconds and not self.announced_time_stretch:
+            log.warning("checkpoint cost: %.3f s of training time per save, written in %.2f s; saving every %.0f s "
+                        "would exceed the %.1f%% overhead budget or overlap writes: saving every %.0f s instead",
+                        cost, write_seconds, self.every_seconds, 100 * self.budget, self.min_gap_seconds)
+            self.announced_time_stretch = True
+        return cost
+
+    @property
+    def interval_steps(self) -> int:
+        """The step interval of periodic saves in force now."""
+        return self.every_steps * self.stretch
+
+    @property
+    def interval_seconds(self) -> float | None:
+        """The wall-clock spacing of periodic saves in force now (None until the step time is known)."""
+        candidates = []
+        if self.every_steps and self.baseline_step_seconds:
+            candidates.append(self.interval_steps * self.baseline_step_seconds)
+        if self.every_seconds:
+            candidates.append(self.every_seconds)
+        return max(min(candidates), self.min_gap_seconds) if candidates else None
+
+
+class UnsavedWatch:
+    """How much training the checkpoints on disk do not hold, and whether saves have failed for so long that the
+    run must stop rather than train on with nothing to come back to (rank 0 watches; the step's all-reduce
+    hands the verdict to every rank). The clock runs from the newest successful save, or the start of this launch."""
+
+    def __init__(self, step: int, limit_minutes: float | None):
+        self.saved_step = step  # newest step on disk: the one resumed from, 0 for a new run
+        self.saved_at = time.monotonic()
+        self.failing: str | None = None  # the latest save error, while saves fail
+        self.limit_minutes = limit_minutes
+
+    def succeeded(self, step: int) -> None:
+        """A save of `step` reached the disk."""
+        self.saved_step, self.saved_at, self.failing = max(self.saved_step, step), time.monotonic(), None
+
+    def failed(self, error: str) -> None:
+        """A save failed with `error`."""
+        self.failing = error
+
+    def limit_seconds(self, interval_seconds: float | None) -> float:
+        """--max_unsaved_minutes, or by default the longer of 3 save intervals (as in force now) and 30 minutes."""
+        if self.limit_minutes is not None:
+            return self.limit_minutes * 60
+        return max(30 * 60.0, 3 * (interval_seconds or 0.0))
+
+    def exceeded(self, interval_seconds: float | None) -> bool:
+        """Saves have failed, and nothing was saved for longer than the limit."""
+        return self.failing is not None and time.monotonic() - self.saved_at > self.limit_seconds(interval_seconds)
+
+
+class Checkpointer:
+    """Everything about saving, behind the few calls the training loop makes:
+
+        checkpointer.votes()                    rank 0's say in the step's all-reduce: (periodic save due, stop
+                                                because nothing could be saved for too long)
+        checkpointer.fence()                    before the optimizer step (the snapshot copy must be complete)
+        checkpointer.observe_step(seconds, busy) the step time, so the policy learns what a save costs
+        checkpointer.save(reasons, epoch, best) one checkpoint of the state now (a collective: every rank calls it)
+        checkpointer.report()                   log the saves that finished; hand each to the mirror
+        checkpointer.close()                    finish the save in flight and the mirror's upload
+
+    Inside: the CheckpointManager (files), the CheckpointWriter (background write), the SavePolicy (when),
+    the UnsavedWatch (how much is not on disk) and rank 0's mirror (src/mirror.py). Only rank 0 writes; the other
+    ranks take part in the collectives and keep no files."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, state: TrainState, *, raw_model: nn.Module,
+                 optimizer: torch.optim.Optimizer, loader: ShardedLoader, metrics: MetricsLog, tb: TensorBoardLog,
+                 mirror=None):
+        self.cfg, self.env, self.state = cfg, env, state
+        self.raw_model, self.optimizer, self.loader = raw_model, optimizer, loader
+        self.metrics, self.tb, self.mirror = metrics, tb, mirror
+        self.manager = CheckpointManager(cfg.checkpoint_dir, cfg.keep_last)
+        if env.is_main:
+            self.manager.clean_stale_temporaries()
+        self.writer = CheckpointWriter(self.manager, asynchronous=cfg.async_checkpoint)
+        self.policy = SavePolicy(cfg)
+        self.watch = UnsavedWatch(state.step, cfg.max_unsaved_minutes)
+        self.pending_reasons: dict[int, list[str]] = {}  # step -> why it is being saved, until its report
+        if env.is_main and env.device.type == "cuda" and cfg.async_checkpoint:
+            self.writer.reserve(snapshot_bytes(raw_model), pin=True)
+            log.info("checkpoint snapshots: %s of host memory set aside (%s), %.2fx the weights and AdamW moments",
+                     format_bytes(self.writer.host_bytes),
+                     "pinned" if self.writer._slab.pinned else "not pinned: slower copies",
+                     self.writer.host_bytes / (3 * sum(p.numel() * p.element_size() for p in raw_model.parameters())))
+
+    # the loop's calls ---------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """A background write is in flight."""
+        return self.writer.busy
+
+    def fence(self) -> None:
+        """Wait until the snapshot of the latest save is copied (call before the weights change)."""
+        self.writer.fence()
+
+    def votes(self) -> tuple[bool, bool]:
+        """This rank's say on the step being finished: a periodic save is due; stop, because saves have failed for
+        longer than --max_unsaved_minutes. Rank 0 decides both; the step's all-reduce tells every rank."""
+        if not self.env.is_main:
+            return False, False
+        return (self.policy.periodic_due(self.state.step + 1, self.writer.busy),
+                self.watch.exceeded(self.policy.interval_seconds))
+
+    def observe_step(self, step_seconds: float, writer_was_busy: bool) -> None:
+        """One step's time: how long a normal step takes, and how much a background write slows one down."""
+        self.policy.observe_step(step_seconds, writer_was_busy)
+
+    def save(self, reasons: list[str], epoch_completed: int | None, is_best: bool) -> None:
+        """Save the state of this step boundary for `reasons`. Every rank calls it (its RNG state is gathered);
+        rank 0 snapshots and hands the write to the background; its outcome comes through report()."""
+        rng_states = gather_rng_states(self.env)  # collective: every rank takes part
+        if not self.env.is_main:
+            return
+        state = build_state(self.state, raw_model=self.raw_model, optimizer=self.optimizer, loader=self.loader,
+                            cfg=self.cfg, rng_states=rng_states, world_size=self.env.world_size)
+        self.writer.submit(state, epoch_completed=epoch_completed, is_best=is_best)
+        self.policy.saved()
+        self.pending_reasons[self.state.step] = reasons
+        self.tb.flush()  # the curves up to this checkpoint are on disk before it can be resumed from
+
+    def report(self) -> None:
+        """Log the saves the writer finished since the last call, let the policy learn their cost, and hand each
+        durable checkpoint to the mirror."""
+        while not self.writer.results.empty():
+            result = self.writer.results.get()
+            reasons = ", ".join(self.pending_reasons.pop(result["step"], []))
+            if result["error"]:
+                self._report_failure(result, reasons)
+            else:
+                self._report_success(result, reasons)
+
+    def _report_failure(self, result: dict[str, Any], reasons: str) -> None:
+        self.watch.failed(result["error"])
+        log.error("CHECKPOINT SAVE FAILED at step %d (%s): %s. The previous checkpoints are intact (the newest is step "
+                  "%d) and training continues; it stops if nothing can be saved for more than %s", result["step"],
+                  reasons, result["error"], self.watch.saved_step, self.unsaved_limit_text)
+
+    def _report_success(self, result: dict[str, Any], reasons: str) -> None:
+        step, write_seconds, writer, policy = result["step"], result["write_seconds"], self.writer, self.policy
+        self.watch.succeeded(step)
+        if self.mirror is not None:  # durable and complete: copy it off the machine in the background
+            self.mirror.submit(self.manager.dir / result["names"][0], step, result["names"])
+        # the fence's wait happened inside a step, so the policy sees it as step slowdown already; a synchronous
+        # write is all blocked time, and only a background write can overlap the next one
+        cost = policy.record(writer.submit_seconds, write_seconds if self.cfg.async_checkpoint else 0.0)
+        log.info("checkpoint step %d (%s) -> %s | blocked %.1f ms, cost %.1f ms, written in %.2f s", step, reasons,
+                 ", ".join(result["names"]), writer.blocked_seconds * 1000, cost * 1000, write_seconds)
+        self.metrics.write(step=step, checkpoint_blocked_seconds=writer.blocked_seconds,
+                           checkpoint_cost_seconds=cost, checkpoint_write_seconds=write_seconds,
+                           checkpoint_interval_steps=policy.interval_steps,
+                           checkpoint_interval_seconds=policy.interval_seconds)
+        self.tb.scalars(step, {"save/blocked_ms": writer.blocked_seconds * 1000, "save/cost_ms": cost * 1000,
+                               "save/write_seconds": write_seconds, "save/interval_steps": policy.interval_steps,
+                               "save/interval_seconds": policy.interval_seconds})
+
+    def close(self) -> None:
+        """Finish the save in flight and report it; then give the mirror --mirror_wait_seconds for the last one."""
+        self.writer.close()
+        self.report()
+        if self.mirror is not None:
+            self._finish_mirror()
+
+    def _finish_mirror(self) -> None:
+        mirror, saved_step, wait_seconds = self.mirror, self.watch.saved_step, self.cfg.mirror_wait_seconds
+        made_it = mirror.wait(wait_seconds)
+        status = mirror.status()
+        if made_it and status["committed_step"] == saved_step:
+            log.info("mirror: the last checkpoint (step %d) is on %s", saved_step, mirror.redacted_url())
         else:
-            code = _list_checkpoints(CheckpointManager(args.checkpoint_dir), args.checkpoint_dir, args.verify)
-        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not in the interpreter's exit
-        return code
-    except BrokenPipeError:  # `./list_checkpoints.sh | head`: the reader left, which is not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit stays quiet
-        return 0
+            log.error("MIRROR BEHIND: the last checkpoint (step %d) did not reach %s within %.0f s (the mirror holds "
+                      "step %s; last error: %s); it is on the local disk only", saved_step, mirror.redacted_url(),
+                      wait_seconds, status["committed_step"], status["last_error"])
+        mirror.close()
 
+    # what the loop reports --------------------------------------------------------------------------------
+    @property
+    def saved_step(self) -> int:
+        """The newest step on disk (the one resumed from, 0 for a new run, until a save succeeds)."""
+        return self.watch.saved_step
 
-def _list_mirror(url: str, verify: bool) -> int:
-    """The committed checkpoints on a mirror, newest first; with verify, each one downloaded into a temporary folder
-    and checked against the mirror's size and sha256 and our CRC-32s."""
-    import tempfile
-    from mirror import Mirror, MirrorError
-    try:
-        mirror = Mirror(url)
-        remote = mirror.remote_checkpoints()
-    except (MirrorError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not remote:
-        print(f"no checkpoints on {mirror.redacted_url()}")
-        return 0
-    print(f"{'step':>8} {'size':>9} {'written':>20}  names -> status")
-    bad = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for entry in remote:
-            status = "committed"
-            if verify:
-                problem = mirror.download(entry, Path(tmp) / "check.pt")
-                if problem is None:
-                    try:
-                        CheckpointManager.load(Path(tmp) / "check.pt")
-                    except CheckpointInvalid as e:
-                        problem = str(e)
-                status = "valid" if problem is None else f"INVALID: {problem}"
-                bad += problem is not None
-            print(f"{entry['step']:>8} {entry['size'] / 2**20:>8.1f}M {entry['written_at'][:19]:>20}  "
-                  f"{', '.join(entry['names'])} -> {status}")
-    return 1 if bad else 0
+    @property
+    def failing(self) -> str | None:
+        """The latest save error while saves fail, else None."""
+        return self.watch.failing
 
+    @property
+    def unsaved_limit_text(self) -> str:
+        """How long saves may fail before the run stops, as text."""
+        return format_age(self.watch.limit_seconds(self.policy.interval_seconds))
 
-def _list_checkpoints(manager: CheckpointManager, folder: str, verify: bool) -> int:
-    paths = manager.all_checkpoints()
-    aside = sorted(manager.dir.glob(f"*{manager.CORRUPT}")) if manager.dir.is_dir() else []
-    if not paths and not aside:
-        print(f"no checkpoints in {folder}/")
-        return 0
-    file_ids: dict[tuple[int, int], int] = {}  # (device, inode) -> a small number per file, in order of appearance
-    print(f"{'name':<28} {'file':>4} {'step':>8} {'epoch':>5} {'train_loss':>10} {'val_loss':>14} {'size':>9} "
-          f"{'age':>8}  status")
-    bad, earlier_val = 0, False
-    for p in paths + aside:
-        st = p.stat()
-        file_id = file_ids.setdefault((st.st_dev, st.st_ino), len(file_ids) + 1)
-        size, age = f"{st.st_size / 2**20:.1f}M", format_age(time.time() - st.st_mtime)
-        try:
-            s = manager.load(p, verify=verify)
-            status = "valid" if verify else "readable"
-            val = fmt_loss(s["val_loss"])
-            val_step = s.get("val_step")  # absent in checkpoints written before it was recorded
-            if s["val_loss"] is not None and val_step is not None and val_step != s["step"]:
-                val, earlier_val = f"{val}@{val_step}", True
-            row = (s["step"], s["epoch"], fmt_loss(s["train_loss"]), val)
-        except CheckpointInvalid as e:
-            bad += p in paths
-            status, row = f"INVALID: {e}", ("-", "-", "-", "-")
-        if p in aside:
-            status = f"SET ASIDE, never used ({status})"
-        print(f"{p.name:<28} {file_id:>4} {row[0]:>8} {row[1]:>5} {row[2]:>10} {row[3]:>14} {size:>9} {age:>8}  "
-              f"{status}")
-    if len(file_ids) < len(paths) + len(aside):
-        print("names with the same file number are hard links to one file (one copy on disk, shared by its names)")
-    if earlier_val:
-        print("val_loss@N: the validation loss of the evaluation at step N, the last one before that checkpoint")
-    return 1 if bad else 0
+    def step_note(self) -> str:
+        """The step line's warnings: steps not on disk while saves fail, and a failing mirror."""
+        note = f" | UNSAVED {self.state.step - self.saved_step} steps (saves failing)" if self.failing else ""
+        status = self.mirror.status() if self.mirror is not None else None
+        if status and status["consecutive_failures"]:  # the mirror logs the errors themselves, now and then
+            note += (f" | MIRROR FAILING ({status['consecutive_failures']} attempts; it holds step "
+                     f"{status['committed_step']}; {status['last_error']})")
+        return note
+
+    def curves(self) -> dict[str, float | None]:
+        """TensorBoard's save/ and mirror/ curves of this step."""
+        values: dict[str, float | None] = {"save/unsaved_steps": self.state.step - self.saved_step}
+        if self.mirror is not None:
+            status = self.mirror.status()
+            values.update({"mirror/lag_seconds": status["lag_seconds"], "mirror/step": status["committed_step"]})
+        return values
+
+    def announce_unsaved_stop(self) -> None:
+        """Say why the run stops: saves failed for longer than the limit."""
+        if self.env.is_main:
+            log.error("STOPPING: no checkpoint could be saved for more than %s (the newest on disk is step %d, %d steps "
+                      "ago; last error: %s). Training on would risk more work with nothing to come back to; one last "
+                      "save is tried now", self.unsaved_limit_text, self.saved_step, self.state.step - self.saved_step,
+                      self.failing)
 
 
 def expected_size(state: Any) -> int:
@@ -1763,6 +2129,7 @@ def expected_size(state: Any) -> int:
 
 
 def format_bytes(n: float) -> str:
+    """n bytes in decimal units, e.g. "1.5 GB"."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000:
             return f"{n:.1f} {unit}"
@@ -1771,10 +2138,12 @@ def format_bytes(n: float) -> str:
 
 
 def fmt_loss(x: float | None) -> str:
+    """A loss for a table or a log line ("-" for none)."""
     return "-" if x is None else f"{x:.4f}"
 
 
 def format_age(seconds: float) -> str:
+    """A duration in its largest whole unit, e.g. "3.5h"."""
     for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= span:
             return f"{seconds / span:.1f}{unit}"
@@ -1928,15 +2297,18 @@ class StopSignal:
 
     @property
     def requested(self) -> bool:
+        """A stop was asked for (a signal, or the launcher's death)."""
         return self.signum is not None
 
     def install(self) -> None:
+        """Handle SIGINT, SIGTERM and SIGUSR1 (main thread only)."""
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
+        """Put the previous handlers back."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -2007,6 +2379,7 @@ class DivergenceGuard:
 
     @property
     def diverged(self) -> bool:
+        """--max_nonfinite_steps updates in a row were skipped: the run stops."""
         return self.consecutive_skips >= self.max_nonfinite_steps
 
     @property
@@ -2015,122 +2388,6 @@ class DivergenceGuard:
         of the current run of them, else that step."""
         recent = [s for s in self.spike_steps if 0 <= self.first_skipped_step - s <= self.window_steps]
         return min(recent, default=self.first_skipped_step)
-
-
-class SavePolicy:
-    """When a periodic checkpoint is due: every checkpoint_freq steps and every checkpoint_minutes, spaced out
-    when saving that often would block training for more than max_checkpoint_overhead of the time, or would
-    start before the previous save has finished writing. Rank 0 decides; the step's all-reduce hands the decision to
-    every rank, so no rank saves or waits alone. Epoch ends, new best models, stops and the end always save."""
-
-    clock = staticmethod(time.monotonic)  # seconds; a test may drive the policy with a clock of its own
-
-    def __init__(self, cfg: TrainConfig):
-        self.every_steps = cfg.checkpoint_freq
-        self.every_seconds = cfg.checkpoint_minutes * 60
-        self.budget = cfg.max_checkpoint_overhead
-        self.stretch = 1  # the step interval in force is every_steps * stretch
-        self.min_gap_seconds = 0.0
-        self.last_save_time = self.clock()
-        self.waiting_for_writer = False
-        self.baseline_step_seconds: float | None = None
-        self.slowdown_seconds = 0.0
-        self.announced_time_stretch = False
-
-    def periodic_due(self, step: int, writer_busy: bool) -> bool:
-        since = self.clock() - self.last_save_time
-        by_steps = self.every_steps > 0 and step % (self.every_steps * self.stretch) == 0
-        by_time = self.every_seconds > 0 and since >= self.every_seconds
-        if not (by_steps or by_time) or since < self.min_gap_seconds:
-            return False
-        if writer_busy:  # never two saves in flight: this one moves to the next step after the write ends
-            if not self.waiting_for_writer:
-                log.warning("a checkpoint is due at step %d but the previous one is still being written; "
-                            "saving as soon as it is done", step)
-            self.waiting_for_writer = True
-            return False
-        self.waiting_for_writer = False
-        return True
-
-    def saved(self) -> None:
-        self.last_save_time = self.clock()
-
-    def observe_step(self, step_seconds: float, writer_was_busy: bool) -> None:
-        """Learn the normal step time, and how much slower steps run while a background write competes with
-        training for CPU and memory bandwidth: that slowdown is part of what a save costs."""
-        if writer_was_busy and self.baseline_step_seconds is not None:
-            self.slowdown_seconds += max(0.0, step_seconds - self.baseline_step_seconds)
-        elif not writer_was_busy:
-            b = self.baseline_step_seconds
-            self.baseline_step_seconds = step_seconds if b is None else 0.9 * b + 0.1 * step_seconds
-
-    def record(self, blocked_seconds: float, write_seconds: float) -> float:
-        """After each save: space saves so their cost stays within the budget and writes never overlap.
-        blocked_seconds is the time the loop stood still outside any step. Returns the measured cost of this save
-        in seconds of training time."""
-        cost = blocked_seconds + self.slowdown_seconds
-        self.slowdown_seconds = 0.0
-        if self.budget >= 1:  # no budget: every save exactly when due (never two in flight: periodic_due sees to it)
-            return cost
-        self.min_gap_seconds = max(cost / self.budget, write_seconds)
-        step_seconds = self.baseline_step_seconds
-        if self.every_steps and step_seconds:
-            stretch = max(1, math.ceil(self.min_gap_seconds / (step_seconds * self.every_steps)))
-            if stretch > self.stretch:
-                log.warning("checkpoint cost: %.3f s of training time per save (%.3f s blocked, the rest slower "
-                            "steps during the background write), written in %.2f s; saving every %d steps (%.1f s) "
-                            "would exceed the %.1f%% overhead budget or overlap writes: saving every %d steps "
-                            "(%.1f s) instead", cost, blocked_seconds, write_seconds, self.interval_steps,
-                            self.interval_steps * step_seconds, 100 * self.budget, self.every_steps * stretch,
-                            self.every_steps * stretch * step_seconds)
-            self.stretch = stretch
-        elif self.every_seconds and self.min_gap_seconds > self.every_seconds and not self.announced_time_stretch:
-            log.warning("checkpoint cost: %.3f s of training time per save, written in %.2f s; saving every %.0f s "
-                        "would exceed the %.1f%% overhead budget or overlap writes: saving every %.0f s instead",
-                        cost, write_seconds, self.every_seconds, 100 * self.budget, self.min_gap_seconds)
-            self.announced_time_stretch = True
-        return cost
-
-    @property
-    def interval_steps(self) -> int:
-        return self.every_steps * self.stretch
-
-    @property
-    def interval_seconds(self) -> float | None:
-        """The wall-clock spacing of periodic saves in force now (None until the step time is known)."""
-        candidates = []
-        if self.every_steps and self.baseline_step_seconds:
-            candidates.append(self.interval_steps * self.baseline_step_seconds)
-        if self.every_seconds:
-            candidates.append(self.every_seconds)
-        return max(min(candidates), self.min_gap_seconds) if candidates else None
-
-
-class UnsavedWatch:
-    """How much training the checkpoints on disk do not hold, and whether saves have failed for so long that the
-    run must stop rather than train on with nothing to come back to (rank 0 watches; the step's all-reduce
-    hands the verdict to every rank). The clock runs from the newest successful save, or the start of this launch."""
-
-    def __init__(self, step: int, limit_minutes: float | None):
-        self.saved_step = step  # newest step on disk: the one resumed from, 0 for a new run
-        self.saved_at = time.monotonic()
-        self.failing: str | None = None  # the latest save error, while saves fail
-        self.limit_minutes = limit_minutes
-
-    def succeeded(self, step: int) -> None:
-        self.saved_step, self.saved_at, self.failing = max(self.saved_step, step), time.monotonic(), None
-
-    def failed(self, error: str) -> None:
-        self.failing = error
-
-    def limit_seconds(self, interval_seconds: float | None) -> float:
-        """--max_unsaved_minutes, or by default the longer of 3 save intervals (as in force now) and 30 minutes."""
-        if self.limit_minutes is not None:
-            return self.limit_minutes * 60
-        return max(30 * 60.0, 3 * (interval_seconds or 0.0))
-
-    def exceeded(self, interval_seconds: float | None) -> bool:
-        return self.failing is not None and time.monotonic() - self.saved_at > self.limit_seconds(interval_seconds)
 
 
 def resume_command(env: DistEnv, cfg: TrainConfig, spec: str = "latest") -> str:
@@ -2161,79 +2418,6 @@ def divergence_advice(env: DistEnv, cfg: TrainConfig, manager: CheckpointManager
             f"--learning_rate {cfg.learning_rate / 2:g}")
 
 
-def refuse_to_replay_divergence(manager: CheckpointManager) -> None:
-    """Under torchrun --max-restarts, a run that stopped because its loss diverged would be restarted from the same
-    checkpoint with the same settings and, resume being exact, diverge again at the same step. A restart refuses
-    to start while the divergence marker is there; a launch by hand (restart 0) clears it and starts."""
-    marker = manager.dir / manager.DIVERGED
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
-        marker.unlink(missing_ok=True)
-    elif marker.exists():
-        raise UserError("not restarting: the previous attempt of this run stopped because " + marker.read_text().strip()
-                        + "\n(a restart with the same settings would diverge again at the same step)")
-
-
-def run_settings(saved_args: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's settings that a resumed run inherits: this script's fields, without the launch settings."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in saved_args.items() if k in known and k not in LAUNCH_FIELDS}
-
-
-def resolve_config(flags: dict[str, Any], ckpt: dict[str, Any] | None) -> TrainConfig:
-    """The run's settings: the checkpoint's, overridden by the flags given now. Architecture must not change."""
-    if ckpt is None:
-        return TrainConfig(**flags)
-    saved_args, saved_shape = ckpt["args"], ckpt["model_config"]
-    merged = {**run_settings(saved_args), **flags}
-    cfg = TrainConfig(**merged)
-    wanted = dataclasses.asdict(cfg.gpt_config())
-    for name in ARCH_FIELDS:
-        if wanted[name] != saved_shape[name] and (name in flags or "preset" in flags):
-            raise UserError(f"the checkpoint's model has {name}={saved_shape[name]} but the flags ask for "
-                            f"{wanted[name]}; the architecture comes from the checkpoint: drop the conflicting "
-                            "flag, or start a new run in another --checkpoint_dir")
-    shown_old, shown_new = printable_settings(saved_args), printable_settings(flags)
-    changed = [f"{k}: {shown_old.get(k)!r} -> {shown_new[k]!r}" for k, v in flags.items()
-               if k not in LAUNCH_FIELDS and k in saved_args and saved_args[k] != v]
-    if changed:
-        log.warning("settings changed since the checkpoint (the new values apply): %s", "; ".join(changed))
-    return cfg
-
-
-def mirror_curves(mirror) -> dict[str, float | None]:
-    """TensorBoard's mirror/ curves: how far behind the mirror is, and the newest step it holds."""
-    if mirror is None:
-        return {}
-    status = mirror.status()
-    return {"mirror/lag_seconds": status["lag_seconds"], "mirror/step": status["committed_step"]}
-
-
-def mirror_trouble(mirror) -> str:
-    """The step line's note while uploads to the mirror fail (the mirror logs the errors themselves, at most every
-    few minutes)."""
-    if mirror is None:
-        return ""
-    status = mirror.status()
-    if not status["consecutive_failures"]:
-        return ""
-    return (f" | MIRROR FAILING ({status['consecutive_failures']} attempts; it holds step "
-            f"{status['committed_step']}; {status['last_error']})")
-
-
-def finish_mirror(mirror, wait_seconds: float, saved_step: int) -> None:
-    """At the end of a run or a graceful stop: give the last checkpoint up to wait_seconds to reach the mirror, and
-    say whether it made it."""
-    made_it = mirror.wait(wait_seconds)
-    status = mirror.status()
-    if made_it and status["committed_step"] == saved_step:
-        log.info("mirror: the last checkpoint (step %d) is on %s", saved_step, mirror.redacted_url())
-    else:
-        log.error("MIRROR BEHIND: the last checkpoint (step %d) did not reach %s within %.0f s (the mirror holds step "
-                  "%s; last error: %s); it is on the local disk only", saved_step, mirror.redacted_url(),
-                  wait_seconds, status["committed_step"], status["last_error"])
-    mirror.close()
-
-
 def planned_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """The run's length in optimizer steps: --max_steps, else --num_epochs full epochs."""
     return cfg.max_steps if cfg.max_steps is not None else cfg.num_epochs * steps_per_epoch
@@ -2253,12 +2437,26 @@ def warn_if_schedule_changed(cfg: TrainConfig, saved_args: dict[str, Any], step:
                     old_total, step, now)
 
 
-def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSignal, mirror=None) -> dict[str, Any]:
-    """Build everything, restore the checkpoint if any, and run the loop. Returns a summary. mirror: rank 0's
-    off-machine copy (src/mirror.py), or None."""
-    ckpt = CheckpointManager.load(ckpt_path, verify=False) if ckpt_path else None  # verified by resolve()
-    model_config = GPTConfig(**{**ckpt["model_config"], "dropout": cfg.dropout}) if ckpt else cfg.gpt_config()
+@dataclass
+class Run:
+    """What the loop trains with, built by build_run(): the model (plain, compiled and/or DDP-wrapped), optimizer,
+    data, numerics and the loop's state, restored from the checkpoint when resuming."""
 
+    raw_model: GPT
+    model: nn.Module  # what the step runs: raw_model compiled and/or wrapped in DDP
+    eval_model: nn.Module  # compiled, but not DDP-wrapped: evaluation needs no gradient sync
+    optimizer: torch.optim.Optimizer
+    loader: ShardedLoader
+    val_loader: ValLoader
+    autocast: Any  # a callable returning the autocast context of this run's dtype
+    dtype: str
+    total_steps: int
+    state: TrainState
+    num_train_shards: int
+
+
+def setup_numerics(cfg: TrainConfig, env: DistEnv) -> tuple[str, Any]:
+    """Deterministic kernels and TF32 as asked; returns the compute dtype and its autocast context factory."""
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -2275,19 +2473,11 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
             return contextlib.nullcontext()
         return torch.autocast(device_type=env.device.type, dtype=torch.bfloat16)
 
-    # data
-    train_shards, val_shards = find_shards(cfg.data_dir, "train"), find_shards(cfg.data_dir, "val")
-    if not train_shards:
-        raise UserError(f"no training shards in {cfg.data_dir}/ (names containing 'train', ending in .npy or .bin); "
-                        "run src/prepare_data.py first or point --data_dir at your shards")
-    micro_batch = cfg.batch_size
-    loader = ShardedLoader(train_shards, model_config.block_size, cfg.total_batch_size, micro_batch,
-                           env.rank, env.world_size, cfg.seed, env.device)
-    val_loader = ValLoader(val_shards, model_config.block_size, micro_batch, env.rank, env.world_size, env.device)
-    if val_loader.tokens is None and cfg.eval_freq:
-        log.warning("no validation shards (names containing 'val') in %s: evaluation is off", cfg.data_dir)
+    return dtype, autocast
 
-    # model and optimizer
+
+def build_model(cfg: TrainConfig, env: DistEnv, model_config: GPTConfig) -> tuple[GPT, torch.optim.Optimizer]:
+    """The plain model (float8 layers under --fp8) and its optimizer, with the same initial weights on every rank."""
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     raw_model = GPT(model_config).to(env.device)
     if cfg.fp8:  # before the optimizer, the restore, torch.compile and DDP; the state_dict stays the same
@@ -2299,25 +2489,44 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
                         "than plain bf16; add --compile")
     optimizer = configure_optimizer(raw_model, cfg, env.device)
     torch.manual_seed(cfg.seed + 1 + env.rank)  # per-rank dropout streams
-    step, best_val_loss, val_loss, val_step, train_loss, elapsed_before = 0, None, None, None, None, 0.0
-    saved_args = None
-    if ckpt:
-        restore_state(ckpt, raw_model=raw_model, optimizer=optimizer, loader=loader, cfg=cfg, env=env)
-        step, best_val_loss, val_loss = ckpt["step"], ckpt["best_val_loss"], ckpt["val_loss"]
-        val_step = ckpt.get("val_step")  # absent in checkpoints from before it was recorded
-        train_loss, elapsed_before, saved_args = ckpt["train_loss"], ckpt["elapsed_seconds"], ckpt["args"]
-        if bool(saved_args.get("fp8")) != cfg.fp8:
-            log.warning("this checkpoint was trained %s fp8 and continues %s it: the weights and optimizer state carry "
-                        "over unchanged, but the numerics change, so the losses will not match a run that kept its "
-                        "precision bit for bit", "with" if saved_args.get("fp8") else "without",
-                        "with" if cfg.fp8 else "without")
-        if ckpt["world_size"] != env.world_size:
-            log.warning("resuming a %d-process checkpoint on %d processes: the token stream continues exactly "
-                        "(same global batch, %d accumulation steps now), but losses will not match the original "
-                        "run bit for bit", ckpt["world_size"], env.world_size, loader.grad_accum_steps)
-        log.info("resumed from %s: step %d, epoch %d, %d tokens seen", ckpt_path, step, ckpt["epoch"],
-                 ckpt["tokens"])
-        del ckpt
+    return raw_model, optimizer
+
+
+def restore(point: ResumePoint, cfg: TrainConfig, env: DistEnv, raw_model: GPT, optimizer: torch.optim.Optimizer,
+            loader: ShardedLoader) -> TrainState:
+    """Load the checkpoint's tensors (the only place that does) into the model, optimizer, loader and RNG, and say
+    what changed against the run that wrote it. The loaded state is dropped on return."""
+    ckpt = CheckpointManager.load(point.path, verify=False)  # verified by find_resume_point
+    state = restore_state(ckpt, raw_model=raw_model, optimizer=optimizer, loader=loader, cfg=cfg, env=env)
+    if bool(point.args.get("fp8")) != cfg.fp8:
+        log.warning("this checkpoint was trained %s fp8 and continues %s it: the weights and optimizer state carry "
+                    "over unchanged, but the numerics change, so the losses will not match a run that kept its "
+                    "precision bit for bit", "with" if point.args.get("fp8") else "without",
+                    "with" if cfg.fp8 else "without")
+    if point.world_size != env.world_size:
+        log.warning("resuming a %d-process checkpoint on %d processes: the token stream continues exactly (same "
+                    "global batch, %d accumulation steps now), but losses will not match the original run bit for "
+                    "bit", point.world_size, env.world_size, loader.grad_accum_steps)
+    log.info("resumed from %s: step %d, epoch %d, %d tokens seen", point.path, state.step, ckpt["epoch"],
+             ckpt["tokens"])
+    return state
+
+
+def build_run(cfg: TrainConfig, env: DistEnv, point: ResumePoint | None) -> Run:
+    """Data, model, optimizer and numerics, restored from `point` when resuming, compiled and DDP-wrapped."""
+    model_config = GPTConfig(**{**point.model_config, "dropout": cfg.dropout}) if point else cfg.gpt_config()
+    dtype, autocast = setup_numerics(cfg, env)
+    train_shards, val_shards = find_shards(cfg.data_dir, "train"), find_shards(cfg.data_dir, "val")
+    if not train_shards:
+        raise UserError(f"no training shards in {cfg.data_dir}/ (names containing 'train', ending in .npy or .bin); "
+                        "run src/prepare_data.py first or point --data_dir at your shards")
+    loader = ShardedLoader(train_shards, model_config.block_size, cfg.total_batch_size, cfg.batch_size,
+                           env.rank, env.world_size, cfg.seed, env.device)
+    val_loader = ValLoader(val_shards, model_config.block_size, cfg.batch_size, env.rank, env.world_size, env.device)
+    if val_loader.tokens is None and cfg.eval_freq:
+        log.warning("no validation shards (names containing 'val') in %s: evaluation is off", cfg.data_dir)
+    raw_model, optimizer = build_model(cfg, env, model_config)
+    state = restore(point, cfg, env, raw_model, optimizer, loader) if point else TrainState()
     model: nn.Module = torch.compile(raw_model) if cfg.compile else raw_model
     eval_model = model
     if env.distributed:
@@ -2325,205 +2534,216 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
         model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda"
                                                     else None, gradient_as_bucket_view=True)
         settle_ddp_buckets(model, loader, autocast)
-
     total_steps = planned_steps(cfg, loader.steps_per_epoch)
-    if saved_args is not None:
-        warn_if_schedule_changed(cfg, saved_args, step, total_steps, loader.steps_per_epoch)
-    manager = CheckpointManager(cfg.checkpoint_dir, cfg.keep_last)
-    if env.is_main:
-        manager.clean_stale_temporaries()
-    metrics = MetricsLog(Path(cfg.log_dir) / "metrics.jsonl", env.is_main)
+    if point is not None:
+        warn_if_schedule_changed(cfg, point.args, state.step, total_steps, loader.steps_per_epoch)
+    return Run(raw_model=raw_model, model=model, eval_model=eval_model, optimizer=optimizer, loader=loader,
+               val_loader=val_loader, autocast=autocast, dtype=dtype, total_steps=total_steps, state=state,
+               num_train_shards=len(train_shards))
+
+
+def note_lost_steps(metrics: MetricsLog, step: int, resumed: bool) -> None:
+    """After a crash, metrics.jsonl may hold steps no checkpoint has: drop them, and say how much work was lost (a
+    torchrun restart always says so)."""
     last_logged_step = metrics.truncate_after(step)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # set by torchrun --max-restarts
-    if restart or (ckpt_path is not None and last_logged_step > step):
+    if restart or (resumed and last_logged_step > step):
         lost = max(0, last_logged_step - step)
         log.warning("%sresumed at step %d: %d step(s) of work lost%s",
                     f"torchrun restart {restart} after a worker failure: " if restart else "", step, lost,
                     f" (steps {step + 1}-{last_logged_step} are redone)" if lost else "")
         metrics.write(step=step, restart=restart, resumed_from_step=step, lost_steps=lost)
-    policy = SavePolicy(cfg)
-    guard = DivergenceGuard(cfg.max_nonfinite_steps, cfg.spike_factor)
-    tb = TensorBoardLog(tensorboard_run_dir(cfg.log_dir), cfg.tensorboard and env.is_main, step)
-    device_stats = DeviceStats(env.device, cfg.peak_tflops, raw_model.flops_per_token()) if tb.enabled else None
-    tokenizer = None
-    sample_prompt = cfg.sample_prompt if cfg.sample_prompt is not None else data_sample_prompt(cfg.data_dir)
-    if env.is_main and cfg.sample_freq:
-        try:
-            tokenizer = load_gpt2_tokenizer()
-        except Exception as e:  # offline without a cached vocabulary: training goes on without samples
-            log.warning("text samples are off: the GPT-2 tokenizer did not load (%s); point TIKTOKEN_CACHE_DIR at a "
-                        "cached copy", type(e).__name__)
-    log.info("model: %s parameters, %s | data: %d train shards, %d windows of %d tokens, %d steps per epoch",
-             f"{raw_model.num_parameters():,}", model_config, len(train_shards), loader.num_windows,
-             model_config.block_size, loader.steps_per_epoch)
-    log.info("batch: %d tokens per step = %d sequences x %d tokens x %d ranks x %d accumulation steps | "
-             "%d total steps | device %s, dtype %s", cfg.total_batch_size, micro_batch, model_config.block_size,
-             env.world_size, loader.grad_accum_steps, total_steps, env.device, dtype)
 
-    writer = CheckpointWriter(manager, asynchronous=cfg.async_checkpoint)
-    if env.is_main and env.device.type == "cuda" and cfg.async_checkpoint:
-        writer.reserve(snapshot_bytes(raw_model), pin=True)
-        log.info("checkpoint snapshots: %s of host memory set aside (%s), %.2fx the weights and AdamW moments",
-                 format_bytes(writer.host_bytes), "pinned" if writer._slab.pinned else "not pinned: slower copies",
-                 writer.host_bytes / (3 * sum(p.numel() * p.element_size() for p in raw_model.parameters())))
 
-    def save(reasons: list[str], epoch_completed: int | None, is_best: bool) -> None:
-        rng_states = gather_rng_states(env)  # collective: every rank takes part
-        if not env.is_main:
+class StepReporter:
+    """Rank 0's account of each step: the step line, metrics.jsonl, TensorBoard, and the periodic text sample."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, run: Run, metrics: MetricsLog, tb: TensorBoardLog):
+        self.cfg, self.env, self.run, self.metrics, self.tb = cfg, env, run, metrics, tb
+        self.device_stats = (DeviceStats(env.device, cfg.peak_tflops, run.raw_model.flops_per_token())
+                             if tb.enabled else None)
+        self.ema_step_seconds: float | None = None
+        self.tokenizer = None
+        self.sample_prompt = cfg.sample_prompt if cfg.sample_prompt is not None else data_sample_prompt(cfg.data_dir)
+        if env.is_main and cfg.sample_freq:
+            try:
+                self.tokenizer = load_gpt2_tokenizer()
+            except Exception as e:  # offline without a cached vocabulary: training goes on without samples
+                log.warning("text samples are off: the GPT-2 tokenizer did not load (%s); point TIKTOKEN_CACHE_DIR at "
+                            "a cached copy", type(e).__name__)
+        shape, loader = run.raw_model.config, run.loader
+        log.info("model: %s parameters, %s | data: %d train shards, %d windows of %d tokens, %d steps per epoch",
+                 f"{run.raw_model.num_parameters():,}", shape, run.num_train_shards, loader.num_windows,
+                 shape.block_size, loader.steps_per_epoch)
+        log.info("batch: %d tokens per step = %d sequences x %d tokens x %d ranks x %d accumulation steps | "
+                 "%d total steps | device %s, dtype %s", cfg.total_batch_size, cfg.batch_size, shape.block_size,
+                 env.world_size, loader.grad_accum_steps, run.total_steps, env.device, run.dtype)
+
+    def step(self, lr: float, grad_norm: float, step_seconds: float, skipped: bool, spike: float | None,
+             guard: DivergenceGuard, checkpointer: Checkpointer) -> None:
+        """Report the step just finished (run.state.step)."""
+        cfg, state, loader, dt = self.cfg, self.run.state, self.run.loader, step_seconds
+        step, total_steps, loss = state.step, self.run.total_steps, state.train_loss
+        ema = self.ema_step_seconds
+        self.ema_step_seconds = ema = dt if ema is None else 0.9 * ema + 0.1 * dt
+        tokens_per_second = cfg.total_batch_size / dt
+        self.metrics.write(step=step, epoch=loader.epoch_progress, loss=loss, lr=lr, grad_norm=grad_norm,
+                           tokens=step * cfg.total_batch_size, time=state.elapsed_seconds, step_ms=dt * 1000,
+                           tokens_per_second=tokens_per_second, **({"skipped_update": True} if skipped else {}))
+        if self.tb.enabled:  # rank 0 only: no GPU queries on the other ranks' hot path
+            stats = self.device_stats
+            self.tb.scalars(step, {"loss/train": None if skipped else loss, "optim/lr": lr,
+                                   "optim/grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                                   "perf/tokens_per_second": tokens_per_second, "perf/step_ms": dt * 1000,
+                                   "perf/mfu": stats.mfu(tokens_per_second, self.env.world_size),
+                                   "perf/gpu_max_memory_gb": stats.memory_gb(),
+                                   "perf/gpu_utilization_percent": stats.utilization(),
+                                   "progress/tokens": step * cfg.total_batch_size, **checkpointer.curves(),
+                                   "progress/epoch": loader.epoch_progress})
+        if step % cfg.log_freq == 0 or step == total_steps or skipped:
+            eta = datetime.timedelta(seconds=round(ema * (total_steps - step)))
+            log.info("step %7d/%d | epoch %.3f | loss %.6f | lr %.3e | grad_norm %.4f | %.1f ms | %.0f tok/s | eta "
+                     "%s%s", step, total_steps, loader.epoch_progress, loss, lr, grad_norm, dt * 1000,
+                     tokens_per_second, eta, checkpointer.step_note())
+        if skipped and self.env.is_main:
+            log.error("step %d: NON-FINITE loss %s / gradient norm %s: this update was skipped, the weights are "
+                      "unchanged (%d such step(s) in a row; the run stops at %d)", step, loss, grad_norm,
+                      guard.consecutive_skips, cfg.max_nonfinite_steps)
+            self.tb.scalars(step, {"optim/skipped_updates": guard.total_skips})
+        if spike is not None and self.env.is_main:
+            log.warning("step %d: LOSS SPIKE: %.4f is %.1fx the recent median loss (%.4f)", step, loss, spike,
+                        loss / spike)
+            self.tb.scalars(step, {"loss/spike_ratio": spike})
+            self.metrics.write(step=step, loss_spike_ratio=spike)
+
+    def evaluation(self, val_loss: float, is_best: bool) -> None:
+        """Report the evaluation of the current step."""
+        step = self.run.state.step
+        self.metrics.write(step=step, val_loss=val_loss)
+        self.tb.scalars(step, {"loss/val": val_loss})
+        log.info("step %7d | val_loss %.6f%s", step, val_loss, " (best)" if is_best else "")
+
+    def sample_if_due(self) -> None:
+        """Every --sample_freq steps and at the end (rank 0, with a tokenizer): a text sample from the prompt."""
+        step, cfg = self.run.state.step, self.cfg
+        if self.tokenizer is None or not (step % cfg.sample_freq == 0 or step == self.run.total_steps):
             return
-        state = build_state(raw_model=raw_model, optimizer=optimizer, loader=loader, cfg=cfg, step=step,
-                            train_loss=train_loss, val_loss=val_loss, val_step=val_step,
-                            best_val_loss=best_val_loss, rng_states=rng_states,
-                            elapsed_seconds=elapsed_before + time.monotonic() - t_start, world_size=env.world_size)
-        writer.submit(state, epoch_completed=epoch_completed, is_best=is_best)
-        policy.saved()
-        pending_reasons[step] = reasons
-        tb.flush()  # the curves up to this checkpoint are on disk before it can be resumed from
+        text = sample_text(self.run.raw_model, self.tokenizer, self.sample_prompt, cfg.sample_tokens, cfg.seed,
+                           self.run.autocast)[0]
+        log.info("step %7d | sample: %r", step, text)
+        self.tb.text("sample", text, step)
+        self.metrics.write(step=step, sample=text)
 
-    def report_saves() -> None:
-        """Log the saves the writer finished since the last call, and let the policy learn their cost."""
-        while not writer.results.empty():
-            r = writer.results.get()
-            reasons = ", ".join(pending_reasons.pop(r["step"], []))
-            if r["error"]:
-                watch.failed(r["error"])
-                log.error("CHECKPOINT SAVE FAILED at step %d (%s): %s. The previous checkpoints are intact (the newest "
-                          "is step %d) and training continues; it stops if nothing can be saved for more than %s",
-                          r["step"], reasons, r["error"], watch.saved_step,
-                          format_age(watch.limit_seconds(policy.interval_seconds)))
-                continue
-            watch.succeeded(r["step"])
-            if mirror is not None:  # durable and complete: copy it off the machine in the background
-                mirror.submit(manager.dir / r["names"][0], r["step"], r["names"])
-            # the fence's wait happened inside a step, so the policy sees it as step slowdown already; a
-            # synchronous write is all blocked time, and only a background write can overlap the next one
-            cost = policy.record(writer.submit_seconds, r["write_seconds"] if cfg.async_checkpoint else 0.0)
-            log.info("checkpoint step %d (%s) -> %s | blocked %.1f ms, cost %.1f ms, written in %.2f s", r["step"],
-                     reasons, ", ".join(r["names"]), writer.blocked_seconds * 1000, cost * 1000, r["write_seconds"])
-            metrics.write(step=r["step"], checkpoint_blocked_seconds=writer.blocked_seconds,
-                          checkpoint_cost_seconds=cost, checkpoint_write_seconds=r["write_seconds"],
-                          checkpoint_interval_steps=policy.interval_steps,
-                          checkpoint_interval_seconds=policy.interval_seconds)
-            tb.scalars(r["step"], {"save/blocked_ms": writer.blocked_seconds * 1000, "save/cost_ms": cost * 1000,
-                                   "save/write_seconds": r["write_seconds"], "save/interval_steps": policy.interval_steps,
-                                   "save/interval_seconds": policy.interval_seconds})
 
-    def votes() -> tuple[bool, bool, bool]:
-        """This rank's say, taken inside the step's all-reduce: stop (any rank may have been signalled), a periodic
-        save of the step being finished (rank 0 decides), stop because nothing could be saved for too long."""
-        return (stop.requested, env.is_main and policy.periodic_due(step + 1, writer.busy),
-                env.is_main and watch.exceeded(policy.interval_seconds))
+def evaluate_if_due(run: Run, cfg: TrainConfig, env: DistEnv, reporter: StepReporter) -> bool:
+    """Every --eval_freq steps and at the end: the validation loss. True when it is the run's best so far (the best
+    of every launch of the run: TrainState carries it across resumes)."""
+    step = run.state.step
+    due = cfg.eval_freq and (step % cfg.eval_freq == 0 or step == run.total_steps)
+    if run.val_loader.tokens is None or not due:
+        return False
+    val_loss = evaluate(run.eval_model, run.val_loader, env, cfg.val_steps, run.autocast)
+    is_best = run.state.record_eval(val_loss)
+    reporter.evaluation(val_loss, is_best)
+    return is_best
 
-    t_start = time.monotonic()
-    watch = UnsavedWatch(step, cfg.max_unsaved_minutes)
-    ema_step_seconds = None
+
+def save_reasons(*, periodic: bool, skipped: bool, epoch_ended: bool, is_best: bool, stop_requested: bool,
+                 unsaved_stop: bool, final: bool) -> list[str]:
+    """Why this step boundary is saved (empty: it is not). A periodic save never follows a skipped update: it waits
+    for a normal step. The last step always has a reason ("final"), and so does a stop."""
+    return [name for name, due in (
+        ("periodic", periodic and not skipped), ("epoch end", epoch_ended), ("best val", is_best),
+        ("stop signal", stop_requested), ("nothing saved too long", unsaved_stop), ("final", final)) if due]
+
+
+def train(cfg: TrainConfig, env: DistEnv, point: ResumePoint | None, stop: StopSignal,
+          mirror=None) -> dict[str, Any]:
+    """Build everything, restore the checkpoint `point` if any, and run the loop. Returns a summary. mirror: rank 0's
+    off-machine copy (src/mirror.py), or None."""
+    run = build_run(cfg, env, point)
+    state, loader = run.state, run.loader
+    metrics = MetricsLog(Path(cfg.log_dir) / "metrics.jsonl", env.is_main)
+    note_lost_steps(metrics, state.step, resumed=point is not None)
+    tb = TensorBoardLog(tensorboard_run_dir(cfg.log_dir), cfg.tensorboard and env.is_main, state.step)
+    reporter = StepReporter(cfg, env, run, metrics, tb)
+    checkpointer = Checkpointer(cfg, env, state, raw_model=run.raw_model, optimizer=run.optimizer, loader=loader,
+                                metrics=metrics, tb=tb, mirror=mirror)
+    guard = DivergenceGuard(cfg.max_nonfinite_steps, cfg.spike_factor)
     stop_agreed = diverged = unsaved_stop = False
-    pending_reasons: dict[int, list[str]] = {}
+    state.start_clock()
     try:
-        while step < total_steps:
-            report_saves()  # first: this step's report, votes and policy count every save that reached the disk
+        while state.step < run.total_steps:
+            checkpointer.report()  # first: this step's report, votes and policy count every save that reached the disk
             t0 = time.monotonic()
-            lr = lr_at(step, cfg, total_steps)
-            writer_was_busy = writer.busy
-            train_loss, grad_norm, skipped, (stop_requested, periodic, unsaved_stop) = train_step(
-                model, optimizer, loader, env, lr, cfg.grad_clip, autocast, writer.fence, votes)
+            lr = lr_at(state.step, cfg, run.total_steps)
+            writer_was_busy = checkpointer.busy
+            state.train_loss, grad_norm, skipped, (stop_requested, periodic, unsaved_stop) = train_step(
+                run.model, run.optimizer, loader, env, lr, cfg.grad_clip, run.autocast, checkpointer.fence,
+                votes=lambda: (stop.requested, *checkpointer.votes()))
             epoch_ended = loader.advance()
-            step += 1
-            dt = time.monotonic() - t0
-            ema_step_seconds = dt if ema_step_seconds is None else 0.9 * ema_step_seconds + 0.1 * dt
-            policy.observe_step(dt, writer_was_busy)
-            tokens_per_second = cfg.total_batch_size / dt
-            spike = guard.observe(step, train_loss, skipped)
-            metrics.write(step=step, epoch=loader.epoch_progress, loss=train_loss, lr=lr, grad_norm=grad_norm,
-                          tokens=step * cfg.total_batch_size, time=elapsed_before + time.monotonic() - t_start,
-                          step_ms=dt * 1000, tokens_per_second=tokens_per_second,
-                          **({"skipped_update": True} if skipped else {}))
-            if tb.enabled:  # rank 0 only: no GPU queries on the other ranks' hot path
-                tb.scalars(step, {"loss/train": None if skipped else train_loss, "optim/lr": lr,
-                                  "optim/grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                                  "perf/tokens_per_second": tokens_per_second, "perf/step_ms": dt * 1000,
-                                  "perf/mfu": device_stats.mfu(tokens_per_second, env.world_size),
-                                  "perf/gpu_max_memory_gb": device_stats.memory_gb(),
-                                  "perf/gpu_utilization_percent": device_stats.utilization(),
-                                  "progress/tokens": step * cfg.total_batch_size,
-                                  "save/unsaved_steps": step - watch.saved_step,
-                                  **mirror_curves(mirror),
-                                  "progress/epoch": loader.epoch_progress})
-            if step % cfg.log_freq == 0 or step == total_steps or skipped:
-                eta = datetime.timedelta(seconds=round(ema_step_seconds * (total_steps - step)))
-                log.info("step %7d/%d | epoch %.3f | loss %.6f | lr %.3e | grad_norm %.4f | %.1f ms | %.0f tok/s "
-                         "| eta %s%s%s", step, total_steps, loader.epoch_progress, train_loss, lr, grad_norm,
-                         dt * 1000, tokens_per_second, eta,
-                         f" | UNSAVED {step - watch.saved_step} steps (saves failing)" if watch.failing else "",
-                         mirror_trouble(mirror))
-            if skipped and env.is_main:
-                log.error("step %d: NON-FINITE loss %s / gradient norm %s: this update was skipped, the weights are "
-                          "unchanged (%d such step(s) in a row; the run stops at %d)", step, train_loss, grad_norm,
-                          guard.consecutive_skips, cfg.max_nonfinite_steps)
-                tb.scalars(step, {"optim/skipped_updates": guard.total_skips})
+            state.step += 1
+            step_seconds = time.monotonic() - t0
+            checkpointer.observe_step(step_seconds, writer_was_busy)
+            spike = guard.observe(state.step, state.train_loss, skipped)
+            reporter.step(lr, grad_norm, step_seconds, skipped, spike, guard, checkpointer)
             if guard.diverged:
                 diverged = True
                 break  # every rank agreed on each skip, so every rank breaks here; nothing is saved
-            if spike is not None and env.is_main:
-                log.warning("step %d: LOSS SPIKE: %.4f is %.1fx the recent median loss (%.4f)", step, train_loss,
-                            spike, train_loss / spike)
-                tb.scalars(step, {"loss/spike_ratio": spike})
-                metrics.write(step=step, loss_spike_ratio=spike)
-
-            is_best = False
-            eval_due = cfg.eval_freq and (step % cfg.eval_freq == 0 or step == total_steps)
-            if val_loader.tokens is not None and eval_due:
-                val_loss, val_step = evaluate(eval_model, val_loader, env, cfg.val_steps, autocast), step
-                is_best = best_val_loss is None or val_loss < best_val_loss
-                best_val_loss = val_loss if is_best else best_val_loss
-                metrics.write(step=step, val_loss=val_loss)
-                tb.scalars(step, {"loss/val": val_loss})
-                log.info("step %7d | val_loss %.6f%s", step, val_loss, " (best)" if is_best else "")
-            if tokenizer is not None and (step % cfg.sample_freq == 0 or step == total_steps):
-                text = sample_text(raw_model, tokenizer, sample_prompt, cfg.sample_tokens, cfg.seed, autocast)[0]
-                log.info("step %7d | sample: %r", step, text)
-                tb.text("sample", text, step)
-                metrics.write(step=step, sample=text)
-
-            periodic = periodic and not skipped  # never right after a skipped update: wait for a normal step
-            if unsaved_stop and env.is_main:
-                log.error("STOPPING: no checkpoint could be saved for more than %s (the newest on disk is step %d, %d "
-                          "steps ago; last error: %s). Training on would risk more work with nothing to come back to; "
-                          "one last save is tried now", format_age(watch.limit_seconds(policy.interval_seconds)),
-                          watch.saved_step, step - watch.saved_step, watch.failing)
-            reasons = [name for name, due in (
-                ("periodic", periodic), ("epoch end", epoch_ended), ("best val", is_best),
-                ("stop signal", stop_requested), ("nothing saved too long", unsaved_stop),
-                ("final", step == total_steps)) if due]
-            if reasons:  # the last step always has one ("final"), and so does a stop
-                save(reasons, loader.epoch if epoch_ended else None, is_best)
+            is_best = evaluate_if_due(run, cfg, env, reporter)
+            reporter.sample_if_due()
+            if unsaved_stop:
+                checkpointer.announce_unsaved_stop()
+            reasons = save_reasons(periodic=periodic, skipped=skipped, epoch_ended=epoch_ended, is_best=is_best,
+                                   stop_requested=stop_requested, unsaved_stop=unsaved_stop,
+                                   final=state.step == run.total_steps)
+            if reasons:
+                checkpointer.save(reasons, loader.epoch if epoch_ended else None, is_best)
             if stop_requested or unsaved_stop:
                 stop_agreed = True
                 break
     finally:
         # On every way out, a crash of another rank included, finish the save in flight: its snapshot is of a
         # step boundary every rank completed, so it is a good checkpoint.
-        writer.close()
-        report_saves()
-        if mirror is not None:
-            finish_mirror(mirror, cfg.mirror_wait_seconds, watch.saved_step)
+        checkpointer.close()
         tb.close()
         metrics.close()
-    stopped = stop_agreed and step < total_steps  # agreed: a rank that got no signal itself stops too
+    return conclude(cfg, env, run, checkpointer, guard, stop_agreed=stop_agreed, diverged=diverged,
+                    unsaved_stop=unsaved_stop)
+
+
+def conclude(cfg: TrainConfig, env: DistEnv, run: Run, checkpointer: Checkpointer, guard: DivergenceGuard, *,
+             stop_agreed: bool, diverged: bool, unsaved_stop: bool) -> dict[str, Any]:
+    """The summary of the run, with the same exit code on every rank; rank 0 says how the run ended."""
+    state = run.state
+    stopped = stop_agreed and state.step < run.total_steps  # agreed: a rank that got no signal itself stops too
     # rank 0 alone knows whether its last save reached the disk; every rank exits with the same code
-    unsaved_steps = int(all_reduce_max(env, [0 if diverged or not env.is_main else step - watch.saved_step])[0])
+    unsaved_steps = int(all_reduce_max(env, [0 if diverged or not env.is_main
+                                             else state.step - checkpointer.saved_step])[0])
     exit_code = 3 if diverged else 4 if unsaved_steps or unsaved_stop else 0
-    if diverged and env.is_main:
-        advice = divergence_advice(env, cfg, manager, guard.trouble_began_step)
+    if env.is_main:  # only rank 0 knows which step is on disk: the others would report a wrong one
+        announce_end(cfg, env, run, checkpointer, guard, stopped=stopped, diverged=diverged,
+                     unsaved_steps=unsaved_steps, unsaved_stop=unsaved_stop)
+    return dict(step=state.step, total_steps=run.total_steps, train_loss=state.train_loss, val_loss=state.val_loss,
+                best_val_loss=state.best_val_loss, stopped=stopped, diverged=diverged, skipped_steps=guard.total_skips,
+                unsaved_steps=unsaved_steps, exit_code=exit_code)
+
+
+def announce_end(cfg: TrainConfig, env: DistEnv, run: Run, checkpointer: Checkpointer, guard: DivergenceGuard, *,
+                 stopped: bool, diverged: bool, unsaved_steps: int, unsaved_stop: bool) -> None:
+    """Rank 0's last word: how the run ended, what is saved, and the command that continues it."""
+    step, total_steps = run.state.step, run.total_steps
+    if diverged:
+        advice = divergence_advice(env, cfg, checkpointer.manager, guard.trouble_began_step)
         log.error("TRAINING STOPPED: %d consecutive steps (%d-%d) had a non-finite loss or gradient norm. Their "
                   "updates were skipped and nothing was saved after them, so the checkpoints in %s/ are untouched. "
                   "%s", guard.consecutive_skips, guard.first_skipped_step, step, cfg.checkpoint_dir, advice)
-        (manager.dir / manager.DIVERGED).write_text(f"the loss diverged at step {guard.first_skipped_step}. {advice}\n")
+        checkpointer.manager.mark_diverged(f"the loss diverged at step {guard.first_skipped_step}. {advice}")
     elif unsaved_steps:
         log.error("NOT SAVED: the run %s at step %d but its checkpoint could not be written (%s). The newest checkpoint "
                   "on disk is step %d: %d step(s) of training are not saved. Fix the cause, then resume with:\n  %s",
-                  "stopped" if stopped else "finished", step, watch.failing, watch.saved_step, unsaved_steps,
-                  resume_command(env, cfg))
+                  "stopped" if stopped else "finished", step, checkpointer.failing, checkpointer.saved_step,
+                  unsaved_steps, resume_command(env, cfg))
     elif unsaved_stop:
         log.error("STOPPED at step %d of %d because checkpoints could not be written for too long; the stop's own "
                   "checkpoint was saved. Fix the cause, then resume with:\n  %s", step, total_steps,
@@ -2535,11 +2755,8 @@ def train(cfg: TrainConfig, env: DistEnv, ckpt_path: Path | None, stop: StopSign
         log.info("stopped cleanly at step %d of %d, checkpoint saved. Resume with:\n  %s%s", step, total_steps,
                  resume_command(env, cfg), launcher_note)
     else:
-        log.info("training finished at step %d (train loss %s, val loss %s)", step, fmt_loss(train_loss),
-                 fmt_loss(val_loss))
-    return dict(step=step, total_steps=total_steps, train_loss=train_loss, val_loss=val_loss,
-                best_val_loss=best_val_loss, stopped=stopped, diverged=diverged, skipped_steps=guard.total_skips,
-                unsaved_steps=unsaved_steps, exit_code=exit_code)
+        log.info("training finished at step %d (train loss %s, val loss %s)", step, fmt_loss(run.state.train_loss),
+                 fmt_loss(run.state.val_loss))
 
 
 def settle_ddp_buckets(model: nn.parallel.DistributedDataParallel, loader: ShardedLoader, autocast) -> None:
@@ -2559,8 +2776,55 @@ def settle_ddp_buckets(model: nn.parallel.DistributedDataParallel, loader: Shard
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 10. entry point
+# 10. resume
 # ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run starts: a verified checkpoint file, and the metadata its settings and model shape come
+    from (read from the file's small metadata record; train() loads the tensors)."""
+
+    path: Path
+    step: int
+    args: dict[str, Any]  # the run's settings as saved (TrainConfig as a dict)
+    model_config: dict[str, Any]  # GPTConfig as a dict
+    world_size: int
+
+    @classmethod
+    def read(cls, path: Path) -> "ResumePoint":
+        """The resume point of a checkpoint already verified (memory-mapped: the tensors are not read)."""
+        meta = CheckpointManager.load(path, verify=False)
+        return cls(path=path, step=meta["step"], args=meta["args"], model_config=meta["model_config"],
+                   world_size=meta["world_size"])
+
+
+def find_resume_point(env: DistEnv, flags: dict[str, Any], manager: CheckpointManager) -> ResumePoint | None:
+    """Where this launch starts: None for a new run (refused over a folder that holds checkpoints), else the
+    checkpoint --resume names, verified, from the local chain with its fallback or from the mirror, and on nodes
+    without shared storage each node's copy of it. Rank 0 chooses; every rank gets the same answer or the same
+    UserError. Each file is verified once."""
+    broadcast_from_main(env, lambda: refuse_to_replay_divergence(manager))
+    resume, mirror_url = flags.get("resume"), flags.get("mirror")
+    if resume is None:
+        broadcast_from_main(env, manager.refuse_new_run)
+        return None
+    point = broadcast_from_main(env, lambda: resolve_with_mirror(manager, resume, mirror_url))
+    if point is None:
+        log.info("--resume auto: no checkpoint in %s/, starting a new run", manager.dir)
+        return None
+    return share_checkpoint(env, manager, point, resume, mirror_url)  # a rank on another machine may not see it
+
+
+def refuse_to_replay_divergence(manager: CheckpointManager) -> None:
+    """Under torchrun --max-restarts, a run that stopped because its loss diverged would be restarted from the same
+    checkpoint with the same settings and, resume being exact, diverge again at the same step. A restart refuses
+    to start while the divergence marker is there; a launch by hand (restart 0) clears it and starts."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
+        manager.clear_divergence_mark()
+    elif (reason := manager.divergence_mark()) is not None:
+        raise UserError("not restarting: the previous attempt of this run stopped because " + reason
+                        + "\n(a restart with the same settings would diverge again at the same step)")
+
 
 def open_mirror(url: str, keep_last: int, check: bool = True):
     """The off-machine copy of the checkpoints (src/mirror.py, imported only when --mirror is given). check=True (a
@@ -2576,12 +2840,12 @@ def open_mirror(url: str, keep_last: int, check: bool = True):
     return mirror
 
 
-def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str | None) -> Path | None:
-    """--resume's checkpoint, verified, with damaged local files set aside. For latest and auto with a mirror, local
-    and mirrored checkpoints are both considered: when the mirror holds a valid checkpoint newer than every valid
-    local one (the folder is missing or empty, every file fails verification, or this machine's disk holds an older
-    run state, as a node of an earlier job may), it is downloaded into the folder, checked against the mirror's
-    checksums and ours, and used."""
+def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str | None) -> ResumePoint | None:
+    """Rank 0: --resume's checkpoint, verified, with damaged local files set aside. For latest and auto with a
+    mirror, local and mirrored checkpoints are both considered: when the mirror holds a valid checkpoint newer than
+    every valid local one (the folder is missing or empty, every file fails verification, or this machine's disk
+    holds an older run state, as a node of an earlier job may), it is downloaded into the folder, checked against
+    the mirror's checksums and ours, and used. None: --resume auto found nothing anywhere."""
     try:
         path = manager.resolve(resume)
     except UserError:
@@ -2589,47 +2853,30 @@ def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str
             raise
         path = None
     manager.set_aside(manager.damaged)  # a damaged file never takes a name resume or rotation uses
+    local = ResumePoint.read(path) if path else None
     if not mirror_url or resume not in ("latest", "auto"):
-        return path
-    local_step = CheckpointManager.load(path, verify=False)["step"] if path else -1
+        return local
     from mirror import MirrorError
     mirror = open_mirror(mirror_url, keep_last=1, check=False)
     try:
-        fetched = mirror.fetch_newest_valid(manager.dir, CheckpointManager.load, newer_than=local_step)
+        fetched = mirror.fetch_newest_valid(manager, newer_than=local.step if local else -1)
     except MirrorError as e:  # the mirror could not be read at all
         raise UserError(str(e)) from None
     finally:
         mirror.close()
     if fetched is None:
-        if path is not None:
-            log.info("resuming from the local checkpoint %s (step %d; the mirror holds nothing newer)", path,
-                     local_step)
-            return path
+        if local is not None:
+            log.info("resuming from the local checkpoint %s (step %d; the mirror holds nothing newer)", local.path,
+                     local.step)
+            return local
         if resume == "auto":
             return None
         raise UserError(f"--resume latest: no valid checkpoint in {manager.dir}/ nor on the mirror "
                         f"{redact_url(mirror_url)}; start without --resume, or check --checkpoint_dir and --mirror")
     log.warning("%s: resuming from the MIRROR's step %d (%s), downloaded and verified",
-                f"the mirror holds a newer checkpoint than {manager.dir}/ (step {local_step})" if path else
+                f"the mirror holds a newer checkpoint than {manager.dir}/ (step {local.step})" if local else
                 f"no valid local checkpoint in {manager.dir}/", fetched[1]["step"], redact_url(mirror_url))
-    return fetched[0]
-
-
-def gather_from_all(env: DistEnv, value) -> list:
-    """`value` from every rank, in rank order (small picklable values; one collective)."""
-    if not env.distributed:
-        return [value]
-    values = [None] * env.world_size
-    dist.all_gather_object(values, value)
-    return values
-
-
-def agree(env: DistEnv, problem: str | None) -> None:
-    """Raise the first rank's problem on every rank, so that all of them stop together (none waits for the others
-    in a collective until a timeout)."""
-    problems = [p for p in gather_from_all(env, problem) if p is not None]
-    if problems:
-        raise UserError(problems[0])
+    return ResumePoint.read(fetched[0])
 
 
 def checkpoint_fingerprint(path: Path) -> tuple | None:
@@ -2665,7 +2912,7 @@ def checkpoint_for_every_node(manager: CheckpointManager, path: Path, resume: st
             raise UserError(f"{where}, and the mirror {mirror.redacted_url()} does not hold it: copy it to every "
                             "node, or resume with --resume latest")
         else:
-            fetched = mirror.fetch_newest_valid(manager.dir, CheckpointManager.load)
+            fetched = mirror.fetch_newest_valid(manager)
             if fetched is None:
                 raise UserError(f"{where}, and the mirror {mirror.redacted_url()} holds no valid checkpoint: put "
                                 "--checkpoint_dir on storage every node shares, or copy the folder to every node")
@@ -2680,41 +2927,56 @@ def checkpoint_for_every_node(manager: CheckpointManager, path: Path, resume: st
     return path, checkpoint_fingerprint(path), entry
 
 
-def share_checkpoint(env: DistEnv, manager: CheckpointManager, path: Path, resume: str,
-                     mirror_url: str | None) -> Path:
+def share_checkpoint(env: DistEnv, manager: CheckpointManager, point: ResumePoint, resume: str,
+                     mirror_url: str | None) -> ResumePoint:
     """This rank's copy of the checkpoint rank 0 chose. With storage every node shares, that is rank 0's file. On
     several machines with local disks only, a node that cannot see it, or holds another file under its name, fetches
     the same checkpoint from the mirror into its own --checkpoint_dir, once per node (its first local rank), checked
     by sha256 and CRC-32 and compared with rank 0's; every rank stops with one error if any node cannot get it."""
     if not env.distributed:
-        return path
-    seen = checkpoint_fingerprint(path)
+        return point
+    seen = checkpoint_fingerprint(point.path)
     fingerprint = broadcast_from_main(env, lambda: seen)
     blind = [rank for rank, sees in enumerate(gather_from_all(env, seen == fingerprint)) if not sees]
     if not blind:
-        return path
-    path, fingerprint, entry = broadcast_from_main(
-        env, lambda: checkpoint_for_every_node(manager, path, resume, mirror_url, blind))
-    sees = checkpoint_fingerprint(path) == fingerprint  # rank 0's choice may have changed: look again
+        return point
+
+    def rank0_choice() -> tuple[ResumePoint, tuple, dict]:
+        path, fingerprint, entry = checkpoint_for_every_node(manager, point.path, resume, mirror_url, blind)
+        return (point if path == point.path else ResumePoint.read(path)), fingerprint, entry
+
+    point, fingerprint, entry = broadcast_from_main(env, rank0_choice)
+    sees = checkpoint_fingerprint(point.path) == fingerprint  # rank 0's choice may have changed: look again
     problem = None
     if not sees and env.local_rank == 0:
-        try:
-            mirror = open_mirror(mirror_url, keep_last=1, check=False)
-            try:
-                if mirror.fetch(entry, manager.dir, CheckpointManager.load) is None:
-                    problem = f"rank {env.rank} could not fetch step {entry['step']} from the mirror (see its log)"
-            finally:
-                mirror.close()
-        except Exception as e:  # UserError, MirrorError, OSError: this node's fetch failed
-            problem = f"rank {env.rank} could not fetch step {entry['step']} from the mirror: {e}"
+        problem = fetch_for_this_node(env, manager, entry, mirror_url)
     agree(env, problem)  # also: no rank looks before its node's fetch is done
-    mine = path if sees else manager.dir / CheckpointManager.LATEST
+    mine = point.path if sees else manager.dir / CheckpointManager.LATEST
     agree(env, None if checkpoint_fingerprint(mine) == fingerprint else
-          f"rank {env.rank} cannot see {path} nor a copy of it in {manager.dir}/")
+          f"rank {env.rank} cannot see {point.path} nor a copy of it in {manager.dir}/")
     if env.is_main:
         log.info("every rank holds step %d now (fetched from the mirror where it was missing)", entry["step"])
-    return mine
+    return dataclasses.replace(point, path=mine)
 
+
+def fetch_for_this_node(env: DistEnv, manager: CheckpointManager, entry: dict, mirror_url: str) -> str | None:
+    """The first local rank of a node without rank 0's checkpoint fetches the mirror's copy `entry` into this node's
+    folder; returns the problem if it could not (None when it did)."""
+    try:
+        mirror = open_mirror(mirror_url, keep_last=1, check=False)
+        try:
+            if mirror.fetch(entry, manager) is None:
+                return f"rank {env.rank} could not fetch step {entry['step']} from the mirror (see its log)"
+        finally:
+            mirror.close()
+    except Exception as e:  # UserError, MirrorError, OSError: this node's fetch failed
+        return f"rank {env.rank} could not fetch step {entry['step']} from the mirror: {e}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11. entry point
+# ---------------------------------------------------------------------------------------------------------------
 
 def fp8_call(name: str, *args):
     """src/fp8.py's `name` (torchao's float8 training, imported only under --fp8); its errors are one-line UserErrors."""
@@ -2734,76 +2996,64 @@ def write_torchrun_error_file(message: str) -> None:
             Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
 
 
+def start_mirror(env: DistEnv, cfg: TrainConfig):
+    """Rank 0's mirror for uploads (checked: a mirror it cannot use is a UserError on every rank); None elsewhere."""
+    box: list = []
+    if cfg.mirror:
+        broadcast_from_main(env, lambda: box.append(open_mirror(cfg.mirror, cfg.keep_last)))
+    return box[0] if box else None
+
+
+def report_user_error(env: DistEnv | None, flags: dict[str, Any], error: UserError) -> None:
+    """Rank 0 prints a user error on one line; a run's existing train.log gets it too (not the log of another run
+    going on now), and torchrun's failure report."""
+    if env is None or env.is_main:
+        print(f"error: {error}", file=sys.stderr)
+        # a failed start creates no folder, but a run's existing train.log gets the whole story
+        continuing = env is not None and not isinstance(error, FolderInUse)
+        handler = attach_log_file(env, Path(flags.get("log_dir", "logs")), create=False) if continuing else None
+        if handler is not None:
+            handler.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (error,), None))
+    write_torchrun_error_file(f"error: {error}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse flags, set up, train, clean up. Returns a summary; user errors exit 2 with a one-line message."""
+    """Parse flags, set up, find where to start, train, clean up. Returns a summary; user errors exit 2 with a
+    one-line message."""
     flags = parse_flags(argv)
-    env = None
+    env, mirror = None, None
     stop = StopSignal(announce=os.environ.get("RANK", "0") == "0")
     lock = FolderLock(Path(flags.get("checkpoint_dir", "checkpoints")))
-    mirror_box: list = []  # rank 0's Mirror, when --mirror is given
     failed = True
     try:
-        device_flag = flags.get("device", "auto")
-        env = setup_distributed(device_flag)
+        env = setup_distributed(flags.get("device", "auto"))
         setup_logging(env)
         stop.install()
         if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: stop and save if it dies
             stop.watch_launcher()
-        checkpoint_dir = Path(flags.get("checkpoint_dir", "checkpoints"))
-        manager = CheckpointManager(checkpoint_dir)
-        resume = flags.get("resume")
         # rank 0 writes every checkpoint: fail before training if it could not, or if another run writes here
         broadcast_from_main(env, lock.acquire)
-        broadcast_from_main(env, lambda: refuse_to_replay_divergence(manager))
-        if resume is None:
-            TrainConfig(**flags)  # validate before touching anything
-
-            def refuse_clobber():
-                existing = manager.all_checkpoints()
-                if existing:
-                    raise UserError(f"{checkpoint_dir}/ already holds checkpoints ({existing[0].name}, ...): "
-                                    "continue that run with --resume latest, or start a new one with another "
-                                    "--checkpoint_dir")
-
-            broadcast_from_main(env, refuse_clobber)
-            ckpt_path = None
-        else:
-            ckpt_path = broadcast_from_main(env, lambda: resolve_with_mirror(manager, resume, flags.get("mirror")))
-            if ckpt_path is None:
-                log.info("--resume auto: no checkpoint in %s/, starting a new run", checkpoint_dir)
-            else:  # rank 0 found it; a rank on another machine may not see it
-                ckpt_path = share_checkpoint(env, manager, ckpt_path, resume, flags.get("mirror"))
-        # only the settings are needed here: with mmap, loading reads the small metadata record, not the tensors;
-        # train() loads again and drops the state once restored, so it is not held for the whole run
-        cfg = resolve_config(flags, CheckpointManager.load(ckpt_path, verify=False) if ckpt_path else None)
+        point = find_resume_point(env, flags, CheckpointManager(lock.dir))
+        cfg = resolve_config(flags, point)
         if cfg.fp8:
             fp8_call("check_hardware", env.device, cfg.fp8_emulate)  # before anything is written
         attach_log_file(env, Path(cfg.log_dir))
-        if cfg.mirror:
-            broadcast_from_main(env, lambda: mirror_box.append(open_mirror(cfg.mirror, cfg.keep_last)))
-        log.info("train_improved.py at %s | torch %s | python %s | world size %d | %s",
-                 code_version(), torch.__version__, sys.version.split()[0], env.world_size,
-                 "resuming " + str(ckpt_path) if ckpt_path else "new run")
+        mirror = start_mirror(env, cfg)
+        log.info("train_improved.py at %s | torch %s | python %s | world size %d | %s", code_version(),
+                 torch.__version__, sys.version.split()[0], env.world_size,
+                 f"resuming {point.path}" if point else "new run")
         log.info("config: %s", json.dumps(printable_settings(dataclasses.asdict(cfg))))
-        summary = train(cfg, env, ckpt_path, stop, mirror_box[0] if mirror_box else None)
+        summary = train(cfg, env, point, stop, mirror)
         failed = False
         if env.distributed:
             dist.barrier()  # nobody exits while rank 0 may still be writing
         return summary
     except UserError as e:
-        if env is None or env.is_main:
-            print(f"error: {e}", file=sys.stderr)
-            # a failed start creates no folder, but a run's existing train.log gets the whole story (not the log
-            # of a run that is going on now)
-            continuing = env is not None and not isinstance(e, FolderInUse)
-            handler = attach_log_file(env, Path(flags.get("log_dir", "logs")), create=False) if continuing else None
-            if handler is not None:
-                handler.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (e,), None))
-        write_torchrun_error_file(f"error: {e}")
+        report_user_error(env, flags, e)
         sys.exit(2)
     finally:
         stop.uninstall()
-        for mirror in mirror_box:
+        if mirror is not None:
             mirror.close()
         lock.release(failed=failed)
         cleanup_distributed()

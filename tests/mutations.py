@@ -102,7 +102,7 @@ ROWS = [
         ("d.rmdir()", "pass"),
     ), (RECOVERY + "test_a_failed_start_leaves_no_folder_behind",)),
     Row("torchrun_error_file_not_written", (
-        ('write_torchrun_error_file(f"error: {e}")', "pass"),
+        ('write_torchrun_error_file(f"error: {error}")', "pass"),
     ), (RECOVERY + "test_torchrun_reports_our_one_line_error_as_the_root_cause",)),
     Row("warnings_printed_per_rank", (
         ("log.setLevel(logging.INFO if env.is_main else logging.ERROR)",
@@ -110,7 +110,8 @@ ROWS = [
     ), (RECOVERY + "test_a_schedule_change_on_resume_is_explained_once_under_torchrun",)),
     Row("list_checkpoints_not_quiet_on_a_closed_pipe", (
         ("        sys.stdout.flush()  # inside the try", "        pass  # inside the try"),
-    ), (RECOVERY + "test_list_checkpoints_marks_an_earlier_validation_loss_and_a_closed_pipe_is_quiet",)),
+    ), (RECOVERY + "test_list_checkpoints_marks_an_earlier_validation_loss_and_a_closed_pipe_is_quiet",),
+        path="src/list_checkpoints.py"),
     Row("disk_full_gives_up_the_newest_rolling_file", (
         ('self._numbered("rolling_step_")[:-1]', 'self._numbered("rolling_step_")'),
     ), (ASYNC + "test_make_room_gives_up_damaged_then_older_rolling_then_the_backup_and_never_the_newest",)),
@@ -123,7 +124,7 @@ ROWS = [
          "exit_code = 3 if diverged else 0"),
     ), (ASYNC + "test_when_the_final_save_fails_the_run_says_so_last_and_exits_4",)),
     Row("training_on_blind_when_saves_keep_failing", (
-        ("env.is_main and watch.exceeded(policy.interval_seconds)", "False"),
+        ("                self.watch.exceeded(self.policy.interval_seconds))", "                False)"),
     ), (DISK_FULL + "test_room_for_one_and_a_half_stops_within_the_limit_and_resumes_once_there_is_space",)),
     Row("resumed_optimizer_state_still_a_view_of_the_mmapped_file", (
         ("per_param[key] = value.clone()", "pass"),
@@ -142,7 +143,7 @@ ROWS = [
         ("        settle_ddp_buckets(model, loader, autocast)\n", ""),
     ), (RESUME + "test_four_ranks_kill_9_then_resume_is_bit_exact",)),
     Row("the_policy_never_sees_a_writes_cost", (
-        ('r["write_seconds"] if cfg.async_checkpoint else 0.0', "0.0"),
+        ("write_seconds if self.cfg.async_checkpoint else 0.0", "0.0"),
     ), (ASYNC + "test_a_slow_background_write_stretches_the_save_interval_in_a_real_run",)),
     Row("optimizer_state_not_restored_on_another_world_size", (
         ('    optimizer.load_state_dict(state["optimizer"])\n',
@@ -185,14 +186,15 @@ ROWS = [
         ("            stop.watch_launcher()\n", "            pass\n"),
     ), (RESUME + "test_workers_stop_together_save_and_exit_when_torchrun_is_killed",)),
     Row("nothing_copied_to_the_mirror", (
-        ('                mirror.submit(manager.dir / r["names"][0], r["step"], r["names"])\n', "                pass\n"),
+        ('            self.mirror.submit(self.manager.dir / result["names"][0], step, result["names"])\n',
+         "            pass\n"),
     ), (MIRROR + "test_plain_folder_mirror_kill_the_run_delete_the_folder_and_continue_bit_exact",)),
     Row("resume_ignores_the_mirror", (
-        ('    if not mirror_url or resume not in ("latest", "auto"):\n        return path\n', "    return path\n"),
+        ('    if not mirror_url or resume not in ("latest", "auto"):\n        return local\n', "    return local\n"),
     ), (MIRROR + "test_plain_folder_mirror_kill_the_run_delete_the_folder_and_continue_bit_exact",)),
     Row("a_valid_local_checkpoint_hides_a_newer_mirrored_one", (
-        ('    if not mirror_url or resume not in ("latest", "auto"):\n        return path\n',
-         '    if path is not None or not mirror_url or resume not in ("latest", "auto"):\n        return path\n'),
+        ('    if not mirror_url or resume not in ("latest", "auto"):\n        return local\n',
+         '    if path is not None or not mirror_url or resume not in ("latest", "auto"):\n        return local\n'),
     ), (MIRROR_UNIT + "test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder",)),
     Row("a_node_without_the_checkpoint_does_not_fetch_it", (
         ("    if not sees and env.local_rank == 0:", "    if not sees and env.is_main:"),

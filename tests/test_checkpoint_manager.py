@@ -29,9 +29,9 @@ def make_state(shard_dir, step=1, **cfg_overrides):
     loader = T.ShardedLoader(T.find_shards(str(shard_dir), "train"), 32, 256, 2, 0, 1, 0, CPU)
     T.train_step(model, optimizer, loader, ENV, 1e-3, 1.0, __import__("contextlib").nullcontext)
     loader.advance()
-    return T.build_state(raw_model=model, optimizer=optimizer, loader=loader, cfg=cfg, step=step, train_loss=5.0,
-                         val_loss=None, best_val_loss=None, rng_states=T.gather_rng_states(ENV),
-                         elapsed_seconds=1.0, world_size=1)
+    return T.build_state(T.TrainState(step=step, train_loss=5.0, elapsed_before_seconds=1.0), raw_model=model,
+                         optimizer=optimizer, loader=loader, cfg=cfg, rng_states=T.gather_rng_states(ENV),
+                         world_size=1)
 
 
 def with_step(state, step):

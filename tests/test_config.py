@@ -65,7 +65,8 @@ def test_schedule_warmup_then_cosine_to_min_lr():
 
 def test_resume_config_inherits_checkpoint_settings_and_refuses_architecture_changes(caplog):
     saved = T.TrainConfig(preset="tiny", n_layer=2, learning_rate=1e-3, eval_freq=7)
-    ckpt = dict(args=vars(saved).copy(), model_config=vars(saved.gpt_config()).copy())
+    ckpt = T.ResumePoint(path=None, step=0, args=vars(saved).copy(), model_config=vars(saved.gpt_config()).copy(),
+                         world_size=1)
     cfg = T.resolve_config({"resume": "latest"}, ckpt)
     assert (cfg.n_layer, cfg.learning_rate, cfg.eval_freq) == (2, 1e-3, 7)
     cfg = T.resolve_config({"resume": "latest", "learning_rate": 5e-4}, ckpt)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import list_checkpoints
 import train_improved as T
 from helpers import EXACT_SAVES, TINY_ARGS, launch, run, wait_for
 
@@ -75,7 +76,7 @@ def args_for(tmp_path, shard_dir, ck, *extra):
 
 def assert_every_name_verifies(ck):
     names = T.CheckpointManager(ck).all_checkpoints()
-    assert names and T.list_checkpoints_cli(["--checkpoint_dir", str(ck), "--verify"]) == 0
+    assert names and list_checkpoints.main(["--checkpoint_dir", str(ck), "--verify"]) == 0
     return {p.name: T.CheckpointManager.load(p)["step"] for p in names}
 
 

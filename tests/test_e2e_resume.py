@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+import list_checkpoints
 import train_improved as T
 from helpers import (EXACT_SAVES, TINY_ARGS, alive, built_once, frozen, kill_9_everything, last_step, launch,
                      read_metrics, run, saved_on_stop, tensorboard_scalars, wait_for, workers, write_bin_shard)
@@ -188,7 +189,7 @@ def test_damaged_latest_falls_back_to_the_backup_and_still_ends_bit_exact(tmp_pa
     # the damaged file was set aside, never rotated into latest_backup.pt: every name resume uses verifies
     ck = tmp_path / "ck"
     assert (ck / "latest.pt.corrupt").exists() and "set the damaged latest.pt" in out
-    assert T.list_checkpoints_cli(["--checkpoint_dir", str(ck), "--verify"]) == 0
+    assert list_checkpoints.main(["--checkpoint_dir", str(ck), "--verify"]) == 0
     for p in T.CheckpointManager(ck).all_checkpoints():
         assert not os.path.samefile(p, ck / "latest.pt.corrupt")
 

@@ -31,7 +31,8 @@ def test_a_rank_restores_its_own_cuda_generator_from_new_and_old_checkpoints():
 
 def test_compile_and_every_numerics_setting_come_back_on_resume():
     saved = T.TrainConfig(preset="tiny", compile=True, deterministic=True, dtype="bfloat16")
-    ckpt = dict(args=vars(saved).copy(), model_config=vars(saved.gpt_config()).copy())
+    ckpt = T.ResumePoint(path=None, step=0, args=vars(saved).copy(), model_config=vars(saved.gpt_config()).copy(),
+                         world_size=1)
     cfg = T.resolve_config({"resume": "latest"}, ckpt)
     assert (cfg.compile, cfg.deterministic, cfg.dtype) == (True, True, "bfloat16")
     assert T.resolve_config({"resume": "latest", "compile": False}, ckpt).compile is False  # --no-compile wins

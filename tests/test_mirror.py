@@ -106,6 +106,14 @@ class Checkpoints:
         return hashlib.sha256(self.manager.rolling_path(step).read_bytes()).hexdigest()
 
 
+class Refusing(T.CheckpointManager):
+    """A folder whose owner finds every fetched copy invalid."""
+
+    @staticmethod
+    def load(path, verify=True):
+        return False
+
+
 def until(condition, timeout_seconds=20.0, what="condition"):
     deadline = time.monotonic() + timeout_seconds
     while not condition():
@@ -153,7 +161,7 @@ def test_an_upload_commits_blob_then_manifest_and_fetch_brings_it_back(s3, mirro
     assert sum("MB/s" in m for m in train_log) == 1  # the measured rate, once, after the first commit
 
     fresh = tmp_path / "fresh"
-    path, entry = mirror.fetch_newest_valid(fresh, T.CheckpointManager.load)
+    path, entry = mirror.fetch_newest_valid(T.CheckpointManager(fresh))
     assert path == fresh / "latest.pt" and entry["step"] == 2
     assert path.read_bytes() == ck.manager.rolling_path(2).read_bytes()
     assert os.path.samefile(path, fresh / "rolling_step_000002.pt")  # the names resume uses, one file
@@ -178,7 +186,7 @@ def test_a_blob_without_a_whole_manifest_is_never_listed_or_fetched(s3, mirrors,
     # a manifest this code does not understand (a later format): ignored, and never deleted
     fs.pipe_file(f"{root}/manifests/step_000099-0123456789ab.json", b'{"format": 2, "step": 99}')
     assert steps_on(mirror) == [1]
-    path, entry = mirror.fetch_newest_valid(tmp_path / "fresh", T.CheckpointManager.load)
+    path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh"))
     assert entry["step"] == 1 and T.CheckpointManager.load(path)["step"] == 1
     # the next commit's retention removes the manifest that is not committed, and its blob
     mirror.submit(*ck.save(2))
@@ -213,7 +221,7 @@ def test_fetch_checks_sha256_and_crc_and_falls_back_to_an_older_commit(s3, mirro
     blob[len(blob) // 2] ^= 0x01
     fs.pipe_file(key, bytes(blob))
 
-    path, entry = mirror.fetch_newest_valid(tmp_path / "fresh", T.CheckpointManager.load)
+    path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh"))
     assert entry["step"] == 1 and T.CheckpointManager.load(path)["step"] == 1
     said = "\n".join(train_log)
     assert "step 3" in said and "failed verification (CheckpointInvalid: checksum mismatch" in said
@@ -221,7 +229,7 @@ def test_fetch_checks_sha256_and_crc_and_falls_back_to_an_older_commit(s3, mirro
     assert "skipping unusable step(s) [3, 2]" in said
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["latest.pt", "rolling_step_000001.pt"]
     # nothing valid at all: None, and a line that says so
-    assert mirror.fetch_newest_valid(tmp_path / "none", lambda p: False) is None
+    assert mirror.fetch_newest_valid(Refusing(tmp_path / "none")) is None
     assert "none of the 3 checkpoint(s)" in train_log[-1]
 
 
@@ -315,7 +323,7 @@ def test_a_local_folder_mirror_commits_and_fetches_the_same_way(scheme, mirrors,
     assert sorted(p.name.split("-")[0] for p in (folder / "manifests").iterdir()) == ["step_000001", "step_000003"]
     # a cut-off upload: a blob with no manifest
     (folder / "blobs" / "step_000004-0123456789ab.pt").write_bytes(b"PK\x03\x04 half")
-    path, entry = mirror.fetch_newest_valid(tmp_path / "fresh", T.CheckpointManager.load)
+    path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh"))
     assert entry["step"] == 3 and path.read_bytes() == ck.manager.rolling_path(3).read_bytes()
     assert mirror.remote_checkpoints()[1]["names"] == ["rolling_step_000001.pt", "latest.pt", "epoch_00001.pt"]
 
@@ -411,7 +419,7 @@ def test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder(base_sta
     url, run = mirrored_run(tmp_path, base_state, (5, 8))
     local = Checkpoints(tmp_path / "ck", base_state)  # this machine's disk holds an older state of the run
     local.save(5)
-    path = T.resolve_with_mirror(local.manager, "latest", url)
+    path = T.resolve_with_mirror(local.manager, "latest", url).path
     assert T.CheckpointManager.load(path)["step"] == 8 and path == local.manager.dir / "latest.pt"
     assert path.read_bytes() == run.manager.rolling_path(8).read_bytes()
     assert any("the mirror holds a newer checkpoint than" in m and "(step 5): resuming from the MIRROR's step 8" in m
@@ -419,7 +427,7 @@ def test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder(base_sta
     # nothing newer on the mirror: the local file, and the mirror is only read (no probe object written)
     local.save(9)
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "mirror").rglob("*"))
-    assert T.resolve_with_mirror(local.manager, "auto", url) == local.manager.dir / "latest.pt"
+    assert T.resolve_with_mirror(local.manager, "auto", url).path == local.manager.dir / "latest.pt"
     assert T.CheckpointManager.load(local.manager.dir / "latest.pt")["step"] == 9
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "mirror").rglob("*")) == before
     assert any("step 9; the mirror holds nothing newer" in m for m in train_log)
@@ -432,7 +440,7 @@ def test_a_node_that_cannot_see_rank_0s_checkpoint_gets_the_mirrors_copy_of_it(b
     assert same == path and fingerprint == T.checkpoint_fingerprint(path) and entry["step"] == 8
     assert any("rank(s) 1 cannot see" in m and "their node(s) fetch it from the mirror" in m for m in train_log)
     node = T.CheckpointManager(tmp_path / "node1" / "ck")  # what that node's first rank then does
-    fetched = Mirror(url).fetch(entry, node.dir, T.CheckpointManager.load)
+    fetched = Mirror(url).fetch(entry, node)
     assert T.checkpoint_fingerprint(fetched) == fingerprint and fetched.read_bytes() == path.read_bytes()
     # a different checkpoint under the same name is not the same file, whatever its name
     assert T.checkpoint_fingerprint(run.manager.rolling_path(5)) != fingerprint

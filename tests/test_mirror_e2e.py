@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+import list_checkpoints
 import train_improved as T
 from helpers import kill_9_everything, last_step, launch, run, wait_for
 from test_e2e_resume import STEPS, assert_same_run, data, reference, run_args  # noqa: F401 (fixtures)
@@ -153,12 +154,12 @@ def test_list_checkpoints_lists_the_mirror_and_verifies_it(tmp_path, data, capsy
     url = str(tmp_path / "second-disk")
     result = run(run_args(tmp_path, data, "--mirror", url, "--max_steps", "10"), nproc=None)
     assert result.returncode == 0, result.stdout[-3000:]
-    assert T.list_checkpoints_cli(["--mirror", url, "--verify"]) == 0
+    assert list_checkpoints.main(["--mirror", url, "--verify"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:] if line.split()[0].isdigit()}
     assert sorted(int(s) for s in rows) == [5, 10] and all(line.endswith("valid") for line in rows.values())
     blob = next((tmp_path / "second-disk" / "blobs").glob("step_000010-*.pt"))
     damaged = bytearray(blob.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     blob.write_bytes(bytes(damaged))
-    assert T.list_checkpoints_cli(["--mirror", url, "--verify"]) == 1
+    assert list_checkpoints.main(["--mirror", url, "--verify"]) == 1
     assert "INVALID: sha256 mismatch" in capsys.readouterr().out

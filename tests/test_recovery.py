@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+import list_checkpoints
 import train_improved as T
 from helpers import EXACT_SAVES, ROOT, TINY_ARGS, run, trainer_env
 from test_checkpoint_manager import make_state, with_step
@@ -49,7 +50,7 @@ def test_a_damaged_latest_is_set_aside_and_never_becomes_the_backup(tmp_path, sh
         T.CheckpointManager.load(p)
     assert T.CheckpointManager.load(ck / "latest_backup.pt")["step"] > 8  # a save of the resumed run
     assert aside not in manager.fallback_order() and all(s != 10 or p.exists() for s, p in manager.rolling())
-    assert T.list_checkpoints_cli(["--checkpoint_dir", str(ck), "--verify"]) == 0
+    assert list_checkpoints.main(["--checkpoint_dir", str(ck), "--verify"]) == 0
 
     # everything the resumed run said is in train.log, the messages from before its log file opened included
     log_text = (tmp_path / "logs" / "train.log").read_text()
@@ -107,7 +108,7 @@ def test_empty_data_error_names_the_folder(tmp_path):
 def test_list_checkpoints_marks_an_earlier_validation_loss_and_a_closed_pipe_is_quiet(tmp_path, shard_dir, capsys):
     T.main(args_for(tmp_path, shard_dir, "--max_steps", "6", "--checkpoint_freq", "5", "--eval_freq", "4"))
     capsys.readouterr()
-    assert T.list_checkpoints_cli(["--checkpoint_dir", str(tmp_path / "ck")]) == 0
+    assert list_checkpoints.main(["--checkpoint_dir", str(tmp_path / "ck")]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
     at_4 = f"{T.CheckpointManager.load(tmp_path / 'ck' / 'rolling_step_000004.pt')['val_loss']:.4f}"
     assert rows["rolling_step_000005.pt"][5] == f"{at_4}@4"  # saved at step 5, measured at step 4

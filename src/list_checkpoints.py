@@ -1,0 +1,117 @@
+"""List the checkpoints of a train_improved.py run: ./list_checkpoints.sh [--verify] [--checkpoint_dir D | --mirror URL].
+
+    ./list_checkpoints.sh                         # checkpoints/, metadata only (fast, even for multi-GB files)
+    ./list_checkpoints.sh --verify                # also check each file's checksums (reads every byte)
+    ./list_checkpoints.sh --mirror s3://bucket/run --verify   # what the mirror holds, each copy downloaded and checked
+
+One row per checkpoint. Exits 1 if any name resume could use is invalid (damaged files already set aside are listed
+but not counted), 2 if the mirror cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import train_improved as T
+except ModuleNotFoundError as e:  # run outside the project's environment: say how to get into it
+    sys.exit(f"error: {e.name} is not installed for {sys.executable}; activate the project's environment first "
+             "(. .venv/bin/activate), or set PYTHON to its python")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """./list_checkpoints.sh: one row per checkpoint, from metadata only unless --verify is given. Exits 1 if any
+    name resume could use is invalid; damaged files already set aside are listed but not counted."""
+    parser = argparse.ArgumentParser(prog="list_checkpoints.sh", description="List the checkpoints of a run.")
+    parser.add_argument("--checkpoint_dir", default="checkpoints")
+    parser.add_argument("--verify", action="store_true", help="also check every file's checksums (reads it all)")
+    parser.add_argument("--mirror", help="list the checkpoints on this mirror (the trainer's --mirror URL) instead")
+    args = parser.parse_args(argv)
+    try:
+        if args.mirror:
+            code = _list_mirror(args.mirror, args.verify)
+        else:
+            code = _list_checkpoints(T.CheckpointManager(args.checkpoint_dir), args.checkpoint_dir, args.verify)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:  # `./list_checkpoints.sh | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit stays quiet
+        return 0
+
+
+def _list_mirror(url: str, verify: bool) -> int:
+    """The committed checkpoints on a mirror, newest first; with verify, each one downloaded into a temporary folder
+    and checked against the mirror's size and sha256 and our CRC-32s."""
+    from mirror import Mirror, MirrorError
+    try:
+        mirror = Mirror(url)
+        remote = mirror.remote_checkpoints()
+    except (MirrorError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not remote:
+        print(f"no checkpoints on {mirror.redacted_url()}")
+        return 0
+    print(f"{'step':>8} {'size':>9} {'written':>20}  names -> status")
+    bad = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in remote:
+            status = "committed"
+            if verify:
+                problem = mirror.download(entry, Path(tmp) / "check.pt")
+                if problem is None:
+                    try:
+                        T.CheckpointManager.load(Path(tmp) / "check.pt")
+                    except T.CheckpointInvalid as e:
+                        problem = str(e)
+                status = "valid" if problem is None else f"INVALID: {problem}"
+                bad += problem is not None
+            print(f"{entry['step']:>8} {entry['size'] / 2**20:>8.1f}M {entry['written_at'][:19]:>20}  "
+                  f"{', '.join(entry['names'])} -> {status}")
+    return 1 if bad else 0
+
+
+def _list_checkpoints(manager: T.CheckpointManager, folder: str, verify: bool) -> int:
+    """One row per local checkpoint name (and per damaged file set aside), newest first; 1 if a usable name is invalid."""
+    paths = manager.all_checkpoints()
+    aside = sorted(manager.dir.glob(f"*{manager.CORRUPT}")) if manager.dir.is_dir() else []
+    if not paths and not aside:
+        print(f"no checkpoints in {folder}/")
+        return 0
+    file_ids: dict[tuple[int, int], int] = {}  # (device, inode) -> a small number per file, in order of appearance
+    print(f"{'name':<28} {'file':>4} {'step':>8} {'epoch':>5} {'train_loss':>10} {'val_loss':>14} {'size':>9} "
+          f"{'age':>8}  status")
+    bad, earlier_val = 0, False
+    for p in paths + aside:
+        st = p.stat()
+        file_id = file_ids.setdefault((st.st_dev, st.st_ino), len(file_ids) + 1)
+        size, age = f"{st.st_size / 2**20:.1f}M", T.format_age(time.time() - st.st_mtime)
+        try:
+            s = manager.load(p, verify=verify)
+            status = "valid" if verify else "readable"
+            val = T.fmt_loss(s["val_loss"])
+            val_step = s.get("val_step")  # absent in checkpoints written before it was recorded
+            if s["val_loss"] is not None and val_step is not None and val_step != s["step"]:
+                val, earlier_val = f"{val}@{val_step}", True
+            row = (s["step"], s["epoch"], T.fmt_loss(s["train_loss"]), val)
+        except T.CheckpointInvalid as e:
+            bad += p in paths
+            status, row = f"INVALID: {e}", ("-", "-", "-", "-")
+        if p in aside:
+            status = f"SET ASIDE, never used ({status})"
+        print(f"{p.name:<28} {file_id:>4} {row[0]:>8} {row[1]:>5} {row[2]:>10} {row[3]:>14} {size:>9} {age:>8}  "
+              f"{status}")
+    if len(file_ids) < len(paths) + len(aside):
+        print("names with the same file number are hard links to one file (one copy on disk, shared by its names)")
+    if earlier_val:
+        print("val_loss@N: the validation loss of the evaluation at step N, the last one before that checkpoint")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
