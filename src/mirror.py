@@ -129,6 +129,15 @@ def _split_userinfo(url: str) -> tuple[str, str | None, str | None]:
     return f"{scheme}://{host_path}", unquote(user), unquote(secret) if colon else None
 
 
+def redact_url(url: str) -> str:
+    """The URL as it may be shown or logged: without user:secret@ (a secret may hold '/', as AWS secret keys do) and
+    without a query string (SAS tokens, signatures). The one redactor: the trainer uses it too."""
+    clean = _split_userinfo(url)[0]
+    if "://" in clean and "?" in clean:
+        clean = clean.partition("?")[0] + "?***"
+    return clean
+
+
 class Mirror:
     """Copies finished checkpoint files to an fsspec URL in the background and fetches the newest valid one back."""
 
@@ -163,8 +172,10 @@ class Mirror:
         self._secrets += [str(v) for k, v in options.items() if k in SECRET_OPTIONS and v and len(str(v)) >= 3]
         if user and len(user) >= 8:  # an access key id: not secret by itself, but nobody's business in a log
             self._secrets.append(user)
+        query = clean_url.partition("?")[2] if "://" in clean_url else ""
+        self._secrets += [v for _, _, v in (p.partition("=") for p in query.split("&")) if len(v) >= 3]
         self._url = clean_url if protocol in S3_PROTOCOLS else url
-        self._shown_url = clean_url
+        self._shown_url = redact_url(url)
         if protocol in S3_PROTOCOLS:
             if user:
                 options.setdefault("key", user)

@@ -623,11 +623,12 @@ def nvml_device_keys(props: Any) -> list[tuple[str, str]]:
 
 
 def redact_url(url: Any) -> Any:
-    """A URL without its user:secret@ part (for logs); anything else unchanged."""
-    if isinstance(url, str) and "://" in url and "@" in url.partition("://")[2].partition("/")[0]:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://{rest.partition('@')[2]}"
-    return url
+    """A URL as it may be logged (src/mirror.py's redact_url: the one rule for every message); anything else
+    unchanged."""
+    if not isinstance(url, str):
+        return url
+    from mirror import redact_url as redact
+    return redact(url)
 
 
 def printable_settings(settings: dict[str, Any]) -> dict[str, Any]:

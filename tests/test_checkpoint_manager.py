@@ -268,3 +268,54 @@ def test_kill_9_at_any_instant_of_writing_leaves_a_valid_recent_checkpoint(tmp_p
         manager.clean_stale_temporaries()
         assert not list(ck.glob(".tmp-*"))
         manager.dir.rename(tmp_path / f"done{trial}")
+
+
+def test_optimizer_settings_changed_on_resume_are_what_the_resumed_steps_use(tmp_path, shard_dir):
+    """resolve_config warns "the new values apply" for a changed --weight_decay or --learning_rate: after the saved
+    optimizer state is loaded (which brings the saved group settings back), the resumed step must really use them."""
+    saved = make_state(shard_dir)  # weight_decay 0.1, learning_rate 6e-4
+    manager = T.CheckpointManager(tmp_path / "ck")
+    manager.save(saved)
+    point = T.ResumePoint.read(tmp_path / "ck" / "latest.pt")
+
+    def one_resumed_step(**flags):
+        cfg = T.resolve_config({"resume": "latest", **flags}, point)
+        model = T.GPT(T.GPTConfig(**point.model_config))
+        optimizer = T.configure_optimizer(model, cfg, CPU)
+        loader = T.ShardedLoader(T.find_shards(str(shard_dir), "train"), 32, 256, 2, 0, 1, 0, CPU)
+        state = T.restore_state(T.CheckpointManager.load(point.path), raw_model=model, optimizer=optimizer,
+                                loader=loader, cfg=cfg, env=ENV)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        lr = T.lr_at(state.step, cfg, total_steps=100)
+        T.train_step(model, optimizer, loader, ENV, lr, cfg.grad_clip, __import__("contextlib").nullcontext)
+        groups = [(g["lr"], g["weight_decay"], g["betas"]) for g in optimizer.param_groups]
+        return cfg, before, dict(model.named_parameters()), groups, lr
+
+    cfg_same, before, same, groups_same, lr_same = one_resumed_step()
+    cfg_new, _, changed, groups_new, lr_new = one_resumed_step(weight_decay=0.0, learning_rate=3e-3, min_lr=3e-4)
+    assert (cfg_same.weight_decay, cfg_new.weight_decay) == (0.1, 0.0)
+    assert groups_same == [(lr_same, 0.1, (0.9, 0.95)), (lr_same, 0.0, (0.9, 0.95))]
+    assert groups_new == [(lr_new, 0.0, (0.9, 0.95)), (lr_new, 0.0, (0.9, 0.95))]  # the new values, not the saved
+    assert lr_new == T.lr_at(1, cfg_new, 100) != lr_same  # the new learning rate's schedule at the resumed step
+    # AdamW decays a 2-D weight by lr * weight_decay * w before its Adam update: with the new weight decay (0) the
+    # step must differ from the same step without decay only by the Adam update's learning rate, never by a decay
+    name = "transformer.h.0.mlp.c_fc.weight"
+    adam_same = same[name].detach() - before[name] * (1 - lr_same * 0.1)
+    adam_new = changed[name].detach() - before[name]
+    assert torch.allclose(adam_new, adam_same * (lr_new / lr_same), rtol=1e-3, atol=1e-8)
+
+
+def test_a_best_copy_that_does_not_fit_still_counts_the_save_and_says_so(tmp_path, shard_dir, caplog):
+    """Room for the checkpoint, none for its best_model.pt copy: the save is done (rolling and latest written, no
+    error reported), and the missing copy is said."""
+    manager = T.CheckpointManager(tmp_path / "ck")
+    room = iter([1 << 40])  # the first question (the checkpoint itself) finds room; every later one none
+    manager.free_bytes = lambda: next(room, 0)
+    writer = T.CheckpointWriter(manager, asynchronous=False)
+    writer.submit(with_step(make_state(shard_dir), 4), is_best=True)
+    result = writer.results.get_nowait()
+    assert result["error"] is None and result["names"] == ["rolling_step_000004.pt", "latest.pt"]
+    assert not (tmp_path / "ck" / "best_model.pt").exists()
+    assert T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"] == 4
+    assert "best_model.pt NOT WRITTEN at step 4: not enough free space" in caplog.text
+    assert "latest.pt holds this step" in caplog.text

@@ -11,7 +11,7 @@ import pytest
 
 import list_checkpoints
 import train_improved as T
-from helpers import kill_9_everything, last_step, launch, run, wait_for
+from helpers import finish, kill_9_everything, last_step, launch, run, wait_for
 from test_e2e_resume import STEPS, assert_same_run, data, reference, run_args  # noqa: F401 (fixtures)
 
 
@@ -163,3 +163,22 @@ def test_list_checkpoints_lists_the_mirror_and_verifies_it(tmp_path, data, capsy
     blob.write_bytes(bytes(damaged))
     assert list_checkpoints.main(["--mirror", url, "--verify"]) == 1
     assert "INVALID: sha256 mismatch" in capsys.readouterr().out
+
+
+def test_credentials_in_the_mirror_url_never_reach_a_log_line(tmp_path, data, s3_server):
+    """--mirror s3://KEY:SECRET@bucket/prefix, with a secret holding '/' and '+' as AWS secrets do, and no
+    credentials in the environment: the run uploads with them, and neither the secret nor the key appears in what
+    it prints or in train.log (the trainer's config line and the mirror's own messages both redact)."""
+    from s3_server import REGION, URL_KEY, URL_SECRET
+    url = f"s3://{URL_KEY}:{URL_SECRET}@{s3_server.bucket}/run-{uuid.uuid4().hex[:8]}"
+    proc = launch(run_args(tmp_path, data, "--mirror", url, "--max_steps", "6"),
+                  extra_env={"AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_DEFAULT_REGION": REGION},
+                  unset_env=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))  # the URL's only
+    out = finish(proc, 240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "mirror: the last checkpoint (step 6) is on s3://" in out  # the URL's credentials did work
+    assert committed(s3_server, url.replace(f"{URL_KEY}:{URL_SECRET}@", ""))[0] == 6
+    said = out + (tmp_path / "logs" / "train.log").read_text()
+    for secret in (URL_SECRET, URL_KEY, URL_SECRET.partition("/")[2], URL_SECRET.partition("/")[0] + "/"):
+        assert secret not in said, secret
+    assert '"mirror": "s3://' + s3_server.bucket in said  # the config line names the mirror, redacted

@@ -159,3 +159,37 @@ def test_the_exported_weights_have_the_same_file_mode_as_the_other_files(tmp_pat
     export_hf.export(make_state(shard_dir), tmp_path / "hf", tokenizer=False)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
     assert modes["model.safetensors"] == modes["config.json"], modes
+
+
+def test_every_fallback_candidate_is_verified_before_use(tmp_path, shard_dir):
+    """A damaged latest.pt and a damaged latest_backup.pt: each is checked (CRC-32 of every record) and skipped with
+    its reason, and the run continues from the newest rolling checkpoint that passes, not from the damaged backup."""
+    T.main(args_for(tmp_path, shard_dir, "--max_steps", "9", "--checkpoint_freq", "3", "--eval_freq", "0"))
+    ck = tmp_path / "ck"
+    assert [s for s, _ in T.CheckpointManager(ck).rolling()] == [3, 6, 9]
+    flip_a_byte_in_the_middle(ck / "latest.pt")  # step 9 (also rolling_step_000009.pt)
+    flip_a_byte_in_the_middle(ck / "latest_backup.pt")  # step 6 (also rolling_step_000006.pt)
+    summary = T.main(args_for(tmp_path, shard_dir, "--resume", "latest", "--max_steps", "10", "--eval_freq", "0"))
+    assert summary["exit_code"] == 0
+    log_text = (tmp_path / "logs" / "train.log").read_text()
+    for name in ("latest.pt", "latest_backup.pt", "rolling_step_000009.pt", "rolling_step_000006.pt"):
+        assert f"{name} is not usable (checksum mismatch" in log_text, name
+    assert "resuming from rolling_step_000003.pt after skipping 4 unusable checkpoint(s)" in log_text
+    assert f"resumed from {ck / 'rolling_step_000003.pt'}: step 3," in log_text
+
+
+def test_the_best_validation_loss_of_the_whole_run_survives_a_resume(tmp_path, shard_dir):
+    """After a resume, the first evaluation is compared with the best loss of every launch before: a worse model
+    (here made worse on purpose by a far too high learning rate) never replaces best_model.pt."""
+    first = T.main(args_for(tmp_path, shard_dir, "--max_steps", "6", "--eval_freq", "3", "--checkpoint_freq", "0"))
+    ck = tmp_path / "ck"
+    best = T.CheckpointManager.load(ck / "best_model.pt")
+    assert best["step"] == 6 and best["best_val_loss"] == first["best_val_loss"] == first["val_loss"]
+    worse = T.main(args_for(tmp_path, shard_dir, "--resume", "latest", "--max_steps", "9", "--eval_freq", "3",
+                            "--checkpoint_freq", "0", "--learning_rate", "0.5", "--min_lr", "0.5", "--grad_clip", "0"))
+    assert worse["val_loss"] > first["best_val_loss"]  # the resumed run did get worse
+    assert worse["best_val_loss"] == first["best_val_loss"]
+    assert T.CheckpointManager.load(ck / "best_model.pt")["step"] == 6  # not overwritten by step 9
+    assert T.CheckpointManager.load(ck / "latest.pt")["best_val_loss"] == first["best_val_loss"]
+    log_text = (tmp_path / "logs" / "train.log").read_text()
+    assert f"step       9 | val_loss {worse['val_loss']:.6f}\n" in log_text  # no "(best)"
