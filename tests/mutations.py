@@ -211,7 +211,7 @@ ROWS = [
         ("self._cond.wait_for(lambda: self._closed or self._newest is not seen, timeout=delay)",
          "self._cond.wait_for(lambda: self._closed, timeout=delay)"),
     ), (MIRROR_UNIT + "test_a_newer_checkpoint_is_tried_at_once_after_a_failure_not_after_the_backoff",),
-        path="src/mirror.py"),
+        path="src/mirror_upload.py"),
     Row("no_thread_for_the_writer_leaves_the_save_undone", (
         ("""        try:
             self._thread.start()
@@ -246,12 +246,12 @@ ROWS = [
          "    return dict(settings)"),
     ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",)),
     Row("the_mirror_logs_the_credentials_in_its_url", (
-        ("        self._shown_url = redact_url(url)", "        self._shown_url = url"),
-    ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",), path="src/mirror.py"),
+        ("        self.shown_url = redact_url(url)", "        self.shown_url = url"),
+    ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",), path="src/mirror_store.py"),
     Row("a_redactor_that_stops_at_the_first_slash", (
-        ("    clean = _split_userinfo(url)[0]\n",
-         "    clean = url if '/' in url.partition('://')[2].partition('@')[0] else _split_userinfo(url)[0]\n"),
-    ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",), path="src/mirror.py"),
+        ("    clean = split_userinfo(url)[0]\n",
+         "    clean = url if '/' in url.partition('://')[2].partition('@')[0] else split_userinfo(url)[0]\n"),
+    ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",), path="src/mirror_store.py"),
 ]
 
 

@@ -21,6 +21,7 @@ if os.environ.get("REQUIRE_S3_TESTS") != "1":  # CI: a missing fsspec is an erro
 import train_improved as T  # noqa: E402
 from helpers import ROOT, write_bin_shard  # noqa: E402
 from mirror import Mirror, MirrorError  # noqa: E402
+from mirror_upload import Uploader  # noqa: E402
 from s3_server import ACCESS_KEY, READ_KEY, READ_SECRET, SECRET_KEY, free_ports  # noqa: E402
 from test_checkpoint_manager import make_state, with_step  # noqa: E402
 
@@ -336,7 +337,7 @@ def test_a_newer_checkpoint_is_tried_at_once_after_a_failure_not_after_the_backo
     mirror = mirrors(str(tmp_path / "mirror"), retry_initial_seconds=600, retry_max_seconds=600)
     mirror.check()
     ck = Checkpoints(tmp_path / "ck", base_state)
-    upload, attempting, submitted = Mirror._upload, threading.Event(), threading.Event()
+    upload, attempting, submitted = Uploader._upload, threading.Event(), threading.Event()
 
     def step_1_fails(self, job):
         if job.step == 1:
@@ -344,7 +345,7 @@ def test_a_newer_checkpoint_is_tried_at_once_after_a_failure_not_after_the_backo
             submitted.wait(30)
             raise OSError("the mirror's disk is gone")
         return upload(self, job)
-    monkeypatch.setattr(Mirror, "_upload", step_1_fails)
+    monkeypatch.setattr(Uploader, "_upload", step_1_fails)
     mirror.submit(*ck.save(1))
     assert attempting.wait(30)
     mirror.submit(*ck.save(2))  # while step 1's attempt is still going on
