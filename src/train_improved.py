@@ -191,6 +191,9 @@ class TrainConfig:
     max_unsaved_minutes: float | None = opt(None, "stop (exit 4) when saves have been failing and nothing was saved "
                                             "for this long (default: the longer of 3 save intervals and 30 minutes)",
                                             "checkpointing", type=float)
+    max_save_minutes: float = opt(10.0, "a background checkpoint write still going after this long counts as failing "
+                                  "(a hung disk or network file system); a stop or the final save waits this long "
+                                  "for it, then says what is saved and exits 4", "checkpointing")
     resume: str | None = opt(None, "latest | latest_backup | best | auto | PATH", "checkpointing", type=str)
     # off the machine
     mirror: str | None = opt(None, "also copy every checkpoint, in the background, to this fsspec URL (s3://bucket/"
@@ -212,6 +215,8 @@ class TrainConfig:
             raise UserError(f"--max_steps must be at least 1, got {self.max_steps}")
         if self.mirror_wait_seconds < 0:
             raise UserError(f"--mirror_wait_seconds must be 0 or more, got {self.mirror_wait_seconds}")
+        if self.max_save_minutes <= 0:
+            raise UserError(f"--max_save_minutes must be positive, got {self.max_save_minutes}")
         if self.max_unsaved_minutes is not None and self.max_unsaved_minutes <= 0:
             raise UserError(f"--max_unsaved_minutes must be positive, got {self.max_unsaved_minutes}")
         if self.checkpoint_minutes < 0:
@@ -447,12 +452,30 @@ def attach_log_file(env: DistEnv, log_dir: Path, create: bool = True) -> logging
     return handler
 
 
+def log_write_failed(what: str, error: OSError) -> str:
+    """Say once that rank 0's logs could not be written (the loop then stops every rank at the next step boundary);
+    returns the error as recorded."""
+    problem = f"writing {what} failed ({error.strerror or error})"
+    log.error("LOG WRITE FAILED: %s; every rank stops at the next step boundary and saves a checkpoint", problem)
+    return problem
+
+
+def fault_for_tests() -> int | None:
+    """Test-only: TRAIN_IMPROVED_TEST_FAULT=metrics:STEP makes rank 0's metrics write of step STEP fail with an I/O
+    error, as a failing disk would."""
+    kind, _, step = os.environ.get("TRAIN_IMPROVED_TEST_FAULT", "").partition(":")
+    return int(step) if kind == "metrics" else None
+
+
 class MetricsLog:
-    """One JSON object per line in <log_dir>/metrics.jsonl (rank 0 only)."""
+    """One JSON object per line in <log_dir>/metrics.jsonl (rank 0 only). A failed write never raises into the
+    loop: it is said once and kept in `error`, and the loop stops the run."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
         self._file = None  # opened at the first write and kept open: no open/close on rank 0 every step
+        self.error: str | None = None
+        self._fault_step = fault_for_tests()
 
     def truncate_after(self, step: int) -> int:
         """Drop lines logged after `step` (work lost in a crash), so a resumed run continues one clean history.
@@ -477,16 +500,23 @@ class MetricsLog:
         return last
 
     def write(self, **record: Any) -> None:
-        """Append one record (rank 0 only; a no-op elsewhere)."""
-        if self.enabled:
+        """Append one record (rank 0 only; a no-op elsewhere, and after a failed write)."""
+        if not self.enabled or self.error is not None:
+            return
+        try:
+            if record.get("step") == self._fault_step:
+                raise OSError(5, "Input/output error (TRAIN_IMPROVED_TEST_FAULT)")
             if self._file is None:
                 self._file = open(self.path, "a", buffering=1)  # line-buffered: each record reaches the file whole
             self._file.write(json.dumps(record) + "\n")
+        except OSError as e:
+            self.error = log_write_failed(str(self.path), e)
 
     def close(self) -> None:
         """Close the file."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # a failed write was said already
+                self._file.close()
             self._file = None
 
 
@@ -495,10 +525,13 @@ class TensorBoardLog:
 
     A run that resumes at step S opens its event file with purge_step=S+1: TensorBoard then drops every event
     an earlier process logged after step S (work lost in a crash and redone now), so the curve is not doubled.
-    Events are flushed at every checkpoint, so whatever a resume keeps is on disk."""
+    Events are flushed at every checkpoint, so whatever a resume keeps is on disk. A failed write never raises into
+    the loop: it is said once and kept in `error`, and the loop stops the run."""
 
     def __init__(self, directory: Path, enabled: bool, resumed_step: int):
         self.writer = None
+        self.directory = directory
+        self.error: str | None = None
         if not enabled:
             return
         try:
@@ -515,27 +548,29 @@ class TensorBoardLog:
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
         """Log each value under its tag ('loss/train': the curve train in the group loss); None values are skipped."""
-        if self.writer is None:
-            return
-        for tag, value in values.items():
-            if value is not None:
-                self.writer.add_scalar(tag, value, step)
+        self._do(lambda writer: [writer.add_scalar(tag, value, step) for tag, value in values.items()
+                                 if value is not None])
 
     def text(self, tag: str, text: str, step: int) -> None:
         """Log a text (a sample) at `step`."""
-        if self.writer is not None:
-            self.writer.add_text(tag, text, step)
+        self._do(lambda writer: writer.add_text(tag, text, step))
 
     def flush(self) -> None:
         """Put every event so far on disk."""
-        if self.writer is not None:
-            self.writer.flush()
+        self._do(lambda writer: writer.flush())
 
     def close(self) -> None:
         """Flush and close the event file."""
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self._do(lambda writer: writer.close())
+        self.writer = None
+
+    def _do(self, action) -> None:
+        if self.writer is None or self.error is not None:
+            return
+        try:
+            action(self.writer)
+        except OSError as e:
+            self.error = log_write_failed(f"the TensorBoard events in {self.directory}", e)
 
 
 def tensorboard_run_dir(log_dir: str) -> Path:
@@ -1560,29 +1595,34 @@ def snapshot_bytes(raw_model: nn.Module) -> int:
 class FolderLock:
     """One run per checkpoint folder: an exclusive flock(2) on <folder>/.lock, taken by global rank 0 before anything
     in the folder is touched and held for the whole run. The kernel releases it when the process dies (kill -9
-    included), so a crash never leaves a stale lock. The file names its holder (host, pid, start time) for the
-    message a second launch gets. Linux maps flock on NFS to the server's byte-range locks, so the lock holds across
-    machines on NFSv4 (or v3 with lockd); a mount with nolock or local_lock=all guards one machine only."""
+    included), so a crash never leaves a stale lock on a local disk. The file names its holder (host, pid, start
+    time) for the message a second launch gets.
+
+    The file is held open read-only where that works: a descriptor open for writing for the whole run would keep the
+    file system from being remounted read-only (EBUSY), which a run must survive. On NFS, Linux turns flock into a
+    POSIX lock on the whole file, held by the server across machines (NFSv4, or v3 with lockd), which needs a
+    descriptor open for writing: there flock answers EBADF, and the file is opened again read-write. A mount without
+    locks (nolock) answers ENOLCK: a clear UserError. After a client crash the server keeps the dead
+    holder's lock for its grace period (about 90 s): a holder that is not a live process on this machine is waited
+    for, up to stale_wait_seconds, before the folder is refused."""
 
     NAME = ".lock"
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, stale_wait_seconds: float = 120.0, poll_seconds: float = 1.0):
         self.dir = directory
+        self.stale_wait_seconds, self.poll_seconds = stale_wait_seconds, poll_seconds
         self.fd: int | None = None
         self.created: list[Path] = []  # folders this launch created, innermost first
 
     def acquire(self) -> None:
-        """Take the lock, creating the folder if needed; a folder in use or not writable is a UserError."""
-        import fcntl
-        import socket
+        """Take the lock, creating the folder if needed; a folder in use, not writable or without working locks is
+        a UserError."""
         parent = self.dir
         while not parent.exists() and parent != parent.parent:
             self.created.append(parent)
             parent = parent.parent
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            # held open read-only: flock needs no write access, and a descriptor open for writing for the whole run
-            # would keep the file system from being remounted read-only (EBUSY)
             fd = os.open(self.dir / self.NAME, os.O_RDONLY | os.O_CREAT, 0o644)
         except OSError as e:
             self.release(failed=True)
@@ -1590,16 +1630,67 @@ class FolderLock:
                             "checkpoint there: pick a folder you can write (on several machines, storage every node "
                             "shares)") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise FolderInUse(f"{self.dir}/ is in use by another run ({holder}): one run writes a checkpoint folder at a "
-                            "time. Wait for it to end, stop it (SIGTERM saves and stops it), or use another "
-                            "--checkpoint_dir") from None
-        self.fd = fd
+            self.fd = self._lock(fd)
+        except BaseException:
+            self.release(failed=True)
+            raise
         started = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
         (self.dir / self.NAME).write_text(f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n")
+
+    def _lock(self, fd: int) -> int:
+        """flock `fd` (or, on NFS, a read-write descriptor of the same file), waiting (bounded) while the holder may
+        be a dead process whose lock a file server still keeps. Returns the descriptor that holds the lock; closes
+        `fd` if it raises."""
+        import errno
+        import fcntl
+        deadline = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            except OSError as e:
+                if e.errno == errno.EBADF and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+                    os.close(fd)  # NFS: its locks need a descriptor open for writing
+                    try:
+                        fd = os.open(self.dir / self.NAME, os.O_RDWR)
+                    except OSError as e:
+                        raise UserError(f"cannot lock {self.dir / self.NAME}: it must be writable on this file system "
+                                        f"({e.strerror or e}); fix its permissions") from None
+                    continue
+                os.close(fd)  # ENOLCK, EOPNOTSUPP: this file system gives no working locks
+                raise UserError(f"cannot lock {self.dir / self.NAME} ({e.strerror or e}): the file system refuses file "
+                                "locks (an NFS mount with nolock, or no lock service). Mount it with locking (NFSv4, "
+                                "or NFSv3 with lockd), or use a --checkpoint_dir on a local disk") from None
+            now = time.monotonic()
+            if self._holder_alive(holder) or (deadline is not None and now >= deadline):
+                os.close(fd)
+                waited = "" if deadline is None else f" (still held after waiting {self.stale_wait_seconds:.0f} s)"
+                raise FolderInUse(f"{self.dir}/ is in use by another run ({holder}){waited}: one run writes a "
+                                  "checkpoint folder at a time. Wait for it to end, stop it (SIGTERM saves and stops "
+                                  "it), or use another --checkpoint_dir")
+            if deadline is None:
+                deadline = now + self.stale_wait_seconds
+                log.warning("%s/ is locked by %s, which is not a live process on this machine: waiting up to %.0f s "
+                            "for the lock (a file server keeps a crashed client's locks for a while)", self.dir,
+                            holder, self.stale_wait_seconds)
+            time.sleep(self.poll_seconds)
+
+    @staticmethod
+    def _holder_alive(holder: str) -> bool:
+        """Whether the holder the lock file names is a live process on this machine (False: another machine, or gone;
+        a holder on another machine cannot be checked from here)."""
+        found = re.fullmatch(r"host (\S+), pid (\d+), started .*", holder)
+        if found is None or found.group(1) != socket.gethostname():
+            return False
+        try:
+            os.kill(int(found.group(2)), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # someone else's live process
+            return True
+        return True
 
     def release(self, failed: bool = False) -> None:
         """Let go of the lock. After a failed start, also remove what acquire created, so nothing is left behind."""
@@ -1636,6 +1727,7 @@ class CheckpointWriter:
         self._stream: Any = None
         self._fence_pending = False
         self.results: queue.SimpleQueue = queue.SimpleQueue()  # one dict per finished save
+        self._in_flight_step, self._submitted_at = 0, 0.0
         self.submit_seconds = 0.0  # of the latest save: the time submit() took
         self.blocked_seconds = 0.0  # of the latest save: submit() plus the fence's wait
 
@@ -1657,19 +1749,28 @@ class CheckpointWriter:
                  if not (self._slab and b.untyped_storage().data_ptr() == self._slab.memory.data_ptr())}
         return slab + sum(apart.values())
 
-    def close(self) -> None:
-        """Finish the save in flight and release the host memory."""
-        self.wait()
+    def close(self, timeout_seconds: float | None = None) -> bool:
+        """Finish the save in flight (waiting at most timeout_seconds) and release the host memory. False if the
+        write is still going on: its thread (a daemon) is left to it, and so are the buffers it reads."""
+        if not self.wait(timeout_seconds):
+            return False
         self._buffers.clear()
         if self._slab is not None:
             self._slab.close()
             self._slab = None
+        return True
+
+    @property
+    def in_flight(self) -> tuple[int, float] | None:
+        """(step, seconds since its submit) of the save being written, or None."""
+        return (self._in_flight_step, time.monotonic() - self._submitted_at) if self.busy else None
 
     def submit(self, state: dict[str, Any], *, epoch_completed: int | None = None, is_best: bool = False) -> None:
         """Snapshot `state` and write it (in the background unless asynchronous=False), after the save in flight;
         its outcome goes to self.results."""
         t0 = time.monotonic()
         self.wait()
+        self._in_flight_step, self._submitted_at = state["step"], t0
         if not self.asynchronous:
             self._write(to_cpu_copy(state), epoch_completed, is_best, t0)
             self.submit_seconds = self.blocked_seconds = time.monotonic() - t0
@@ -1710,12 +1811,16 @@ class CheckpointWriter:
         self._fence_pending = False
         self.blocked_seconds += time.monotonic() - t0
 
-    def wait(self) -> None:
-        """Block until the save in flight, if any, is on disk (or failed)."""
+    def wait(self, timeout_seconds: float | None = None) -> bool:
+        """Block until the save in flight, if any, is on disk (or failed), at most timeout_seconds: True when there
+        is none in flight any more."""
         self.fence()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout_seconds)
+            if self._thread.is_alive():
+                return False
             self._thread = None
+        return True
 
     def _plan(self, state: Any) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
         """The state with every tensor replaced by its host buffer, and the (source, buffer) copies to make.
@@ -1820,9 +1925,13 @@ class EarlyWriteback:
 
 def write_pause_for_tests(step: int) -> float:
     """Test-only: TRAIN_IMPROVED_TEST_WRITE_PAUSE=STEP:SECONDS holds the write of step STEP's checkpoint for SECONDS,
-    1 MB into its file, so that a test can kill -9 a run while its background writer is mid-write."""
+    1 MB into its file, so that a test can kill -9 a run while its background writer is mid-write; STEP+:SECONDS
+    holds every write from step STEP on (whichever step the first of them is: that depends on the machine's speed)."""
     wanted, _, seconds = os.environ.get("TRAIN_IMPROVED_TEST_WRITE_PAUSE", "").partition(":")
-    return float(seconds) if wanted and int(wanted) == step else 0.0
+    if not wanted:
+        return 0.0
+    hit = step >= int(wanted[:-1]) if wanted.endswith("+") else step == int(wanted)
+    return float(seconds) if hit else 0.0
 
 
 def fsync_path(path: Path) -> None:
@@ -1984,6 +2093,8 @@ class Checkpointer:
         self.policy = SavePolicy(cfg)
         self.watch = UnsavedWatch(state.step, cfg.max_unsaved_minutes)
         self.pending_reasons: dict[int, list[str]] = {}  # step -> why it is being saved, until its report
+        self.max_save_seconds = cfg.max_save_minutes * 60
+        self.stuck_step: int | None = None  # the step whose write was found stuck (reported once)
         if env.is_main and env.device.type == "cuda" and cfg.async_checkpoint:
             self.writer.reserve(snapshot_bytes(raw_model), pin=True)
             log.info("checkpoint snapshots: %s of host memory set aside (%s), %.2fx the weights and AdamW moments",
@@ -2019,6 +2130,10 @@ class Checkpointer:
         rng_states = gather_rng_states(self.env)  # collective: every rank takes part
         if not self.env.is_main:
             return
+        if not self.writer.wait(self._wait_left_seconds()):  # never two writes in flight; never an endless wait
+            self._report_failure(self.state.step, f"{self._stuck_problem()}, so this one could not be started",
+                                 reasons)
+            return
         state = build_state(self.state, raw_model=self.raw_model, optimizer=self.optimizer, loader=self.loader,
                             cfg=self.cfg, rng_states=rng_states, world_size=self.env.world_size)
         self.writer.submit(state, epoch_completed=epoch_completed, is_best=is_best)
@@ -2031,17 +2146,35 @@ class Checkpointer:
         durable checkpoint to the mirror."""
         while not self.writer.results.empty():
             result = self.writer.results.get()
-            reasons = ", ".join(self.pending_reasons.pop(result["step"], []))
+            reasons = self.pending_reasons.pop(result["step"], [])
             if result["error"]:
-                self._report_failure(result, reasons)
+                self._report_failure(result["step"], result["error"], reasons)
             else:
-                self._report_success(result, reasons)
+                self._report_success(result, ", ".join(reasons))
+        in_flight = self.writer.in_flight
+        if in_flight and in_flight[1] > self.max_save_seconds and self.stuck_step != in_flight[0]:
+            self.stuck_step = in_flight[0]  # a write stuck in the kernel never reports: it counts as failing
+            self.watch.failed(self._stuck_problem())
+            log.error("CHECKPOINT WRITE STUCK: %s. It counts as a failed save: the run stops if nothing can be saved "
+                      "for more than %s", self._stuck_problem(), self.unsaved_limit_text)
 
-    def _report_failure(self, result: dict[str, Any], reasons: str) -> None:
-        self.watch.failed(result["error"])
+    def _stuck_problem(self) -> str:
+        step, seconds = self.writer.in_flight or (0, 0.0)
+        return (f"the write of step {step} has not finished after {format_age(seconds)} (a hung disk or network file "
+                "system? --max_save_minutes)")
+
+    def _wait_left_seconds(self) -> float:
+        """How long to wait for the write in flight: until it has been going on for --max_save_minutes."""
+        in_flight = self.writer.in_flight
+        return max(0.0, self.max_save_seconds - in_flight[1]) if in_flight else 0.0
+
+    def _report_failure(self, step: int, error: str, reasons: list[str]) -> None:
+        self.watch.failed(error)
+        ending = any(r in ("stop signal", "nothing saved too long", "final") for r in reasons)
         log.error("CHECKPOINT SAVE FAILED at step %d (%s): %s. The previous checkpoints are intact (the newest is step "
-                  "%d) and training continues; it stops if nothing can be saved for more than %s", result["step"],
-                  reasons, result["error"], self.watch.saved_step, self.unsaved_limit_text)
+                  "%d)%s", step, ", ".join(reasons), error, self.watch.saved_step,
+                  "" if ending else f" and training continues; it stops if nothing can be saved for more than "
+                                    f"{self.unsaved_limit_text}")
 
     def _report_success(self, result: dict[str, Any], reasons: str) -> None:
         step, write_seconds, writer, policy = result["step"], result["write_seconds"], self.writer, self.policy
@@ -2062,8 +2195,13 @@ class Checkpointer:
                                "save/interval_seconds": policy.interval_seconds})
 
     def close(self) -> None:
-        """Finish the save in flight and report it; then give the mirror --mirror_wait_seconds for the last one."""
-        self.writer.close()
+        """Finish the save in flight (at most until it has taken --max_save_minutes) and report it; then give the
+        mirror --mirror_wait_seconds for the last one."""
+        if not self.writer.close(self._wait_left_seconds()):
+            self.stuck_step = self.writer.in_flight[0]
+            self.watch.failed(self._stuck_problem())
+            log.error("CHECKPOINT WRITE STUCK: %s; not waiting for it any longer. The newest checkpoint on disk is "
+                      "step %d", self._stuck_problem(), self.watch.saved_step)
         self.report()
         if self.mirror is not None:
             self._finish_mirror()
@@ -2254,10 +2392,32 @@ def evaluate(model: nn.Module, val_loader: ValLoader, env: DistEnv, val_steps: i
     return total.item()
 
 
-def load_gpt2_tokenizer():
-    """tiktoken's GPT-2 encoding (offline when TIKTOKEN_CACHE_DIR points at a cached copy)."""
+TOKENIZER_TIMEOUT_SECONDS = 20.0  # the trainer's wait for the vocabulary (a download of about 1.6 MB on first use)
+
+
+def load_gpt2_tokenizer(timeout_seconds: float | None = None):
+    """tiktoken's GPT-2 encoding (offline when TIKTOKEN_CACHE_DIR points at a cached copy). On first use tiktoken
+    downloads the vocabulary with no timeout of its own; with timeout_seconds this waits at most that long and then
+    raises TimeoutError (the download thread is left behind, a daemon)."""
     import tiktoken
-    return tiktoken.get_encoding("gpt2")
+    if timeout_seconds is None:
+        return tiktoken.get_encoding("gpt2")
+    outcome: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            outcome["encoding"] = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            outcome["error"] = e
+
+    loader = threading.Thread(target=load, name="tokenizer-load", daemon=True)
+    loader.start()
+    loader.join(timeout_seconds)
+    if loader.is_alive():
+        raise TimeoutError(f"tiktoken's download of the GPT-2 vocabulary got no answer within {timeout_seconds:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["encoding"]
 
 
 def sample_text(raw_model: GPT, tokenizer, prompt: str, max_new_tokens: int, seed: int, autocast,
@@ -2318,18 +2478,20 @@ class StopSignal:
         """Under torchrun: if the launcher dies (kill -9, the OOM killer), its workers would train on, and write
         checkpoints, with nobody to stop them. A watcher thread notices within interval_seconds that this process
         was re-parented and requests a stop as SIGTERM does: every rank stops at the same step boundary (the first
-        watcher to fire is enough: the stop vote rides the step's all-reduce), saves and exits."""
+        watcher to fire is enough: the stop vote rides the step's all-reduce), saves and exits. The request is
+        recorded before it is reported, and reporting cannot fail: stderr may have died with the launcher (a pipe to
+        a CI runner or an ssh session killed as a group)."""
         launcher = os.getppid()
 
         def watch() -> None:
             while self.signum is None:
                 time.sleep(interval_seconds)
                 if os.getppid() != launcher and self.signum is None:
+                    self.signum, self.first_at = signal.SIGTERM, time.monotonic()
                     # every rank says so: the first to notice stops them all, maybe before rank 0's watcher looks
                     who = "" if self.announce else f"rank {os.environ.get('RANK', '?')}: "
-                    os.write(2, f"\n{who}the launcher (pid {launcher}) is gone: stopping at the next step boundary "
-                                "and saving a checkpoint\n".encode())
-                    self.signum, self.first_at = signal.SIGTERM, time.monotonic()
+                    say(f"\n{who}the launcher (pid {launcher}) is gone: stopping at the next step boundary and "
+                        "saving a checkpoint\n")
 
         threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
@@ -2337,13 +2499,20 @@ class StopSignal:
         name = signal.Signals(signum).name
         now = time.monotonic()
         if self.signum is None:
-            self.signum, self.first_at = signum, now
+            self.signum, self.first_at = signum, now  # recorded first: saying so may fail (a broken stderr)
             if self.announce:
-                os.write(2, f"\n{name} received: stopping at the next step boundary and saving a checkpoint "
-                            f"(send it again after {self.repeat_window_seconds:.0f}s to abort at once)\n".encode())
+                say(f"\n{name} received: stopping at the next step boundary and saving a checkpoint (send it "
+                    f"again after {self.repeat_window_seconds:.0f}s to abort at once)\n")
         elif now - self.first_at > self.repeat_window_seconds:
-            os.write(2, f"\nsecond {name}: aborting now without saving\n".encode())
+            say(f"\nsecond {name}: aborting now without saving\n")
             os._exit(128 + signum)
+
+
+def say(text: str) -> None:
+    """Write to stderr from a signal handler or a watcher thread; never raises (stderr may be a pipe nobody reads
+    any more: EPIPE, or a closed descriptor)."""
+    with contextlib.suppress(OSError):
+        os.write(2, text.encode())
 
 
 class DivergenceGuard:
@@ -2567,11 +2736,13 @@ class StepReporter:
         self.tokenizer = None
         self.sample_prompt = cfg.sample_prompt if cfg.sample_prompt is not None else data_sample_prompt(cfg.data_dir)
         if env.is_main and cfg.sample_freq:
-            try:
-                self.tokenizer = load_gpt2_tokenizer()
+            try:  # bounded: the other ranks wait for rank 0 in the first step meanwhile
+                self.tokenizer = load_gpt2_tokenizer(timeout_seconds=TOKENIZER_TIMEOUT_SECONDS)
             except Exception as e:  # offline without a cached vocabulary: training goes on without samples
-                log.warning("text samples are off: the GPT-2 tokenizer did not load (%s); point TIKTOKEN_CACHE_DIR at "
-                            "a cached copy", type(e).__name__)
+                log.warning("text samples are off: the GPT-2 tokenizer did not load (%s: %s). tiktoken downloads its "
+                            "vocabulary on first use; offline, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's "
+                            "cached files. Training itself needs no tokenizer and goes on", type(e).__name__,
+                            " ".join(str(e).split())[:200])
         shape, loader = run.raw_model.config, run.loader
         log.info("model: %s parameters, %s | data: %d train shards, %d windows of %d tokens, %d steps per epoch",
                  f"{run.raw_model.num_parameters():,}", shape, run.num_train_shards, loader.num_windows,
@@ -2671,7 +2842,7 @@ def train(cfg: TrainConfig, env: DistEnv, point: ResumePoint | None, stop: StopS
     checkpointer = Checkpointer(cfg, env, state, raw_model=run.raw_model, optimizer=run.optimizer, loader=loader,
                                 metrics=metrics, tb=tb, mirror=mirror)
     guard = DivergenceGuard(cfg.max_nonfinite_steps, cfg.spike_factor)
-    stop_agreed = diverged = unsaved_stop = False
+    stop_agreed = diverged = unsaved_stop = logs_failed = False
     state.start_clock()
     try:
         while state.step < run.total_steps:
@@ -2679,9 +2850,10 @@ def train(cfg: TrainConfig, env: DistEnv, point: ResumePoint | None, stop: StopS
             t0 = time.monotonic()
             lr = lr_at(state.step, cfg, run.total_steps)
             writer_was_busy = checkpointer.busy
-            state.train_loss, grad_norm, skipped, (stop_requested, periodic, unsaved_stop) = train_step(
+            # the votes: a stop signal on any rank; rank 0 could not write its logs; checkpointer.votes()
+            state.train_loss, grad_norm, skipped, (stop_requested, logs_failed, periodic, unsaved_stop) = train_step(
                 run.model, run.optimizer, loader, env, lr, cfg.grad_clip, run.autocast, checkpointer.fence,
-                votes=lambda: (stop.requested, *checkpointer.votes()))
+                votes=lambda: (stop.requested, bool(metrics.error or tb.error), *checkpointer.votes()))
             epoch_ended = loader.advance()
             state.step += 1
             step_seconds = time.monotonic() - t0
@@ -2696,11 +2868,11 @@ def train(cfg: TrainConfig, env: DistEnv, point: ResumePoint | None, stop: StopS
             if unsaved_stop:
                 checkpointer.announce_unsaved_stop()
             reasons = save_reasons(periodic=periodic, skipped=skipped, epoch_ended=epoch_ended, is_best=is_best,
-                                   stop_requested=stop_requested, unsaved_stop=unsaved_stop,
+                                   stop_requested=stop_requested or logs_failed, unsaved_stop=unsaved_stop,
                                    final=state.step == run.total_steps)
             if reasons:
                 checkpointer.save(reasons, loader.epoch if epoch_ended else None, is_best)
-            if stop_requested or unsaved_stop:
+            if stop_requested or unsaved_stop or logs_failed:
                 stop_agreed = True
                 break
     finally:
@@ -2710,28 +2882,30 @@ def train(cfg: TrainConfig, env: DistEnv, point: ResumePoint | None, stop: StopS
         tb.close()
         metrics.close()
     return conclude(cfg, env, run, checkpointer, guard, stop_agreed=stop_agreed, diverged=diverged,
-                    unsaved_stop=unsaved_stop)
+                    unsaved_stop=unsaved_stop, logs_error=metrics.error or tb.error)
 
 
 def conclude(cfg: TrainConfig, env: DistEnv, run: Run, checkpointer: Checkpointer, guard: DivergenceGuard, *,
-             stop_agreed: bool, diverged: bool, unsaved_stop: bool) -> dict[str, Any]:
-    """The summary of the run, with the same exit code on every rank; rank 0 says how the run ended."""
+             stop_agreed: bool, diverged: bool, unsaved_stop: bool, logs_error: str | None) -> dict[str, Any]:
+    """The summary of the run, with the same exit code on every rank but one case: when rank 0 could not write its
+    logs, it alone exits 5 (the others stopped on its word), so that torchrun names that failure once. Rank 0 says
+    how the run ended."""
     state = run.state
     stopped = stop_agreed and state.step < run.total_steps  # agreed: a rank that got no signal itself stops too
     # rank 0 alone knows whether its last save reached the disk; every rank exits with the same code
     unsaved_steps = int(all_reduce_max(env, [0 if diverged or not env.is_main
                                              else state.step - checkpointer.saved_step])[0])
-    exit_code = 3 if diverged else 4 if unsaved_steps or unsaved_stop else 0
+    exit_code = 3 if diverged else 5 if logs_error else 4 if unsaved_steps or unsaved_stop else 0
     if env.is_main:  # only rank 0 knows which step is on disk: the others would report a wrong one
         announce_end(cfg, env, run, checkpointer, guard, stopped=stopped, diverged=diverged,
-                     unsaved_steps=unsaved_steps, unsaved_stop=unsaved_stop)
+                     unsaved_steps=unsaved_steps, unsaved_stop=unsaved_stop, logs_error=logs_error)
     return dict(step=state.step, total_steps=run.total_steps, train_loss=state.train_loss, val_loss=state.val_loss,
                 best_val_loss=state.best_val_loss, stopped=stopped, diverged=diverged, skipped_steps=guard.total_skips,
-                unsaved_steps=unsaved_steps, exit_code=exit_code)
+                unsaved_steps=unsaved_steps, exit_code=exit_code, error=logs_error)
 
 
 def announce_end(cfg: TrainConfig, env: DistEnv, run: Run, checkpointer: Checkpointer, guard: DivergenceGuard, *,
-                 stopped: bool, diverged: bool, unsaved_steps: int, unsaved_stop: bool) -> None:
+                 stopped: bool, diverged: bool, unsaved_steps: int, unsaved_stop: bool, logs_error: str | None) -> None:
     """Rank 0's last word: how the run ended, what is saved, and the command that continues it."""
     step, total_steps = run.state.step, run.total_steps
     if diverged:
@@ -2745,6 +2919,10 @@ def announce_end(cfg: TrainConfig, env: DistEnv, run: Run, checkpointer: Checkpo
                   "on disk is step %d: %d step(s) of training are not saved. Fix the cause, then resume with:\n  %s",
                   "stopped" if stopped else "finished", step, checkpointer.failing, checkpointer.saved_step,
                   unsaved_steps, resume_command(env, cfg))
+    elif logs_error:
+        log.error("STOPPED at step %d of %d because rank 0 could not write its logs: %s. Every rank stopped at this "
+                  "step and its checkpoint was saved. Fix the cause (a full or failing disk under --log_dir?), then "
+                  "resume with:\n  %s", step, total_steps, logs_error, resume_command(env, cfg))
     elif unsaved_stop:
         log.error("STOPPED at step %d of %d because checkpoints could not be written for too long; the stop's own "
                   "checkpoint was saved. Fix the cause, then resume with:\n  %s", step, total_steps,
@@ -3046,12 +3224,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log.info("config: %s", json.dumps(printable_settings(dataclasses.asdict(cfg))))
         summary = train(cfg, env, point, stop, mirror)
         failed = False
+        if summary["error"]:
+            write_torchrun_error_file(f"error: {summary['error']}")
         if env.distributed:
             dist.barrier()  # nobody exits while rank 0 may still be writing
         return summary
     except UserError as e:
         report_user_error(env, flags, e)
         sys.exit(2)
+    except Exception:  # a crash: its traceback goes to train.log too (and to torchrun's report, by record())
+        log.exception("CRASHED on rank %d", env.rank if env else 0)
+        raise
     finally:
         stop.uninstall()
         if mirror is not None:

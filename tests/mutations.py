@@ -60,6 +60,8 @@ GPU_READY = "tests/test_gpu_ready.py::"
 MIRROR = "tests/test_mirror_e2e.py::"
 MIRROR_UNIT = "tests/test_mirror.py::"
 MULTINODE = "tests/test_multinode.py::"
+SIGNALS = "tests/test_signals_and_helpers.py::"
+MANAGER = "tests/test_checkpoint_manager.py::"
 
 ROWS = [
     Row("fsyncs_removed", (
@@ -120,8 +122,8 @@ ROWS = [
     ), (ASYNC + "test_the_estimate_is_the_previous_checkpoint_plus_a_stated_margin",
         DISK_FULL + "test_room_for_two_and_a_half_checkpoints_gives_up_the_backup_and_saves_to_the_end")),
     Row("a_false_finished", (
-        ("exit_code = 3 if diverged else 4 if unsaved_steps or unsaved_stop else 0",
-         "exit_code = 3 if diverged else 0"),
+        ("exit_code = 3 if diverged else 5 if logs_error else 4 if unsaved_steps or unsaved_stop else 0",
+         "exit_code = 3 if diverged else 5 if logs_error else 0"),
     ), (ASYNC + "test_when_the_final_save_fails_the_run_says_so_last_and_exits_4",)),
     Row("training_on_blind_when_saves_keep_failing", (
         ("                self.watch.exceeded(self.policy.interval_seconds))", "                False)"),
@@ -252,6 +254,39 @@ ROWS = [
         ("    clean = split_userinfo(url)[0]\n",
          "    clean = url if '/' in url.partition('://')[2].partition('@')[0] else split_userinfo(url)[0]\n"),
     ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",), path="src/mirror_store.py"),
+    # issue 22: no silent hang, no silent death
+    Row("reporting_a_stop_can_raise_on_a_broken_stderr", (
+        ("    with contextlib.suppress(OSError):\n        os.write(2, text.encode())",
+         "    if True:\n        os.write(2, text.encode())"),
+    ), (SIGNALS + "test_a_signal_is_still_a_graceful_stop_when_stderr_is_a_pipe_nobody_reads",
+        SIGNALS + "test_a_worker_whose_launcher_died_with_its_stderr_still_stops")),
+    Row("no_writable_descriptor_where_flock_needs_one", (
+        ("if e.errno == errno.EBADF and fcntl", "if False and fcntl"),
+    ), (MANAGER + "test_the_folder_lock_works_where_flock_needs_a_writable_descriptor",)),
+    Row("a_file_system_without_locks_is_a_traceback", (
+        ("            except OSError as e:  # EBADF, ENOLCK, EOPNOTSUPP",
+         "            except ZeroDivisionError as e:  # EBADF, ENOLCK, EOPNOTSUPP"),
+    ), (MANAGER + "test_a_file_system_without_locks_is_a_clear_error_that_leaves_nothing_behind",)),
+    Row("a_dead_holders_lock_refused_at_once", (
+        ("if self._holder_alive(holder) or (deadline is not None and now >= deadline):", "if True:"),
+    ), (MANAGER + "test_a_lock_kept_for_a_dead_holder_is_waited_for_with_a_bound",)),
+    Row("a_stuck_write_never_counts_as_failing", (
+        ("        if in_flight and in_flight[1] > self.max_save_seconds and self.stuck_step != in_flight[0]:",
+         "        if False:"),
+    ), (ASYNC + "test_a_write_stuck_in_the_kernel_counts_as_failing_and_never_hangs_the_run",)),
+    Row("a_save_waits_for_a_stuck_write_without_bound", (
+        ("        if not self.writer.wait(self._wait_left_seconds()):  # never two",
+         "        if not self.writer.wait():  # never two"),
+    ), (ASYNC + "test_a_write_stuck_in_the_kernel_counts_as_failing_and_never_hangs_the_run",)),
+    Row("a_failed_log_write_stops_no_rank", (
+        ("bool(metrics.error or tb.error)", "False"),
+    ), (RECOVERY + "test_a_log_write_failing_on_rank_0_stops_every_rank_at_once_with_a_checkpoint",)),
+    Row("a_crash_not_in_train_log", (
+        ('        log.exception("CRASHED on rank %d", env.rank if env else 0)\n', ""),
+    ), (RECOVERY + "test_a_crash_is_written_to_train_log_with_its_traceback",)),
+    Row("the_tokenizer_download_waited_for_without_bound", (
+        ("load_gpt2_tokenizer(timeout_seconds=TOKENIZER_TIMEOUT_SECONDS)", "load_gpt2_tokenizer()"),
+    ), (SIGNALS + "test_start_up_never_hangs_on_the_tokenizer_download",)),
 ]
 
 

@@ -1,6 +1,7 @@
 """Issue 4: the background writer, the save policy and the disk-space guard."""
 
 import json
+import re
 import shutil
 import time
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import train_improved as T
-from helpers import EXACT_SAVES, TINY_ARGS, read_metrics
+from helpers import EXACT_SAVES, TINY_ARGS, finish, launch, read_metrics
 from test_checkpoint_manager import make_state, with_step
 
 
@@ -291,3 +292,28 @@ def test_saves_by_wall_clock_time(tmp_path, shard_dir, monkeypatch):
     # every 1.5 s of the policy's clock: one look per step, one more per save, so every third step
     saved = [s for s, _ in T.CheckpointManager(tmp_path / "ck").rolling()]
     assert saved == list(range(3, 31, 3)), saved
+
+
+def test_a_write_stuck_in_the_kernel_counts_as_failing_and_never_hangs_the_run(tmp_path, shard_dir):
+    """The first background write from step 8 on never ends (held 300 s, as a hard NFS mount or a dying disk can hold
+    an fsync; which step it is depends on whether step 4's write was still going on at step 8): past
+    --max_save_minutes it counts as a failed save (the step line says UNSAVED), --max_unsaved_minutes stops the run,
+    the stop's save waits no longer than the bound, and the run exits 4 saying what is on disk, long before the
+    write would have ended."""
+    args = [*TINY_ARGS, "--data_dir", str(shard_dir), "--total_batch_size", "128", "--checkpoint_dir",
+            str(tmp_path / "ck"), "--log_dir", str(tmp_path / "logs"), "--eval_freq", "0", "--sample_freq", "0",
+            "--checkpoint_freq", "4", "--max_checkpoint_overhead", "1", "--max_steps", "1000000",
+            "--max_save_minutes", "0.05", "--max_unsaved_minutes", "0.1"]  # 3 s and 6 s
+    started = time.monotonic()
+    proc = launch(args, nproc=None, extra_env={"TRAIN_IMPROVED_TEST_WRITE_PAUSE": "8+:300"})
+    out = finish(proc, 120)
+    assert proc.returncode == 4, out[-3000:]
+    assert time.monotonic() - started < 120  # the write itself is held for 300 s
+    stuck = re.search(r"CHECKPOINT WRITE STUCK: the write of step (\d+) has not finished after", out)
+    assert stuck and int(stuck.group(1)) >= 8, out[-3000:]
+    assert "(saves failing)" in out and "UNSAVED" in out  # the step line
+    assert "STOPPING: no checkpoint could be saved for more than" in out
+    assert "CHECKPOINT SAVE FAILED at step" in out and "so this one could not be started" in out
+    assert "The newest checkpoint on disk is step 4:" in out  # the final verdict (NOT SAVED ...)
+    assert "NOT SAVED: the run stopped at step" in out
+    assert T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"] == 4

@@ -319,3 +319,66 @@ def test_a_best_copy_that_does_not_fit_still_counts_the_save_and_says_so(tmp_pat
     assert T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"] == 4
     assert "best_model.pt NOT WRITTEN at step 4: not enough free space" in caplog.text
     assert "latest.pt holds this step" in caplog.text
+
+
+def nfs_like_flock(real_flock):
+    """Linux's flock on an NFS mount: a POSIX lock on the whole file, which needs a descriptor open for writing."""
+    import fcntl
+
+    def flock(fd, operation):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(9, "Bad file descriptor")
+        return real_flock(fd, operation)
+    return flock
+
+
+def test_the_folder_lock_works_where_flock_needs_a_writable_descriptor(tmp_path, monkeypatch):
+    import fcntl
+    monkeypatch.setattr(fcntl, "flock", nfs_like_flock(fcntl.flock))
+    lock = T.FolderLock(tmp_path / "ck")
+    lock.acquire()  # on NFS, a descriptor open read-only would fail here with EBADF
+    assert f"pid {os.getpid()}, started " in (tmp_path / "ck" / ".lock").read_text()
+    second = T.FolderLock(tmp_path / "ck", stale_wait_seconds=60)
+    started = time.monotonic()
+    with pytest.raises(T.FolderInUse, match="in use by another run"):
+        second.acquire()  # the holder is this live process: refused at once, no waiting
+    assert time.monotonic() - started < 5
+    lock.release()
+
+
+def test_a_file_system_without_locks_is_a_clear_error_that_leaves_nothing_behind(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")  # ENOLCK: an NFS mount with nolock and no lock daemon
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(T.UserError, match=r"cannot lock .*\.lock \(No locks available\): the file system refuses "
+                                          r"file locks \(an NFS mount with nolock"):
+        T.FolderLock(tmp_path / "new" / "ck").acquire()
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_lock_kept_for_a_dead_holder_is_waited_for_with_a_bound(tmp_path, monkeypatch, caplog):
+    """After a crash, an NFS server keeps the dead client's lock for its grace period: a restart waits for it (the
+    holder named in the file is no live process here), up to stale_wait_seconds, then refuses."""
+    import fcntl
+    import socket
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no process has any more
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / ".lock").write_text(f"host {socket.gethostname()}, pid {dead.pid}, started 2026-12-01 03:00:00\n")
+    refusals = iter(range(3))  # the server lets go after three more tries
+
+    def server_keeps_the_lock(fd, operation):
+        if next(refusals, None) is not None:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(fcntl, "flock", server_keeps_the_lock)
+    lock = T.FolderLock(tmp_path / "ck", stale_wait_seconds=30, poll_seconds=0.01)
+    lock.acquire()
+    assert "which is not a live process on this machine: waiting up to 30 s" in caplog.text
+    assert f"pid {os.getpid()}" in (tmp_path / "ck" / ".lock").read_text()
+    lock.release()
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(BlockingIOError(11, "busy")))
+    (tmp_path / "ck" / ".lock").write_text("host elsewhere, pid 1, started 2026-12-01 03:00:00\n")
+    with pytest.raises(T.FolderInUse, match=r"\(host elsewhere, pid 1, .*\) \(still held after waiting 0 s\)"):
+        T.FolderLock(tmp_path / "ck", stale_wait_seconds=0.2, poll_seconds=0.01).acquire()

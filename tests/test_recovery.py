@@ -5,12 +5,13 @@ import json
 import os
 import stat
 import subprocess
+import time
 
 import pytest
 
 import list_checkpoints
 import train_improved as T
-from helpers import EXACT_SAVES, ROOT, TINY_ARGS, run, trainer_env
+from helpers import EXACT_SAVES, ROOT, TINY_ARGS, finish, launch, run, trainer_env
 from test_checkpoint_manager import make_state, with_step
 
 
@@ -193,3 +194,35 @@ def test_the_best_validation_loss_of_the_whole_run_survives_a_resume(tmp_path, s
     assert T.CheckpointManager.load(ck / "latest.pt")["best_val_loss"] == first["best_val_loss"]
     log_text = (tmp_path / "logs" / "train.log").read_text()
     assert f"step       9 | val_loss {worse['val_loss']:.6f}\n" in log_text  # no "(best)"
+
+
+def test_a_log_write_failing_on_rank_0_stops_every_rank_at_once_with_a_checkpoint(tmp_path, shard_dir):
+    """Rank 0's metrics write of step 5 fails (an I/O error, injected): every rank stops at the next step boundary
+    instead of waiting in a collective for rank 0, the checkpoint of that step is saved, the error is named once in
+    train.log and in torchrun's report, and the run continues from there."""
+    started = time.monotonic()
+    proc = launch(args_for(tmp_path, shard_dir, "--max_steps", "100000", "--eval_freq", "0"),
+                  extra_env={"TRAIN_IMPROVED_TEST_FAULT": "metrics:5"})
+    out = finish(proc, 120)
+    assert proc.returncode == 1, out[-3000:]  # torchrun's code for a failed worker: rank 0 exited 5
+    assert time.monotonic() - started < 120
+    log_text = (tmp_path / "logs" / "train.log").read_text()
+    assert log_text.count("LOG WRITE FAILED: writing") == 1 and "Input/output error" in log_text
+    assert "STOPPED at step 6 of 100000 because rank 0 could not write its logs" in log_text
+    assert T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"] == 6
+    assert "traceback : error: writing" in out and "exitcode  : 5" in out  # torchrun's report
+    assert out.count("exitcode  :") == 1  # only rank 0 failed; the other stopped on its word
+    resumed = run(args_for(tmp_path, shard_dir, "--resume", "latest", "--max_steps", "8", "--eval_freq", "0"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resumed from" in resumed.stdout and ": step 6," in resumed.stdout
+
+
+def test_a_crash_is_written_to_train_log_with_its_traceback(tmp_path, shard_dir, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in evaluation")
+    monkeypatch.setattr(T, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="a bug in evaluation"):
+        T.main(args_for(tmp_path, shard_dir, "--max_steps", "6", "--eval_freq", "2"))
+    log_text = (tmp_path / "logs" / "train.log").read_text()
+    assert "ERROR CRASHED on rank 0" in log_text and "RuntimeError: a bug in evaluation" in log_text
+    assert 'in evaluate_if_due' in log_text  # the traceback, not just the message

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_improved as T
-from helpers import (EXACT_SAVES, ROOT, TINY_ARGS, TRAINER, finish, last_step, launch, run, start, trainer_env,
+from helpers import (EXACT_SAVES, alive, ROOT, TINY_ARGS, TRAINER, finish, last_step, launch, run, start, trainer_env,
                      wait_for)
 
 STOPPER = """
@@ -40,6 +40,58 @@ def test_a_repeated_signal_is_ignored_but_a_deliberate_second_one_aborts():
     os.kill(proc.pid, signal.SIGINT)  # a deliberate second Ctrl+C
     assert proc.wait(timeout=10) == 128 + signal.SIGINT
     assert "aborting now" in proc.stderr.read()
+
+
+def test_a_signal_is_still_a_graceful_stop_when_stderr_is_a_pipe_nobody_reads():
+    """The handler records the stop before it says so, and saying so cannot raise: with stderr a pipe whose reader
+    is gone (a CI runner or ssh session that died), a SIGTERM is still a stop request, not a crash."""
+    read_end, write_end = os.pipe()
+    proc = start([sys.executable, "-c", STOPPER, str(ROOT / "src")], stderr=write_end)
+    os.close(write_end)
+    os.close(read_end)  # nobody reads the worker's stderr any more: its writes fail with EPIPE
+    assert proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.stdout.readline().strip() == "requested"
+    time.sleep(0.3)
+    assert proc.poll() is None  # still running, the stop recorded: it did not die on the failed write
+
+
+ORPHAN = """
+import os, pathlib, subprocess, sys, time
+# the launcher: starts the worker with its stderr to a pipe only this process reads, then dies with the pipe once the
+# worker watches it
+outcome = pathlib.Path(sys.argv[3])
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]], stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, start_new_session=True)
+print(worker.pid, flush=True)
+while not outcome.exists():
+    time.sleep(0.05)
+"""
+WATCHED = """
+import pathlib, sys, time
+sys.path.insert(0, sys.argv[1])
+import train_improved as T
+outcome = pathlib.Path(sys.argv[2])
+stop = T.StopSignal()
+stop.watch_launcher(interval_seconds=0.2)
+outcome.write_text("watching")
+deadline = time.monotonic() + 60
+while not stop.requested and time.monotonic() < deadline:
+    time.sleep(0.05)
+outcome.write_text("stop requested" if stop.requested else "never requested")
+"""
+
+
+def test_a_worker_whose_launcher_died_with_its_stderr_still_stops(tmp_path):
+    """The launcher dies together with whatever read the worker's stderr: the watcher notices the re-parenting,
+    records the stop request, and its failed attempt to say so (EPIPE) does not kill it."""
+    outcome = tmp_path / "outcome"
+    launcher = start([sys.executable, "-c", ORPHAN, WATCHED, str(ROOT / "src"), str(outcome)])
+    worker_pid = int(launcher.stdout.readline())
+    assert finish(launcher, 30) == "" and launcher.returncode == 0
+    wait_for(lambda: outcome.read_text() != "watching", timeout=30)
+    assert outcome.read_text() == "stop requested"
+    wait_for(lambda: not alive(worker_pid), timeout=30)  # and it ended on its own
 
 
 def base_args(tmp_path, shard_dir, *extra):
@@ -98,3 +150,27 @@ def test_resume_training_sh_continues_the_run_with_its_saved_settings(tmp_path, 
     assert proc.returncode == 0, out[-4000:]
     assert ": step 6," in out and "max_steps: 6 -> 8" in out
     assert last_step(tmp_path / "logs") == 8  # the log dir, data dir and model came from the checkpoint
+
+
+def test_start_up_never_hangs_on_the_tokenizer_download(tmp_path, shard_dir):
+    """No cached vocabulary and a network that accepts the connection but never answers (a proxy on 127.0.0.1 that
+    never reads): rank 0 gives up the download after its bound, says once what to set, and both ranks train."""
+    import socket
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts connections into the backlog; nobody ever reads or answers
+    proxy = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    empty_cache = tmp_path / "no-tiktoken-cache"
+    empty_cache.mkdir()
+    try:
+        proc = launch(base_args(tmp_path, shard_dir, "--max_steps", "4", "--sample_freq", "2"),
+                      extra_env={"TIKTOKEN_CACHE_DIR": str(empty_cache), "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy,
+                                 "https_proxy": proxy, "http_proxy": proxy},
+                      unset_env=("NO_PROXY", "no_proxy"))
+        out = finish(proc, 150)
+    finally:
+        silent.close()
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("text samples are off: the GPT-2 tokenizer did not load (TimeoutError") == 1
+    assert "set TIKTOKEN_CACHE_DIR" in out
+    assert last_step(tmp_path / "logs") == 4
