@@ -142,14 +142,23 @@ def verdict_lines(runs: list[Run], speeds: dict[str, float | None], gaps: dict[s
             continue
         t = gap["last_tokens"]
         lines.append(f"  val loss at step {gap['last_step']} ({t:,} tokens): {run.val_by_tokens()[t]:.4f} vs "
-                     f"{reference.val_by_tokens()[t]:.4f}, gap {gap['last_gap']:+.4f} ({run.name} - {reference.name})")
+                     f"{reference.val_by_tokens()[t]:.4f}, gap {gap['last_gap']:+.4f} ({run.name} - {reference.name}): "
+                     f"{in_words(run.name, reference.name, gap['last_gap'])}")
         start, end = gap["window_tokens"]
         if gap["mean_gap"] is None:
             lines.append(f"  no common evaluation in the last 20% of the tokens ({start:,.0f}-{end:,} tokens)")
         else:
             lines.append(f"  mean val gap over the last 20% of the tokens ({start:,.0f}-{end:,} tokens, "
-                         f"{gap['mean_gap_evals']} evaluation(s)): {gap['mean_gap']:+.4f}")
+                         f"{gap['mean_gap_evals']} evaluation(s)): {gap['mean_gap']:+.4f}: "
+                         f"{in_words(run.name, reference.name, gap['mean_gap'])}")
     return lines
+
+
+def in_words(name: str, reference: str, gap: float) -> str:
+    """A validation-loss gap (run minus reference) said so that its sign cannot be misread."""
+    if gap == 0:
+        return f"{name} and {reference} are level"
+    return f"{name} is {abs(gap):.4f} {'below (better than)' if gap < 0 else 'above (worse than)'} {reference}"
 
 
 def plot(runs: list[Run], out: Path, window: int) -> None:
@@ -172,7 +181,7 @@ def plot(runs: list[Run], out: Path, window: int) -> None:
             val_ax.plot([run.tokens(s) for s in val_steps], [run.val_loss[s] for s in val_steps], color=colour,
                         marker="o", markersize=3, label=run.name)
     train_ax.set_title(f"train loss (moving average of {window} steps)" if window > 1 else "train loss")
-    val_ax.set_title("validation loss")
+    val_ax.set_title(f"validation loss (reference: {runs[0].name})")
     for ax in (train_ax, val_ax):
         ax.set_xlabel("tokens")
         ax.set_ylabel("loss")

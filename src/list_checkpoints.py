@@ -31,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint_dir", default="checkpoints")
     parser.add_argument("--verify", action="store_true", help="also check every file's checksums (reads it all)")
     parser.add_argument("--mirror", help="list the checkpoints on this mirror (the trainer's --mirror URL) instead")
+    parser.add_argument("--world_size", action="store_true", help="print only the number of processes the newest "
+                        "readable checkpoint was trained on (resume_training.sh uses it); exit 1 if there is none")
     args = parser.parse_args(argv)
     try:
+        if args.world_size:
+            return _print_world_size(T.CheckpointManager(args.checkpoint_dir))
         if args.mirror:
             code = _list_mirror(args.mirror, args.verify)
         else:
@@ -42,6 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `./list_checkpoints.sh | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit stays quiet
         return 0
+
+
+def _print_world_size(manager: T.CheckpointManager) -> int:
+    """The world size of the first checkpoint in --resume latest's order whose metadata reads (not verified: the
+    resume does that)."""
+    for path in manager.fallback_order():
+        try:
+            print(T.CheckpointManager.load(path, verify=False)["world_size"])
+            return 0
+        except T.CheckpointInvalid:
+            continue
+    return 1
 
 
 def _list_mirror(url: str, verify: bool) -> int:
@@ -58,6 +74,7 @@ def _list_mirror(url: str, verify: bool) -> int:
         print(f"no checkpoints on {mirror.redacted_url()}")
         return 0
     print(f"{'step':>8} {'size':>9} {'written':>20}  names -> status")
+    newest = remote[0]
     bad = 0
     with tempfile.TemporaryDirectory() as tmp:
         for entry in remote:
@@ -72,8 +89,15 @@ def _list_mirror(url: str, verify: bool) -> int:
                 status = "valid" if problem is None else f"INVALID: {problem}"
                 bad += problem is not None
             print(f"{entry['step']:>8} {entry['size'] / 2**20:>8.1f}M {entry['written_at'][:19]:>20}  "
-                  f"{', '.join(entry['names'])} -> {status}")
+                  f"{', '.join(mirror_names(entry, newest))} -> {status}")
     return 1 if bad else 0
+
+
+def mirror_names(entry: dict, newest: dict) -> list[str]:
+    """The names a mirrored checkpoint has now: those it was uploaded with, but latest.pt only for the newest (each
+    upload carried latest.pt, which a later one took over)."""
+    names = [n for n in entry["names"] if n != T.CheckpointManager.LATEST]
+    return names + [T.CheckpointManager.LATEST] if entry is newest else names
 
 
 def _list_checkpoints(manager: T.CheckpointManager, folder: str, verify: bool) -> int:

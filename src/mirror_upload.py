@@ -251,14 +251,15 @@ class Uploader:
             return self._newest is None or self._newest.state == "committed"
 
     def status(self) -> dict[str, Any]:
-        """Plain numbers for logs and TensorBoard: committed_step (None before the first commit), lag_seconds (age
+        """Plain numbers for logs and TensorBoard: submitted (checkpoints submitted so far), committed_step (None before
+        the first commit of this process), lag_seconds (age
         of the newest submission not yet committed; 0 if none), pending, skipped, uploaded_bytes,
         upload_rate_bytes_per_second (the last upload's), last_error (None while uploads work),
         consecutive_failures."""
         with self._cond:
             waiting = [j for j in self._pending if j.state == "pending"]  # not the one committed, being retained
             lag = time.monotonic() - waiting[-1].submitted_at if waiting else 0.0
-            return dict(committed_step=self._committed_step, lag_seconds=lag, pending=len(waiting),
+            return dict(submitted=self._seq, committed_step=self._committed_step, lag_seconds=lag, pending=len(waiting),
                         skipped=self._skipped, uploaded_bytes=self._uploaded_bytes,
                         upload_rate_bytes_per_second=self._rate, last_error=self._last_error,
                         consecutive_failures=self._failing.count)

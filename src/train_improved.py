@@ -285,9 +285,10 @@ def run_settings(saved_args: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in saved_args.items() if k in known and k not in LAUNCH_FIELDS}
 
 
-def resolve_config(flags: dict[str, Any], point: ResumePoint | None) -> TrainConfig:
+def resolve_config(flags: dict[str, Any], point: ResumePoint | None, world_size: int = 1) -> TrainConfig:
     """The run's settings: those of the checkpoint resumed from, overridden by the flags given now. Architecture
-    must not change."""
+    must not change. On another world size, an inherited --batch_size that no longer divides the step's sequences
+    exactly gives way to the largest that does (the same tokens per step)."""
     if point is None:
         return TrainConfig(**flags)
     saved_args, saved_shape = point.args, point.model_config
@@ -304,7 +305,23 @@ def resolve_config(flags: dict[str, Any], point: ResumePoint | None) -> TrainCon
                if k not in LAUNCH_FIELDS and k in saved_args and saved_args[k] != v]
     if changed:
         log.warning("settings changed since the checkpoint (the new values apply): %s", "; ".join(changed))
+    if "batch_size" not in flags and world_size != point.world_size:
+        cfg = fit_micro_batch(cfg, saved_shape["block_size"], world_size)
     return cfg
+
+
+def fit_micro_batch(cfg: TrainConfig, block_size: int, world_size: int) -> TrainConfig:
+    """cfg with the largest --batch_size up to its own that splits a step's sequences exactly over world_size ranks
+    (unchanged when it already does, or when none does: the loader then says what to change)."""
+    sequences = cfg.total_batch_size // block_size
+    fits = [b for b in range(cfg.batch_size, 0, -1) if sequences % (b * world_size) == 0]
+    if not fits or fits[0] == cfg.batch_size:
+        return cfg
+    log.warning("resuming on %d processes: --batch_size %d does not split the %d sequences of a step (--total_batch_size "
+                "%d) over them exactly; using --batch_size %d, the largest that does (the same tokens per step, "
+                "%d accumulation steps)", world_size, cfg.batch_size, sequences, cfg.total_batch_size, fits[0],
+                sequences // (fits[0] * world_size))
+    return dataclasses.replace(cfg, batch_size=fits[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1403,8 +1420,7 @@ class CheckpointManager:
             f"{format_bytes(free)} free after giving up every older checkpoint; this save is skipped and the newest "
             "checkpoint is kept."
             + (f" The epoch and best files ({len(keep)}, {format_bytes(kept_bytes)}) are never deleted for space: "
-               "move some of them elsewhere" if keep else " Free space on this disk")
-            + " or lower --keep_last")
+               "move some of them elsewhere, or free space on this disk" if keep else " Free space on this disk"))
 
     SACRIFICE_NOTES = dict(
         corrupt="Damaged files set aside after a recovery are the first to go.",
@@ -2011,6 +2027,10 @@ class SavePolicy:
                             "(%.1f s) instead", cost, blocked_seconds, write_seconds, self.interval_steps,
                             self.interval_steps * step_seconds, 100 * self.budget, self.every_steps * stretch,
                             self.every_steps * stretch * step_seconds)
+            elif stretch < self.stretch:  # the cost fell: say so, or the log's last word on the interval is stale
+                log.info("checkpoint cost: %.3f s of training time per save, written in %.2f s: saving every %d steps "
+                         "(%.1f s) now, instead of every %d", cost, write_seconds, self.every_steps * stretch,
+                         self.every_steps * stretch * step_seconds, self.interval_steps)
             self.stretch = stretch
         elif self.every_seconds and self.min_gap_seconds > self.every_seconds and not self.announced_time_stretch:
             log.warning("checkpoint cost: %.3f s of training time per save, written in %.2f s; saving every %.0f s "
@@ -2095,6 +2115,7 @@ class Checkpointer:
         self.pending_reasons: dict[int, list[str]] = {}  # step -> why it is being saved, until its report
         self.max_save_seconds = cfg.max_save_minutes * 60
         self.stuck_step: int | None = None  # the step whose write was found stuck (reported once)
+        self.failures_in_a_row = 0
         if env.is_main and env.device.type == "cuda" and cfg.async_checkpoint:
             self.writer.reserve(snapshot_bytes(raw_model), pin=True)
             log.info("checkpoint snapshots: %s of host memory set aside (%s), %.2fx the weights and AdamW moments",
@@ -2169,12 +2190,21 @@ class Checkpointer:
         return max(0.0, self.max_save_seconds - in_flight[1]) if in_flight else 0.0
 
     def _report_failure(self, step: int, error: str, reasons: list[str]) -> None:
+        """Say why a save failed: in full the first time, then, while the same error repeats, one short line."""
+        again = self.watch.failing is not None and re.sub(r"[\d.]+", "#", error) == re.sub(r"[\d.]+", "#",
+                                                                                           self.watch.failing)
+        self.failures_in_a_row = self.failures_in_a_row + 1 if self.watch.failing is not None else 1
         self.watch.failed(error)
         ending = any(r in ("stop signal", "nothing saved too long", "final") for r in reasons)
+        going_on = "" if ending else (f"; training continues, and stops if nothing can be saved for more than "
+                                      f"{self.unsaved_limit_text}")
+        if again:
+            log.error("CHECKPOINT SAVE FAILED at step %d (%s): the same error again (%d failed saves in a row; the "
+                      "newest checkpoint on disk is step %d)%s", step, ", ".join(reasons), self.failures_in_a_row,
+                      self.watch.saved_step, going_on)
+            return
         log.error("CHECKPOINT SAVE FAILED at step %d (%s): %s. The previous checkpoints are intact (the newest is step "
-                  "%d)%s", step, ", ".join(reasons), error, self.watch.saved_step,
-                  "" if ending else f" and training continues; it stops if nothing can be saved for more than "
-                                    f"{self.unsaved_limit_text}")
+                  "%d)%s", step, ", ".join(reasons), error, self.watch.saved_step, going_on)
 
     def _report_success(self, result: dict[str, Any], reasons: str) -> None:
         step, write_seconds, writer, policy = result["step"], result["write_seconds"], self.writer, self.policy
@@ -2210,6 +2240,11 @@ class Checkpointer:
         mirror, saved_step, wait_seconds = self.mirror, self.watch.saved_step, self.cfg.mirror_wait_seconds
         made_it = mirror.wait(wait_seconds)
         status = mirror.status()
+        if not status["submitted"]:  # nothing saved in this launch: the run's newest may be on the mirror already
+            with contextlib.suppress(Exception):  # MirrorError: then it is reported as behind, below
+                held = [c["step"] for c in mirror.remote_checkpoints()]
+                made_it = saved_step in held
+                status = {**status, "committed_step": saved_step if made_it else max(held, default=None)}
         if made_it and status["committed_step"] == saved_step:
             log.info("mirror: the last checkpoint (step %d) is on %s", saved_step, mirror.redacted_url())
         else:
@@ -2327,8 +2362,8 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: ShardedLoader, env: DistEnv,
-               lr: float, grad_clip: float, autocast, fence=lambda: None,
-               votes=lambda: ()) -> tuple[float, float, bool, list[bool]]:
+               lr: float, grad_clip: float, autocast, fence=lambda: None, votes=lambda: (),
+               progress=lambda done, total, seconds: None) -> tuple[float, float, bool, list[bool]]:
     """One optimizer step over grad_accum_steps micro-batches. Returns (mean loss over all ranks, grad norm,
     skipped, agreed votes).
 
@@ -2336,9 +2371,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Shard
     True): the weights and the optimizer state stay as they were. fence() is called right before the weights
     change, so a checkpoint snapshot can finish copying them while the forward and backward passes run. votes() is
     called right before the step's one all-reduce: each of its yes/no values (this rank's wish to stop, or to save)
-    comes back True when any rank said yes, so the loop's decisions need no collective of their own."""
+    comes back True when any rank said yes, so the loop's decisions need no collective of their own. progress() hears
+    of each micro-step done (a long step can then show that it moves)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    started = time.monotonic()
     loss_sum = torch.zeros((), device=env.device)
     for micro_step in range(loader.grad_accum_steps):
         x, y = loader.micro_batch(micro_step)
@@ -2349,6 +2386,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Shard
         loss = loss / loader.grad_accum_steps
         loss_sum += loss.detach()
         loss.backward()
+        progress(micro_step + 1, loader.grad_accum_steps, time.monotonic() - started)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -2726,7 +2764,10 @@ def note_lost_steps(metrics: MetricsLog, step: int, resumed: bool) -> None:
 
 
 class StepReporter:
-    """Rank 0's account of each step: the step line, metrics.jsonl, TensorBoard, and the periodic text sample."""
+    """Rank 0's account of each step: the step line, metrics.jsonl, TensorBoard, and the periodic text sample; and of
+    a long step while it runs, every PROGRESS_EVERY_SECONDS."""
+
+    PROGRESS_EVERY_SECONDS = 30.0
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, run: Run, metrics: MetricsLog, tb: TensorBoardLog):
         self.cfg, self.env, self.run, self.metrics, self.tb = cfg, env, run, metrics, tb
@@ -2750,6 +2791,31 @@ class StepReporter:
         log.info("batch: %d tokens per step = %d sequences x %d tokens x %d ranks x %d accumulation steps | "
                  "%d total steps | device %s, dtype %s", cfg.total_batch_size, cfg.batch_size, shape.block_size,
                  env.world_size, loader.grad_accum_steps, run.total_steps, env.device, run.dtype)
+        self.warn_about_the_plan()
+        self.progress_logged_at = 0.0
+
+    def warn_about_the_plan(self) -> None:
+        """Say at the start what a newcomer would otherwise find out after minutes: steps that take minutes on a
+        CPU, and a run too short to leave its warm-up."""
+        cfg, loader = self.cfg, self.run.loader
+        if self.env.device.type == "cpu" and loader.grad_accum_steps >= 16:
+            log.warning("each step is %d micro-steps of %d sequences on the CPU: expect minutes per step (a progress "
+                        "line every %.0f s). For a quick try, use a smaller --total_batch_size (the README's demo: "
+                        "4096)", loader.grad_accum_steps, cfg.batch_size, self.PROGRESS_EVERY_SECONDS)
+        if self.run.total_steps < cfg.warmup_steps:
+            peak = lr_at(self.run.total_steps - 1, cfg, self.run.total_steps)
+            log.warning("the run lasts %d steps but --warmup_steps is %d: it never leaves warm-up (the learning rate "
+                        "reaches %.2e, %.0f%% of --learning_rate); lower --warmup_steps", self.run.total_steps,
+                        cfg.warmup_steps, peak, 100 * peak / cfg.learning_rate)
+
+    def micro_progress(self, done: int, total: int, seconds: float) -> None:
+        """Within a long step: a line every PROGRESS_EVERY_SECONDS, so a slow step is seen to move."""
+        if not self.env.is_main or done == total or seconds - self.progress_logged_at < self.PROGRESS_EVERY_SECONDS:
+            if done == total:
+                self.progress_logged_at = 0.0
+            return
+        self.progress_logged_at = seconds
+        log.info("step %d: %d/%d micro-steps done, %.0f s so far", self.run.state.step + 1, done, total, seconds)
 
     def step(self, lr: float, grad_norm: float, step_seconds: float, skipped: bool, spike: float | None,
              guard: DivergenceGuard, checkpointer: Checkpointer) -> None:
@@ -2853,7 +2919,8 @@ def train(cfg: TrainConfig, env: DistEnv, point: ResumePoint | None, stop: StopS
             # the votes: a stop signal on any rank; rank 0 could not write its logs; checkpointer.votes()
             state.train_loss, grad_norm, skipped, (stop_requested, logs_failed, periodic, unsaved_stop) = train_step(
                 run.model, run.optimizer, loader, env, lr, cfg.grad_clip, run.autocast, checkpointer.fence,
-                votes=lambda: (stop.requested, bool(metrics.error or tb.error), *checkpointer.votes()))
+                votes=lambda: (stop.requested, bool(metrics.error or tb.error), *checkpointer.votes()),
+                progress=reporter.micro_progress)
             epoch_ended = loader.advance()
             state.step += 1
             step_seconds = time.monotonic() - t0
@@ -3183,9 +3250,23 @@ def start_mirror(env: DistEnv, cfg: TrainConfig):
     return box[0] if box else None
 
 
+def stop_torchrun_restarts() -> bool:
+    """A user error is not fixed by trying again: under torchrun with restarts left, ask this node's launcher to stop
+    (SIGTERM, from local rank 0) instead of restarting every worker into the same error. True if it was asked."""
+    restarts_left = (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+                     - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    if "TORCHELASTIC_RUN_ID" not in os.environ or restarts_left <= 0 or os.environ.get("LOCAL_RANK", "0") != "0":
+        return False
+    os.kill(os.getppid(), signal.SIGTERM)
+    return True
+
+
 def report_user_error(env: DistEnv | None, flags: dict[str, Any], error: UserError) -> None:
     """Rank 0 prints a user error on one line; a run's existing train.log gets it too (not the log of another run
-    going on now), and torchrun's failure report."""
+    going on now), and torchrun's failure report. torchrun is stopped rather than left to retry it."""
+    if stop_torchrun_restarts():
+        error = UserError(f"{error}\n(torchrun is stopped rather than restarted: a restart would meet the same error; "
+                          "its SignalException report follows)")
     if env is None or env.is_main:
         print(f"error: {error}", file=sys.stderr)
         # a failed start creates no folder, but a run's existing train.log gets the whole story
@@ -3199,7 +3280,12 @@ def report_user_error(env: DistEnv | None, flags: dict[str, Any], error: UserErr
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse flags, set up, find where to start, train, clean up. Returns a summary; user errors exit 2 with a
     one-line message."""
-    flags = parse_flags(argv)
+    try:
+        flags = parse_flags(argv)
+    except SystemExit as e:  # a usage error (2) is not fixed by a restart either
+        if e.code == 2:
+            stop_torchrun_restarts()
+        raise
     env, mirror = None, None
     stop = StopSignal(announce=os.environ.get("RANK", "0") == "0")
     lock = FolderLock(Path(flags.get("checkpoint_dir", "checkpoints")))
@@ -3213,7 +3299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # rank 0 writes every checkpoint: fail before training if it could not, or if another run writes here
         broadcast_from_main(env, lock.acquire)
         point = find_resume_point(env, flags, CheckpointManager(lock.dir))
-        cfg = resolve_config(flags, point)
+        cfg = resolve_config(flags, point, env.world_size)
         if cfg.fp8:
             fp8_call("check_hardware", env.device, cfg.fp8_emulate)  # before anything is written
         attach_log_file(env, Path(cfg.log_dir))

@@ -264,8 +264,8 @@ ROWS = [
         ("if e.errno == errno.EBADF and fcntl", "if False and fcntl"),
     ), (MANAGER + "test_the_folder_lock_works_where_flock_needs_a_writable_descriptor",)),
     Row("a_file_system_without_locks_is_a_traceback", (
-        ("            except OSError as e:  # EBADF, ENOLCK, EOPNOTSUPP",
-         "            except ZeroDivisionError as e:  # EBADF, ENOLCK, EOPNOTSUPP"),
+        ("                os.close(fd)  # ENOLCK, EOPNOTSUPP: this file system gives no working locks\n",
+         "                raise\n"),
     ), (MANAGER + "test_a_file_system_without_locks_is_a_clear_error_that_leaves_nothing_behind",)),
     Row("a_dead_holders_lock_refused_at_once", (
         ("if self._holder_alive(holder) or (deadline is not None and now >= deadline):", "if True:"),
@@ -287,6 +287,44 @@ ROWS = [
     Row("the_tokenizer_download_waited_for_without_bound", (
         ("load_gpt2_tokenizer(timeout_seconds=TOKENIZER_TIMEOUT_SECONDS)", "load_gpt2_tokenizer()"),
     ), (SIGNALS + "test_start_up_never_hangs_on_the_tokenizer_download",)),
+    # issue 23: every line a user reads is true
+    Row("rank_1_gives_a_false_final_verdict", (
+        ("    if env.is_main:  # only rank 0 knows which step is on disk", "    if True:  # only rank 0 knows which step is on disk"),
+    ), (ASYNC + "test_only_rank_0_gives_the_final_verdict_on_what_is_saved",)),
+    Row("a_repeated_save_error_in_full_every_time", (
+        ("        if again:\n", "        if False:\n"),
+    ), (ASYNC + "test_when_the_final_save_fails_the_run_says_so_last_and_exits_4",)),
+    Row("a_shorter_interval_again_goes_unsaid", (
+        ("            elif stretch < self.stretch:  # the cost fell", "            elif False:  # the cost fell"),
+    ), (ASYNC + "test_policy_stretches_the_interval_to_stay_within_the_budget",)),
+    Row("mirror_behind_said_when_it_holds_the_step", (
+        ('        if not status["submitted"]:', "        if False:"),
+    ), (MIRROR + "test_a_resumed_run_with_nothing_new_to_save_finds_its_checkpoint_on_the_mirror",)),
+    Row("no_word_of_a_run_that_never_leaves_warm_up", (
+        ("        if self.run.total_steps < cfg.warmup_steps:", "        if False:"),
+    ), ("tests/test_monitoring.py::test_a_newcomer_is_told_at_start_about_long_steps_and_a_run_that_never_leaves_"
+        "warm_up",)),
+    Row("a_long_step_shows_no_progress", (
+        ("                progress=reporter.micro_progress)", "                )"),
+    ), ("tests/test_monitoring.py::test_a_newcomer_is_told_at_start_about_long_steps_and_a_run_that_never_leaves_"
+        "warm_up",)),
+    Row("resume_training_sh_on_4_processes_whatever_the_run_had", (
+        ('  NGPU=$("$PYTHON" src/list_checkpoints.py --checkpoint_dir "$CHECKPOINT_DIR" --world_size 2>/dev/null || echo 4)',
+         "  NGPU=4"),
+    ), (SIGNALS + "test_resume_training_sh_continues_the_run_with_its_saved_settings",), path="resume_training.sh"),
+    Row("an_inherited_batch_size_that_no_longer_divides_fails", (
+        ('    if "batch_size" not in flags and world_size != point.world_size:', "    if False:"),
+    ), (SIGNALS + "test_resume_training_sh_continues_the_run_with_its_saved_settings",)),
+    Row("a_user_error_retried_by_torchrun", (
+        ("    os.kill(os.getppid(), signal.SIGTERM)\n    return True", "    return False"),
+    ), (SIGNALS + "test_resume_training_sh_continues_the_run_with_its_saved_settings",)),
+    Row("a_gap_said_the_wrong_way_round", (
+        ("'below (better than)' if gap < 0 else 'above (worse than)'",
+         "'above (worse than)' if gap < 0 else 'below (better than)'"),
+    ), ("tests/test_compare_runs.py::test_verdict_numbers_are_the_hand_computed_ones",), path="src/compare_runs.py"),
+    Row("the_mirror_listing_shows_historical_names", (
+        ("    return names + [T.CheckpointManager.LATEST] if entry is newest else names", '    return entry["names"]'),
+    ), (MIRROR + "test_list_checkpoints_lists_the_mirror_and_verifies_it",), path="src/list_checkpoints.py"),
 ]
 
 

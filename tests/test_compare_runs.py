@@ -70,7 +70,9 @@ def test_verdict_numbers_are_the_hand_computed_ones(synthetic_runs, tmp_path, ca
     printed = capsys.readouterr().out
     assert "base: 10 steps, 1,000 tokens, median 550 tokens/s (reference)" in printed
     assert "candidate: 10 steps, 1,000 tokens, median 800 tokens/s (1.45x base)" in printed
-    assert "val loss at step 10 (1,000 tokens): 3.5000 vs 3.0000, gap +0.5000 (candidate - base)" in printed
+    assert "val loss at step 10 (1,000 tokens): 3.5000 vs 3.0000, gap +0.5000 (candidate - base): candidate is " \
+           "0.5000 above (worse than) base" in printed
+    assert "big_batch is 0.1250 below (better than) base" in printed  # its mean gap, -0.125
     assert "(800-1,000 tokens, 2 evaluation(s)): +0.3750" in printed
 
     from PIL import Image

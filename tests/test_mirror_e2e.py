@@ -157,6 +157,9 @@ def test_list_checkpoints_lists_the_mirror_and_verifies_it(tmp_path, data, capsy
     assert list_checkpoints.main(["--mirror", url, "--verify"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:] if line.split()[0].isdigit()}
     assert sorted(int(s) for s in rows) == [5, 10] and all(line.endswith("valid") for line in rows.values())
+    # the names each copy has now: latest.pt only on the newest
+    assert rows["10"].endswith("latest.pt -> valid") and "rolling_step_000005.pt" in rows["5"]
+    assert "latest.pt" not in rows["5"]
     blob = next((tmp_path / "second-disk" / "blobs").glob("step_000010-*.pt"))
     damaged = bytearray(blob.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
@@ -182,3 +185,13 @@ def test_credentials_in_the_mirror_url_never_reach_a_log_line(tmp_path, data, s3
     for secret in (URL_SECRET, URL_KEY, URL_SECRET.partition("/")[2], URL_SECRET.partition("/")[0] + "/"):
         assert secret not in said, secret
     assert '"mirror": "s3://' + s3_server.bucket in said  # the config line names the mirror, redacted
+
+
+def test_a_resumed_run_with_nothing_new_to_save_finds_its_checkpoint_on_the_mirror(tmp_path, data):
+    url = str(tmp_path / "second-disk")
+    first = run(run_args(tmp_path, data, "--mirror", url, "--max_steps", "10"), nproc=None)
+    assert first.returncode == 0, first.stdout[-3000:]
+    again = run(run_args(tmp_path, data, "--resume", "latest", "--max_steps", "10"), nproc=None)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "MIRROR BEHIND" not in again.stdout
+    assert "mirror: the last checkpoint (step 10) is on" in again.stdout

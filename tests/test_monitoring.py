@@ -237,3 +237,17 @@ def test_without_the_tokenizer_training_goes_on_without_samples(tmp_path, shard_
     assert proc.returncode == 0, out[-3000:]
     assert "text samples are off: the GPT-2 tokenizer did not load" in out and "| sample:" not in out
     assert "training finished at step 3" in out and not (tmp_path / "logs" / "tensorboard").exists()
+
+
+def test_a_newcomer_is_told_at_start_about_long_steps_and_a_run_that_never_leaves_warm_up(tmp_path, shard_dir,
+                                                                                           monkeypatch):
+    monkeypatch.setattr(T.StepReporter, "PROGRESS_EVERY_SECONDS", 0.0)  # every micro-step, for the test
+    T.main([*TINY_ARGS, "--data_dir", str(shard_dir), "--total_batch_size", "1024", "--max_steps", "2",
+            "--warmup_steps", "10", "--eval_freq", "0", "--sample_freq", "0", "--checkpoint_dir", str(tmp_path / "ck"),
+            "--log_dir", str(tmp_path / "logs")])
+    log_text = (tmp_path / "logs" / "train.log").read_text()
+    assert "each step is 16 micro-steps of 2 sequences on the CPU: expect minutes per step" in log_text
+    assert "the run lasts 2 steps but --warmup_steps is 10: it never leaves warm-up (the learning rate reaches " \
+           "6.00e-04, 20% of --learning_rate)" in log_text
+    assert "step 1: 1/16 micro-steps done" in log_text and "step 2: 15/16 micro-steps done" in log_text
+    assert "16/16 micro-steps" not in log_text  # the step line says that

@@ -142,14 +142,32 @@ def test_list_checkpoints_shows_every_file_and_flags_damage(tmp_path, shard_dir)
 
 
 def test_resume_training_sh_continues_the_run_with_its_saved_settings(tmp_path, shard_dir):
+    """No NGPU given: the script resumes on the run's own number of processes (2, read from its checkpoint), with
+    every setting from the checkpoint. On another number (4) an inherited --batch_size that no longer splits a step
+    exactly gives way to the largest that does, said once. A user error under torchrun's restarts is said once and
+    not retried."""
     first = run(base_args(tmp_path, shard_dir, "--max_steps", "6"))
     assert first.returncode == 0, first.stdout[-2000:]
-    env = dict(trainer_env(), NGPU="2", CHECKPOINT_DIR=str(tmp_path / "ck"))
+    env = dict(trainer_env(), CHECKPOINT_DIR=str(tmp_path / "ck"), PYTHON=sys.executable)
     proc = start([str(ROOT / "resume_training.sh"), "--max_steps", "8"], env=env)
     out = finish(proc, 240)
     assert proc.returncode == 0, out[-4000:]
-    assert ": step 6," in out and "max_steps: 6 -> 8" in out
+    assert ": step 6," in out and "max_steps: 6 -> 8" in out and "| world size 2 |" in out
     assert last_step(tmp_path / "logs") == 8  # the log dir, data dir and model came from the checkpoint
+
+    proc = start([str(ROOT / "resume_training.sh"), "--max_steps", "10"], env=dict(env, NGPU="4"))
+    out = finish(proc, 240)
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count("resuming on 4 processes: --batch_size 2 does not split the 4 sequences of a step") == 1
+    assert "using --batch_size 1, the largest that does (the same tokens per step, 1 accumulation steps)" in out
+    assert last_step(tmp_path / "logs") == 10
+
+    started = time.monotonic()
+    proc = start([str(ROOT / "resume_training.sh"), "--n_layer", "3"], env=dict(env, MAX_RESTARTS="3"))
+    out = finish(proc, 240)
+    assert proc.returncode != 0 and time.monotonic() - started < 120
+    assert out.count("error: the checkpoint's model has n_layer=2 but the flags ask for 3") == 1, out[-4000:]
+    assert "torchrun is stopped rather than restarted" in out
 
 
 def test_start_up_never_hangs_on_the_tokenizer_download(tmp_path, shard_dir):
