@@ -158,12 +158,15 @@ class Mirror:
     def fetch(self, entry: dict, target) -> Path | None:
         """Download the checkpoint `entry` (from remote_checkpoints) for `target`, the local folder's owner (the
         trainer's CheckpointManager): into target.incoming_path(), fsync'ed, checked against its manifest's size and
-        sha256 and by target.load(path) (which raises, or returns False, for an invalid file), then named by
-        target.adopt(path, names). Returns the adopted path, or None (the reason logged) if the copy is not usable.
+        sha256 (a short download is tried once more) and by target.load(path) (which raises, or returns False, for
+        an invalid file), then named by target.adopt(path, names). Returns the adopted path, or None (the reason logged) if the copy is not usable.
         Raises as download() does."""
         tmp = target.incoming_path()
         try:
             problem = download(self.store, entry, tmp)
+            if problem is not None and "bytes instead of" in problem:  # cut off on the way: once more before giving up
+                log.warning("mirror: the download of step %d was short (%s); trying once more", entry["step"], problem)
+                problem = download(self.store, entry, tmp)
             if problem is None:
                 try:
                     problem = "failed verification" if target.load(tmp) is False else None

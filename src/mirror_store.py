@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from typing import Any
 from urllib.parse import unquote
@@ -71,7 +72,13 @@ def secrets_in(url: str, options: dict[str, Any]) -> list[str]:
 
 
 class RemoteStore:
-    """The objects under one fsspec URL: blobs/ (checkpoint files) and manifests/ (what makes a blob committed)."""
+    """The objects under one fsspec URL: blobs/ (checkpoint files) and manifests/ (what makes a blob committed).
+
+    A listing may lag behind a write (an eventually consistent store, a listing cache): a manifest whose blob is not
+    listed yet looks broken, and that blob, once listed, looks orphaned. So retention deletes a broken manifest or an
+    orphaned blob only once two of its scans, at least orphan_grace_seconds apart, both saw it so."""
+
+    orphan_grace_seconds = 60.0
 
     def __init__(self, url: str, *, timeout_seconds: float = 60.0, part_bytes: int = 64 << 20,
                  min_upload_rate_bytes_per_second: float = 1e6, storage_options: dict[str, Any] | None = None):
@@ -118,6 +125,7 @@ class RemoteStore:
         if not self.root:
             raise MirrorError(f"--mirror {self.redacted_url()} names no bucket or folder; use s3://bucket/prefix")
         self.manifests: dict[str, dict | None] = {}  # manifest key -> parsed content (manifests never change)
+        self.suspects: dict[str, float] = {}  # key -> when a scan first saw it broken or orphaned (time.monotonic)
 
     def redacted_url(self) -> str:
         """The URL without user:secret@, for logs and messages."""
@@ -244,7 +252,8 @@ class RemoteStore:
     def retain(self, keep_last: int) -> None:
         """Delete what local retention would: all but the newest keep_last rolling checkpoints, every epoch one and
         the newest best one, never the newest committed one; then manifests that are not committed and blobs no
-        manifest names (left by cut-off uploads) older than the newest commit. Manifest first, then blob."""
+        manifest names (left by cut-off uploads) older than the newest commit, once two scans apart saw them so.
+        Manifest first, then blob."""
         committed, broken, blobs, understood = self.scan()
         if not committed:
             return
@@ -255,18 +264,28 @@ class RemoteStore:
         keep |= {c["manifest_key"] for c in committed if any(EPOCH_NAME.fullmatch(n) for n in c["names"])}
         keep |= {c["manifest_key"] for c in [c for c in committed if BEST in c["names"]][:1]}
         kept_blobs = {c["key"] for c in committed if c["manifest_key"] in keep}
-        for key in [c["manifest_key"] for c in committed if c["manifest_key"] not in keep] + broken:
+        named = {self.key(m["blob"]) for m in list(self.manifests.values()) if m is not None}
+        newest_step = committed[0]["step"]
+        orphans = [blob for blob in blobs if blob not in named and blob not in kept_blobs
+                   and (found := STEM.fullmatch(blob.rsplit("/", 1)[-1].removesuffix(".pt")))
+                   and int(found.group(1)) < newest_step] if understood else []
+        # (a blob may belong to a manifest this code cannot read: without understanding every one, no blob goes)
+        confirmed = self.confirmed_suspects(broken + orphans)
+        for key in [c["manifest_key"] for c in committed if c["manifest_key"] not in keep] + \
+                [k for k in broken if k in confirmed]:
             m = self.manifests.get(key)
             self.fs.rm_file(key)
             self.manifests.pop(key, None)
             if m is not None and self.key(m["blob"]) in blobs and self.key(m["blob"]) not in kept_blobs:
                 self.fs.rm_file(self.key(m["blob"]))
-        if not understood:
-            return  # a blob may belong to a manifest this code cannot read: leave every blob alone
-        named = {self.key(m["blob"]) for m in list(self.manifests.values()) if m is not None}
-        newest_step = committed[0]["step"]
-        for blob in blobs:
-            found = STEM.fullmatch(blob.rsplit("/", 1)[-1].removesuffix(".pt"))
-            if blob not in named and blob not in kept_blobs and found and int(found.group(1)) < newest_step:
+        for blob in orphans:
+            if blob in confirmed:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(blob)
+
+    def confirmed_suspects(self, suspects: list[str]) -> set[str]:
+        """Of the keys this scan finds broken or orphaned, those an earlier scan at least orphan_grace_seconds ago
+        found so too; the others are remembered (and keys no longer suspect forgotten)."""
+        now = time.monotonic()
+        self.suspects = {key: self.suspects.get(key, now) for key in suspects}
+        return {key for key, since in self.suspects.items() if since < now and now - since >= self.orphan_grace_seconds}

@@ -300,11 +300,14 @@ def resolve_config(flags: dict[str, Any], point: ResumePoint | None, world_size:
             raise UserError(f"the checkpoint's model has {name}={saved_shape[name]} but the flags ask for "
                             f"{wanted[name]}; the architecture comes from the checkpoint: drop the conflicting "
                             "flag, or start a new run in another --checkpoint_dir")
-    shown_old, shown_new = printable_settings(saved_args), printable_settings(flags)
+    shown_old, shown_new = settings_without_secrets(saved_args), settings_without_secrets(flags)
     changed = [f"{k}: {shown_old.get(k)!r} -> {shown_new[k]!r}" for k, v in flags.items()
                if k not in LAUNCH_FIELDS and k in saved_args and saved_args[k] != v]
     if changed:
         log.warning("settings changed since the checkpoint (the new values apply): %s", "; ".join(changed))
+    if point.mirror_credentials_removed and "mirror" not in flags:
+        log.warning("the run's --mirror URL carried credentials, which are never stored: give --mirror again with "
+                    "them, or put them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws)")
     if "batch_size" not in flags and world_size != point.world_size:
         cfg = fit_micro_batch(cfg, saved_shape["block_size"], world_size)
     return cfg
@@ -683,8 +686,8 @@ def redact_url(url: Any) -> Any:
     return redact(url)
 
 
-def printable_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings as they may be logged: the mirror URL without credentials."""
+def settings_without_secrets(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as they may be logged or stored in a checkpoint: the mirror URL without credentials."""
     return {k: redact_url(v) if k == "mirror" else v for k, v in settings.items()}
 
 
@@ -1158,7 +1161,8 @@ def build_state(train_state: TrainState, *, raw_model: nn.Module, optimizer: tor
         optimizer=optimizer.state_dict(),
         rng_state=rng_states,
         dataloader_state=loader.state_dict(),
-        args=dataclasses.asdict(cfg),
+        args=settings_without_secrets(dataclasses.asdict(cfg)),  # never a secret in a file (or on the mirror)
+        mirror_credentials_removed=bool(cfg.mirror) and redact_url(cfg.mirror) != cfg.mirror,
         model_config=dataclasses.asdict(raw_model.config),
         world_size=world_size,
         tokens=train_state.step * cfg.total_batch_size,
@@ -3035,13 +3039,14 @@ class ResumePoint:
     args: dict[str, Any]  # the run's settings as saved (TrainConfig as a dict)
     model_config: dict[str, Any]  # GPTConfig as a dict
     world_size: int
+    mirror_credentials_removed: bool = False  # its --mirror URL had credentials, which were not stored
 
     @classmethod
     def read(cls, path: Path) -> "ResumePoint":
         """The resume point of a checkpoint already verified (memory-mapped: the tensors are not read)."""
         meta = CheckpointManager.load(path, verify=False)
         return cls(path=path, step=meta["step"], args=meta["args"], model_config=meta["model_config"],
-                   world_size=meta["world_size"])
+                   world_size=meta["world_size"], mirror_credentials_removed=meta.get("mirror_credentials_removed", False))
 
 
 def find_resume_point(env: DistEnv, flags: dict[str, Any], manager: CheckpointManager) -> ResumePoint | None:
@@ -3102,14 +3107,14 @@ def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str
     local = ResumePoint.read(path) if path else None
     if not mirror_url or resume not in ("latest", "auto"):
         return local
-    from mirror import MirrorError
-    mirror = open_mirror(mirror_url, keep_last=1, check=False)
     try:
-        fetched = mirror.fetch_newest_valid(manager, newer_than=local.step if local else -1)
-    except MirrorError as e:  # the mirror could not be read at all
-        raise UserError(str(e)) from None
-    finally:
-        mirror.close()
+        fetched = fetch_from_mirror(manager, mirror_url, newer_than=local.step if local else -1)
+    except UserError as e:  # the mirror could not be read at all: only a resume that needs it stops
+        if local is None:
+            raise
+        log.warning("MIRROR UNAVAILABLE: %s. Resuming from the local checkpoint %s (step %d), which may be older than "
+                    "the mirror's newest", e, local.path, local.step)
+        return local
     if fetched is None:
         if local is not None:
             log.info("resuming from the local checkpoint %s (step %d; the mirror holds nothing newer)", local.path,
@@ -3123,6 +3128,19 @@ def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str
                 f"the mirror holds a newer checkpoint than {manager.dir}/ (step {local.step})" if local else
                 f"no valid local checkpoint in {manager.dir}/", fetched[1]["step"], redact_url(mirror_url))
     return ResumePoint.read(fetched[0])
+
+
+def fetch_from_mirror(manager: CheckpointManager, mirror_url: str, newer_than: int = -1) -> tuple[Path, dict] | None:
+    """The mirror's newest valid checkpoint after step newer_than, fetched for `manager` (reading only: read-only
+    credentials do); None if it holds none. A mirror that cannot be read is a UserError."""
+    from mirror import MirrorError
+    mirror = open_mirror(mirror_url, keep_last=1, check=False)
+    try:
+        return mirror.fetch_newest_valid(manager, newer_than=newer_than)
+    except MirrorError as e:
+        raise UserError(str(e)) from None
+    finally:
+        mirror.close()
 
 
 def checkpoint_fingerprint(path: Path) -> tuple | None:
@@ -3242,11 +3260,25 @@ def write_torchrun_error_file(message: str) -> None:
             Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
 
 
-def start_mirror(env: DistEnv, cfg: TrainConfig):
-    """Rank 0's mirror for uploads (checked: a mirror it cannot use is a UserError on every rank); None elsewhere."""
+def start_mirror(env: DistEnv, cfg: TrainConfig, resuming: bool):
+    """Rank 0's mirror for uploads; None elsewhere. On a new run, a mirror it cannot write, list, read and clean is a
+    UserError on every rank (a wrong URL or bucket is best found before training). A resumed run goes on and warns
+    instead: an outage, expired or read-only credentials must never block a restart that has its checkpoint; the
+    uploads are retried in the background (the step line says MIRROR FAILING meanwhile)."""
     box: list = []
+
+    def open_it() -> None:
+        try:
+            box.append(open_mirror(cfg.mirror, cfg.keep_last))
+        except UserError as e:
+            if not resuming:
+                raise
+            log.warning("MIRROR UNAVAILABLE at start: %s. Training goes on; uploads are retried in the background", e)
+            with contextlib.suppress(UserError):  # a URL that cannot even be parsed: no uploads at all
+                box.append(open_mirror(cfg.mirror, cfg.keep_last, check=False))
+
     if cfg.mirror:
-        broadcast_from_main(env, lambda: box.append(open_mirror(cfg.mirror, cfg.keep_last)))
+        broadcast_from_main(env, open_it)
     return box[0] if box else None
 
 
@@ -3303,11 +3335,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if cfg.fp8:
             fp8_call("check_hardware", env.device, cfg.fp8_emulate)  # before anything is written
         attach_log_file(env, Path(cfg.log_dir))
-        mirror = start_mirror(env, cfg)
+        mirror = start_mirror(env, cfg, resuming=point is not None)
         log.info("train_improved.py at %s | torch %s | python %s | world size %d | %s", code_version(),
                  torch.__version__, sys.version.split()[0], env.world_size,
                  f"resuming {point.path}" if point else "new run")
-        log.info("config: %s", json.dumps(printable_settings(dataclasses.asdict(cfg))))
+        log.info("config: %s", json.dumps(settings_without_secrets(dataclasses.asdict(cfg))))
         summary = train(cfg, env, point, stop, mirror)
         failed = False
         if summary["error"]:

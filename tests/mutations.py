@@ -325,6 +325,27 @@ ROWS = [
     Row("the_mirror_listing_shows_historical_names", (
         ("    return names + [T.CheckpointManager.LATEST] if entry is newest else names", '    return entry["names"]'),
     ), (MIRROR + "test_list_checkpoints_lists_the_mirror_and_verifies_it",), path="src/list_checkpoints.py"),
+    # issue 21 (part): a mirror you can trust
+    Row("a_mirror_outage_blocks_a_restart_with_a_local_checkpoint", (
+        ("        if local is None:\n            raise\n        log.warning(\"MIRROR UNAVAILABLE: %s. Resuming",
+         "        raise\n        log.warning(\"MIRROR UNAVAILABLE: %s. Resuming"),
+    ), (MIRROR + "test_a_mirror_outage_never_blocks_a_restart_that_has_a_valid_local_checkpoint",)),
+    Row("the_upload_probe_blocks_a_resume", (
+        ("            if not resuming:\n                raise\n", "            raise\n"),
+    ), (MIRROR + "test_read_only_credentials_can_resume_from_the_mirror",)),
+    Row("the_mirror_url_stored_with_its_credentials", (
+        ("args=settings_without_secrets(dataclasses.asdict(cfg)),", "args=dataclasses.asdict(cfg),"),
+    ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",)),
+    Row("a_lagging_listing_deletes_at_first_sight", (
+        ("        return {key for key, since in self.suspects.items() if since < now and now - since >= "
+         "self.orphan_grace_seconds}", "        return set(suspects)"),
+    ), (MIRROR_UNIT + "test_a_lagging_listing_never_deletes_a_committed_copy",), path="src/mirror_store.py"),
+    Row("a_short_download_is_not_tried_again", (
+        ('            if problem is not None and "bytes instead of" in problem:', "            if False:"),
+    ), (MIRROR_UNIT + "test_a_short_download_is_tried_again_before_falling_back",), path="src/mirror.py"),
+    Row("no_word_of_credentials_that_were_not_stored", (
+        ('    if point.mirror_credentials_removed and "mirror" not in flags:', "    if False:"),
+    ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",)),
 ]
 
 

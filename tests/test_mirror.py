@@ -189,9 +189,14 @@ def test_a_blob_without_a_whole_manifest_is_never_listed_or_fetched(s3, mirrors,
     assert steps_on(mirror) == [1]
     path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh"))
     assert entry["step"] == 1 and T.CheckpointManager.load(path)["step"] == 1
-    # the next commit's retention removes the manifest that is not committed, and its blob
+    # the next commit's retention sees the manifest that is not committed (and its blob) for the first time: a
+    # listing can lag behind a write, so it is only remembered; a later scan (here 0 s later) removes both
+    mirror.store.orphan_grace_seconds = 0
     mirror.submit(*ck.save(2))
     assert mirror.wait(30)
+    fs.invalidate_cache()
+    assert fs.exists(f"{root}/manifests/step_000008-0123456789ab.json")
+    mirror.store.retain(keep_last=10)
     fs.invalidate_cache()
     assert not fs.exists(f"{root}/manifests/step_000008-0123456789ab.json")
     assert not fs.exists(f"{root}/blobs/step_000008-0123456789ab.pt")
@@ -464,3 +469,52 @@ def test_when_the_mirror_lacks_rank_0s_checkpoint_every_node_takes_the_mirrors_n
                                     blind=[1])
     with pytest.raises(T.UserError, match="storage every node shares, or give --mirror"):
         T.checkpoint_for_every_node(run.manager, path, "latest", None, blind=[1])
+
+
+def test_a_lagging_listing_never_deletes_a_committed_copy(mirrors, base_state, tmp_path):
+    """A listing that does not show the newest blob yet (an eventually consistent store, a listing cache): its
+    manifest looks broken and, on the next scan, its blob orphaned. Neither is deleted: retention waits until two
+    scans some time apart agree. A blob that really is orphaned (a cut-off upload) still goes then."""
+    mirror = mirrors(str(tmp_path / "mirror"))
+    ck = Checkpoints(tmp_path / "ck", base_state)
+    for step in (1, 2):
+        mirror.submit(*ck.save(step))
+        assert mirror.wait(30)
+    store = mirror.store
+    newest_blob = next(c["key"] for c in mirror.remote_checkpoints() if c["step"] == 2)
+    cut_off = f"{store.root}/blobs/step_000001-0123456789ab.pt"  # an upload of step 1 cut off before its manifest
+    store.fs.pipe_file(cut_off, b"half a checkpoint")
+    listing = store.objects_under
+
+    def stale(relative):  # the listing of blobs lags: step 2's blob is not in it yet
+        found = listing(relative)
+        return {k: v for k, v in found.items() if k != newest_blob} if relative == "blobs" else found
+    store.objects_under = stale
+    store.retain(keep_last=10)  # step 2's manifest looks broken here
+    store.objects_under = listing
+    store.retain(keep_last=10)  # and a moment later (within the grace time) nothing is deleted
+    assert steps_on(mirror) == [2, 1] and store.fs.exists(cut_off)
+    store.orphan_grace_seconds = 0  # as if the grace time had passed since the first scan
+    store.retain(keep_last=10)
+    assert steps_on(mirror) == [2, 1]  # every committed copy stays, the newest included
+    assert not store.fs.exists(cut_off)  # the real orphan, seen on two scans, goes
+    path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh"))
+    assert entry["step"] == 2 and path.read_bytes() == ck.manager.rolling_path(2).read_bytes()
+
+
+def test_a_short_download_is_tried_again_before_falling_back(mirrors, base_state, tmp_path, train_log, monkeypatch):
+    mirror = mirrors(str(tmp_path / "mirror"))
+    ck = Checkpoints(tmp_path / "ck", base_state)
+    mirror.submit(*ck.save(1))
+    assert mirror.wait(30)
+    import mirror_transfer
+    real, calls = mirror_transfer.download, []
+
+    def cut_off_once(store, entry, tmp):  # the first transfer ends early (a dropped connection)
+        calls.append(entry["step"])
+        problem = real(store, entry, tmp)
+        return f"{entry['size'] // 2} bytes instead of the manifest's {entry['size']}" if len(calls) == 1 else problem
+    monkeypatch.setattr(__import__("mirror"), "download", cut_off_once)
+    path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh"))
+    assert entry["step"] == 1 and calls == [1, 1]
+    assert any("the download of step 1 was short" in m and "trying once more" in m for m in train_log)

@@ -182,9 +182,28 @@ def test_credentials_in_the_mirror_url_never_reach_a_log_line(tmp_path, data, s3
     assert "mirror: the last checkpoint (step 6) is on s3://" in out  # the URL's credentials did work
     assert committed(s3_server, url.replace(f"{URL_KEY}:{URL_SECRET}@", ""))[0] == 6
     said = out + (tmp_path / "logs" / "train.log").read_text()
-    for secret in (URL_SECRET, URL_KEY, URL_SECRET.partition("/")[2], URL_SECRET.partition("/")[0] + "/"):
+    secrets = (URL_SECRET, URL_KEY, URL_SECRET.partition("/")[2])  # the tail: what a cut at the first '/' leaves
+    for secret in secrets:
         assert secret not in said, secret
     assert '"mirror": "s3://' + s3_server.bucket in said  # the config line names the mirror, redacted
+    # nor in any byte the run wrote: checkpoints (their saved settings), metrics, TensorBoard events, every object
+    # on the bucket
+    written = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    fs = s3_server.filesystem()
+    prefix = url.partition("@")[2]
+    written |= {key: fs.cat_file(key) for key in fs.find(prefix)}
+    assert any(name.endswith("latest.pt") for name in written) and any("/blobs/" in name for name in written)
+    assert any("tfevents" in name for name in written) and any(name.endswith("metrics.jsonl") for name in written)
+    for name, content in written.items():
+        for secret in secrets:
+            assert secret.encode() not in content, (name, secret)
+    # and a resume that does not give the URL again is told why its credentials are missing
+    again = launch(run_args(tmp_path, data, "--resume", "latest", "--max_steps", "7", "--mirror_wait_seconds", "1"),
+                   extra_env={"AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_DEFAULT_REGION": REGION},
+                   unset_env=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
+    out = finish(again, 240)
+    assert again.returncode == 0, out[-3000:]
+    assert "the run's --mirror URL carried credentials, which are never stored: give --mirror again" in out
 
 
 def test_a_resumed_run_with_nothing_new_to_save_finds_its_checkpoint_on_the_mirror(tmp_path, data):
@@ -195,3 +214,43 @@ def test_a_resumed_run_with_nothing_new_to_save_finds_its_checkpoint_on_the_mirr
     assert again.returncode == 0, again.stdout[-3000:]
     assert "MIRROR BEHIND" not in again.stdout
     assert "mirror: the last checkpoint (step 10) is on" in again.stdout
+
+
+def test_a_mirror_outage_never_blocks_a_restart_that_has_a_valid_local_checkpoint(tmp_path, data):
+    """The mirror is unreachable (nothing listens at its endpoint) when the run restarts: with a valid latest.pt it
+    resumes from it, warns, trains on and retries the uploads; only a resume that needs the mirror (an empty folder)
+    stops, with one line."""
+    first = run(run_args(tmp_path, data, "--max_steps", "6"), nproc=None)
+    assert first.returncode == 0, first.stdout[-3000:]
+    dead = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "any", "AWS_SECRET_ACCESS_KEY": "any"}
+    args = ("--resume", "latest", "--mirror", "s3://test-bucket/outage", "--mirror_wait_seconds", "1")
+    proc = launch(run_args(tmp_path, data, *args, "--max_steps", "8"), nproc=None, extra_env=dead)
+    out = finish(proc, 240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "MIRROR UNAVAILABLE: mirror s3://test-bucket/outage: could not list the checkpoints" in out
+    assert f"resumed from {tmp_path / 'ck' / 'latest.pt'}: step 6," in out
+    assert "MIRROR UNAVAILABLE at start" in out and "training finished at step 8" in out
+    assert "MIRROR BEHIND: the last checkpoint (step 8)" in out  # said, not fatal
+    shutil.rmtree(tmp_path / "ck")
+    proc = launch(run_args(tmp_path, data, *args, "--max_steps", "10"), nproc=None, extra_env=dead)
+    out = finish(proc, 240)
+    assert proc.returncode == 2, out[-3000:]
+    assert "error: mirror s3://test-bucket/outage: could not list the checkpoints" in out and "Traceback" not in out
+
+
+def test_read_only_credentials_can_resume_from_the_mirror(tmp_path, data, s3_server):
+    """Resuming only reads the mirror: with credentials that may read and list but not write, a run whose folder
+    is gone fetches its checkpoint and trains on; its uploads fail, which is said and never fatal."""
+    from s3_server import READ_KEY, READ_SECRET
+    url = s3_url(s3_server)
+    proc = launch(run_args(tmp_path, data, "--max_steps", "6", "--mirror", url), nproc=None, extra_env=s3_server.env)
+    out = finish(proc, 240)
+    assert proc.returncode == 0, out[-3000:]
+    shutil.rmtree(tmp_path / "ck")
+    reader = dict(s3_server.env, AWS_ACCESS_KEY_ID=READ_KEY, AWS_SECRET_ACCESS_KEY=READ_SECRET)
+    proc = launch(run_args(tmp_path, data, "--resume", "latest", "--mirror", url, "--max_steps", "8",
+                           "--mirror_wait_seconds", "1"), nproc=None, extra_env=reader)
+    out = finish(proc, 240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "resuming from the MIRROR's step 6" in out and "MIRROR UNAVAILABLE at start" in out
+    assert "training finished at step 8" in out
