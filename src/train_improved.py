@@ -3063,7 +3063,7 @@ def find_resume_point(env: DistEnv, flags: dict[str, Any], manager: CheckpointMa
     if point is None:
         log.info("--resume auto: no checkpoint in %s/, starting a new run", manager.dir)
         return None
-    return share_checkpoint(env, manager, point, resume, mirror_url)  # a rank on another machine may not see it
+    return share_checkpoint(env, manager, point, mirror_url)  # a rank on another machine may not see it
 
 
 def refuse_to_replay_divergence(manager: CheckpointManager) -> None:
@@ -3154,36 +3154,38 @@ def checkpoint_fingerprint(path: Path) -> tuple | None:
         return None
 
 
-def checkpoint_for_every_node(manager: CheckpointManager, path: Path, resume: str, mirror_url: str | None,
-                              blind: list[int]) -> tuple[Path, tuple, dict]:
+def checkpoint_for_every_node(manager: CheckpointManager, path: Path, mirror_url: str | None, blind: list[int],
+                              keep_last: int = 10, wait_seconds: float = 120.0) -> tuple[Path, tuple, dict]:
     """Rank 0, when ranks `blind` cannot see its checkpoint `path` (nodes without shared storage): the mirror's
-    copy of it, for their nodes to fetch. If the mirror does not hold it (its upload had not finished when the run
-    died), latest and auto take the mirror's newest valid checkpoint instead, on every node, rank 0 too. Returns
-    (rank 0's path, its fingerprint, the mirror's entry)."""
+    copy of it, for their nodes to fetch. If the mirror does not hold it (the run died before its upload ended),
+    rank 0 uploads it now and waits up to wait_seconds: every node resumes rank 0's checkpoint or none does; no node
+    ever takes an older one. Returns (path, its fingerprint, the mirror's entry)."""
     step = CheckpointManager.load(path, verify=False)["step"]
     where = f"rank(s) {', '.join(map(str, blind))} cannot see {path} (step {step})"
     if not mirror_url:
         raise UserError(f"{where}: on several machines, put --checkpoint_dir on storage every node shares, or give "
                         "--mirror so that each node fetches the checkpoint it needs")
     from mirror import MirrorError
-    mirror = open_mirror(mirror_url, keep_last=1, check=False)
+    mirror = open_mirror(mirror_url, keep_last=keep_last, check=False)
     try:
         entry = mirror.find_copy_of(path)
-        if entry is not None:
+        if entry is None:
+            log.warning("%s (no storage every node shares), and the mirror %s does not hold it yet: uploading it now "
+                        "(at most %.0f s) so that every node resumes from this step", where, mirror.redacted_url(),
+                        wait_seconds)
+            rolling = manager.rolling_path(step)
+            names = [rolling.name, manager.LATEST] if rolling.exists() and rolling.samefile(path) else [path.name]
+            mirror.submit(path, step, names)
+            mirror.wait(wait_seconds)
+            entry = mirror.find_copy_of(path)
+            if entry is None:
+                raise UserError(f"{where}, the mirror {mirror.redacted_url()} does not hold it, and uploading it "
+                                f"failed within {wait_seconds:.0f} s ({mirror.status()['last_error']}): fix the "
+                                "mirror and start again, or copy the checkpoint folder to every node. No node was "
+                                "changed")
+        else:
             log.warning("%s (no storage every node shares): their node(s) fetch it from the mirror %s", where,
                         mirror.redacted_url())
-        elif resume not in ("latest", "auto"):
-            raise UserError(f"{where}, and the mirror {mirror.redacted_url()} does not hold it: copy it to every "
-                            "node, or resume with --resume latest")
-        else:
-            fetched = mirror.fetch_newest_valid(manager)
-            if fetched is None:
-                raise UserError(f"{where}, and the mirror {mirror.redacted_url()} holds no valid checkpoint: put "
-                                "--checkpoint_dir on storage every node shares, or copy the folder to every node")
-            path, entry = fetched
-            log.warning("%s (no storage every node shares) and the mirror does not hold it (its upload had not "
-                        "finished?): EVERY node resumes from the mirror's newest valid checkpoint, step %d", where,
-                        entry["step"])
     except MirrorError as e:
         raise UserError(str(e)) from None
     finally:
@@ -3191,7 +3193,7 @@ def checkpoint_for_every_node(manager: CheckpointManager, path: Path, resume: st
     return path, checkpoint_fingerprint(path), entry
 
 
-def share_checkpoint(env: DistEnv, manager: CheckpointManager, point: ResumePoint, resume: str,
+def share_checkpoint(env: DistEnv, manager: CheckpointManager, point: ResumePoint,
                      mirror_url: str | None) -> ResumePoint:
     """This rank's copy of the checkpoint rank 0 chose. With storage every node shares, that is rank 0's file. On
     several machines with local disks only, a node that cannot see it, or holds another file under its name, fetches
@@ -3204,13 +3206,10 @@ def share_checkpoint(env: DistEnv, manager: CheckpointManager, point: ResumePoin
     blind = [rank for rank, sees in enumerate(gather_from_all(env, seen == fingerprint)) if not sees]
     if not blind:
         return point
-
-    def rank0_choice() -> tuple[ResumePoint, tuple, dict]:
-        path, fingerprint, entry = checkpoint_for_every_node(manager, point.path, resume, mirror_url, blind)
-        return (point if path == point.path else ResumePoint.read(path)), fingerprint, entry
-
-    point, fingerprint, entry = broadcast_from_main(env, rank0_choice)
-    sees = checkpoint_fingerprint(point.path) == fingerprint  # rank 0's choice may have changed: look again
+    keep_last = point.args.get("keep_last", 10)  # what the run's mirror keeps: an upload here applies its retention
+    fingerprint, entry = broadcast_from_main(env, lambda: checkpoint_for_every_node(
+        manager, point.path, mirror_url, blind, keep_last)[1:])
+    sees = seen == fingerprint
     problem = None
     if not sees and env.local_rank == 0:
         problem = fetch_for_this_node(env, manager, entry, mirror_url)
@@ -3225,14 +3224,21 @@ def share_checkpoint(env: DistEnv, manager: CheckpointManager, point: ResumePoin
 
 def fetch_for_this_node(env: DistEnv, manager: CheckpointManager, entry: dict, mirror_url: str) -> str | None:
     """The first local rank of a node without rank 0's checkpoint fetches the mirror's copy `entry` into this node's
-    folder; returns the problem if it could not (None when it did)."""
+    folder, holding that folder's lock meanwhile (a folder another run uses is refused, not overwritten) and removing
+    what a killed fetch left there; returns the problem if it could not (None when it did)."""
+    lock = FolderLock(manager.dir, stale_wait_seconds=0)
     try:
-        mirror = open_mirror(mirror_url, keep_last=1, check=False)
+        lock.acquire()
         try:
-            if mirror.fetch(entry, manager) is None:
-                return f"rank {env.rank} could not fetch step {entry['step']} from the mirror (see its log)"
+            manager.clean_stale_temporaries()
+            mirror = open_mirror(mirror_url, keep_last=1, check=False)
+            try:
+                if mirror.fetch(entry, manager) is None:
+                    return f"rank {env.rank} could not fetch step {entry['step']} from the mirror (see its log)"
+            finally:
+                mirror.close()
         finally:
-            mirror.close()
+            lock.release()
     except Exception as e:  # UserError, MirrorError, OSError: this node's fetch failed
         return f"rank {env.rank} could not fetch step {entry['step']} from the mirror: {e}"
     return None

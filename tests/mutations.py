@@ -205,10 +205,17 @@ ROWS = [
     Row("nodes_compare_checkpoints_by_name_only", (
         ("        return (path.stat().st_size, records)", "        return (path.stat().st_size,)"),
     ), (MIRROR_UNIT + "test_a_node_that_cannot_see_rank_0s_checkpoint_gets_the_mirrors_copy_of_it",)),
-    Row("a_checkpoint_the_mirror_lacks_is_not_replaced", (
-        ('        elif resume not in ("latest", "auto"):\n            raise UserError(f"{where}, and the mirror',
-         '        elif True:\n            raise UserError(f"{where}, and the mirror'),
-    ), (MIRROR_UNIT + "test_when_the_mirror_lacks_rank_0s_checkpoint_every_node_takes_the_mirrors_newest",)),
+    Row("rank_0s_unmirrored_checkpoint_not_uploaded_for_the_other_nodes", (
+        ("            mirror.submit(path, step, names)\n", ""),
+    ), (MIRROR_UNIT + "test_when_the_mirror_lacks_rank_0s_checkpoint_rank_0_uploads_it_and_no_node_rolls_back",)),
+    Row("a_node_fetches_into_a_folder_another_run_holds", (
+        ("        lock.acquire()\n        try:\n            manager.clean_stale_temporaries()",
+         "        try:\n            manager.clean_stale_temporaries()"),
+    ), (MIRROR_UNIT + "test_a_node_fetches_only_into_a_folder_no_other_run_holds_and_leaves_no_temporaries",)),
+    Row("a_killed_fetch_leaves_its_temporaries_on_the_node", (
+        ("            manager.clean_stale_temporaries()\n            mirror = open_mirror(",
+         "            mirror = open_mirror("),
+    ), (MIRROR_UNIT + "test_a_node_fetches_only_into_a_folder_no_other_run_holds_and_leaves_no_temporaries",)),
     Row("the_backoff_holds_back_a_newer_checkpoint", (
         ("self._cond.wait_for(lambda: self._closed or self._newest is not seen, timeout=delay)",
          "self._cond.wait_for(lambda: self._closed, timeout=delay)"),

@@ -442,7 +442,7 @@ def test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder(base_sta
 def test_a_node_that_cannot_see_rank_0s_checkpoint_gets_the_mirrors_copy_of_it(base_state, tmp_path, train_log):
     url, run = mirrored_run(tmp_path, base_state, (5, 8))
     path = run.manager.dir / "latest.pt"  # rank 0's checkpoint (step 8), on its own disk only
-    same, fingerprint, entry = T.checkpoint_for_every_node(run.manager, path, "latest", url, blind=[1])
+    same, fingerprint, entry = T.checkpoint_for_every_node(run.manager, path, url, blind=[1])
     assert same == path and fingerprint == T.checkpoint_fingerprint(path) and entry["step"] == 8
     assert any("rank(s) 1 cannot see" in m and "their node(s) fetch it from the mirror" in m for m in train_log)
     node = T.CheckpointManager(tmp_path / "node1" / "ck")  # what that node's first rank then does
@@ -452,23 +452,52 @@ def test_a_node_that_cannot_see_rank_0s_checkpoint_gets_the_mirrors_copy_of_it(b
     assert T.checkpoint_fingerprint(run.manager.rolling_path(5)) != fingerprint
 
 
-def test_when_the_mirror_lacks_rank_0s_checkpoint_every_node_takes_the_mirrors_newest(base_state, tmp_path,
-                                                                                       train_log):
+def test_when_the_mirror_lacks_rank_0s_checkpoint_rank_0_uploads_it_and_no_node_rolls_back(base_state, tmp_path,
+                                                                                          train_log, monkeypatch):
+    """Rank 0's newest checkpoint was never mirrored (the run died before its upload ended), and another node cannot
+    see it: rank 0 uploads it now, so that every node resumes from rank 0's step, never from the mirror's older
+    newest. If that upload fails, every rank stops with one line and nothing is changed anywhere."""
     url, run = mirrored_run(tmp_path, base_state, (5,))
-    run.save(8)  # saved after the mirror's last upload: the run died before it was mirrored
+    run.save(8)  # saved after the mirror's last upload
     path = run.manager.dir / "latest.pt"
-    chosen, fingerprint, entry = T.checkpoint_for_every_node(run.manager, path, "auto", url, blind=[2, 3])
-    assert entry["step"] == 5 and T.CheckpointManager.load(chosen)["step"] == 5
-    assert fingerprint == T.checkpoint_fingerprint(chosen) != T.checkpoint_fingerprint(run.manager.rolling_path(8))
-    assert any("rank(s) 2, 3 cannot see" in m and "EVERY node resumes from the mirror's newest valid checkpoint, "
-               "step 5" in m for m in train_log)
-    assert T.CheckpointManager.load(run.manager.rolling_path(8))["step"] == 8  # rank 0's newer file is still there
-    # a checkpoint named explicitly is never swapped for another; without a mirror, the error says what to do
-    with pytest.raises(T.UserError, match="does not hold it: copy it to every node, or resume with --resume latest"):
-        T.checkpoint_for_every_node(run.manager, run.manager.rolling_path(8), str(run.manager.rolling_path(8)), url,
-                                    blind=[1])
+    upload = Uploader._upload
+
+    def failing(self, job):
+        raise OSError("the mirror's disk is gone")
+    monkeypatch.setattr(Uploader, "_upload", failing)
+    with pytest.raises(T.UserError, match=r"does not hold it, and uploading it failed within 1 s \(OSError: the "
+                                          r"mirror's disk is gone\).*No node was changed"):
+        T.checkpoint_for_every_node(run.manager, path, url, blind=[2, 3], wait_seconds=1)
+    assert T.CheckpointManager.load(path)["step"] == 8  # rank 0's newer file, untouched
+    monkeypatch.setattr(Uploader, "_upload", upload)
+    chosen, fingerprint, entry = T.checkpoint_for_every_node(run.manager, path, url, blind=[2, 3])
+    assert chosen == path and entry["step"] == 8 and fingerprint == T.checkpoint_fingerprint(path)
+    assert any("rank(s) 2, 3 cannot see" in m and "does not hold it yet: uploading it now" in m for m in train_log)
+    assert sorted(c["step"] for c in Mirror(url).remote_checkpoints()) == [5, 8]  # retention kept the older one
+    node = T.CheckpointManager(tmp_path / "node2" / "ck")  # what that node's first rank then does
+    fetched = Mirror(url).fetch(entry, node)
+    assert T.checkpoint_fingerprint(fetched) == fingerprint and T.CheckpointManager.load(fetched)["step"] == 8
     with pytest.raises(T.UserError, match="storage every node shares, or give --mirror"):
-        T.checkpoint_for_every_node(run.manager, path, "latest", None, blind=[1])
+        T.checkpoint_for_every_node(run.manager, path, None, blind=[1])
+
+
+def test_a_node_fetches_only_into_a_folder_no_other_run_holds_and_leaves_no_temporaries(base_state, tmp_path):
+    url, run = mirrored_run(tmp_path, base_state, (5,))
+    entry = Mirror(url).remote_checkpoints()[0]
+    env = T.DistEnv(rank=2, local_rank=0, world_size=4, device=T.torch.device("cpu"))
+    node = T.CheckpointManager(tmp_path / "node2" / "ck")
+    other = T.FolderLock(node.dir)
+    other.acquire()  # another run uses this node's folder
+    try:
+        problem = T.fetch_for_this_node(env, node, entry, url)
+    finally:
+        other.release()
+    assert "rank 2 could not fetch step 5" in problem and "in use by another run" in problem
+    assert not (node.dir / "latest.pt").exists()
+    (node.dir / ".tmp-fetch-deadhost-123.pt").write_bytes(b"a fetch killed half way")
+    assert T.fetch_for_this_node(env, node, entry, url) is None
+    assert T.CheckpointManager.load(node.dir / "latest.pt")["step"] == 5
+    assert sorted(p.name for p in node.dir.iterdir()) == [".lock", "latest.pt", "rolling_step_000005.pt"]
 
 
 def test_a_lagging_listing_never_deletes_a_committed_copy(mirrors, base_state, tmp_path):

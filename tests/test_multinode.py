@@ -98,6 +98,6 @@ def test_nodes_without_shared_storage_each_fetch_the_checkpoint_from_the_mirror_
            "it from the mirror" in outs[0]
     assert f"every rank holds step {step} now" in outs[0] and f"resumed from ck/latest.pt: step {step}," in outs[0]
     assert_same_run(node0, reference)
-    # node 1's disk got exactly the checkpoint its rank needed, and nothing else was written there
+    # node 1's disk got exactly the checkpoint its rank needed, and nothing else but the lock its fetch held there
     assert (node1 / "ck" / "latest.pt").read_bytes() == saved.rolling_path(step).read_bytes()
-    assert sorted(p.name for p in node1.rglob("*")) == ["ck", "latest.pt", saved.rolling_path(step).name]
+    assert sorted(p.name for p in node1.rglob("*")) == [".lock", "ck", "latest.pt", saved.rolling_path(step).name]
