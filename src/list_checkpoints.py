@@ -1,4 +1,4 @@
-"""List the checkpoints of a train_improved.py run: ./list_checkpoints.sh [--verify] [--checkpoint_dir D | --mirror URL].
+"""List the checkpoints of a run: ./list_checkpoints.sh [--verify] [--checkpoint_dir D | --mirror URL].
 
     ./list_checkpoints.sh                         # checkpoints/, metadata only (fast, even for multi-GB files)
     ./list_checkpoints.sh --verify                # also check each file's checksums (reads every byte)
@@ -73,7 +73,7 @@ def _list_mirror(url: str, verify: bool) -> int:
     if not remote:
         print(f"no checkpoints on {mirror.redacted_url()}")
         return 0
-    print(f"{'step':>8} {'size':>9} {'written':>20}  names -> status")
+    print(f"{'step':>8} {'run':>12} {'size':>9} {'written':>20}  names -> status")
     newest = remote[0]
     bad = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,20 +88,20 @@ def _list_mirror(url: str, verify: bool) -> int:
                         problem = str(e)
                 status = "valid" if problem is None else f"INVALID: {problem}"
                 bad += problem is not None
-            print(f"{entry['step']:>8} {entry['size'] / 2**20:>8.1f}M {entry['written_at'][:19]:>20}  "
+            print(f"{entry['step']:>8} {entry['run'] or '-':>12} {entry['size'] / 2**20:>8.1f}M {entry['written_at'][:19]:>20}  "
                   f"{', '.join(mirror_names(entry, newest))} -> {status}")
     return 1 if bad else 0
 
 
 def mirror_names(entry: dict, newest: dict) -> list[str]:
     """The names a mirrored checkpoint has now: those it was uploaded with, but latest.pt only for the newest (each
-    upload carried latest.pt, which a later one took over)."""
+    upload carried latest.pt, which a later one took over). (With several runs on one URL, the newest of all.)"""
     names = [n for n in entry["names"] if n != T.CheckpointManager.LATEST]
     return names + [T.CheckpointManager.LATEST] if entry is newest else names
 
 
 def _list_checkpoints(manager: T.CheckpointManager, folder: str, verify: bool) -> int:
-    """One row per local checkpoint name (and per damaged file set aside), newest first; 1 if a usable name is invalid."""
+    """One row per local checkpoint name (and per damaged file set aside); 1 if a usable name is invalid."""
     paths = manager.all_checkpoints()
     aside = sorted(manager.dir.glob(f"*{manager.CORRUPT}")) if manager.dir.is_dir() else []
     if not paths and not aside:

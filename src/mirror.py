@@ -59,20 +59,22 @@ log = logging.getLogger("train")
 class Mirror:
     """Copies finished checkpoint files to an fsspec URL in the background and fetches the newest valid one back."""
 
-    def __init__(self, url: str, keep_last: int = 10, *, timeout_seconds: float = 60.0,
+    def __init__(self, url: str, keep_last: int = 10, *, run_id: str | None = None, timeout_seconds: float = 60.0,
                  retry_initial_seconds: float = 1.0, retry_max_seconds: float = 60.0,
                  failure_log_interval_seconds: float = 300.0, part_bytes: int = 64 << 20,
                  min_upload_rate_bytes_per_second: float = 1e6, storage_options: dict[str, Any] | None = None):
         """url: any fsspec URL (s3://bucket/prefix, gs://..., az://..., file:///path) or a plain local path.
 
-        keep_last: rolling checkpoints kept on the mirror. timeout_seconds: to connect and to wait for an answer
-        (S3). retry_*: backoff between failed attempts. failure_log_interval_seconds: at most one loud failure line
-        per this interval. part_bytes: the multipart upload's part size (the memory one upload holds; S3: >= 5 MiB).
+        keep_last: rolling checkpoints kept on the mirror. run_id: the run whose copies this mirror uploads, keeps and
+        fetches (None: copies written without one; another run's copies are never touched). timeout_seconds: to
+        connect and to wait for an answer (S3). retry_*: backoff between failed attempts.
+        failure_log_interval_seconds: at most one loud failure line per this interval. part_bytes: the multipart
+        upload's part size (the memory one upload holds; S3: >= 5 MiB).
         min_upload_rate_bytes_per_second: an S3 request slower than this (after timeout_seconds) counts as hung.
         storage_options: extra fsspec options (they override the defaults chosen here)."""
         if keep_last < 0:
             raise MirrorError(f"the mirror's keep_last must be >= 0, not {keep_last}")
-        self.store = RemoteStore(url, timeout_seconds=timeout_seconds, part_bytes=part_bytes,
+        self.store = RemoteStore(url, run_id=run_id, timeout_seconds=timeout_seconds, part_bytes=part_bytes,
                                  min_upload_rate_bytes_per_second=min_upload_rate_bytes_per_second,
                                  storage_options=storage_options)
         self.uploader = Uploader(self.store, keep_last, retry_initial_seconds=retry_initial_seconds,
@@ -116,17 +118,24 @@ class Mirror:
         """Committed checkpoints on the mirror, newest first (see RemoteStore.remote_checkpoints)."""
         return self.store.remote_checkpoints()
 
+    def runs(self) -> dict[str | None, dict]:
+        """The runs whose copies the mirror holds: {run id: its newest committed checkpoint}."""
+        newest: dict[str | None, dict] = {}
+        for entry in self.remote_checkpoints():  # newest first
+            newest.setdefault(entry["run"], entry)
+        return newest
+
     def download(self, entry: dict, tmp: Path) -> str | None:
         """Copy the blob of `entry` to tmp and check its size and sha256: None if it matches, else the problem."""
         return download(self.store, entry, tmp)
 
     def fetch_newest_valid(self, target, newer_than: int = -1) -> tuple[Path, dict] | None:
-        """Fetch (as fetch() does) the newest committed checkpoint after step `newer_than` that passes its manifest's
-        size and sha256 and the target's verification, trying older ones in turn and logging why each was skipped.
-        Returns (its local path, manifest), or None if the mirror holds no valid checkpoint after that step. Raises
-        MirrorError if the mirror cannot be read, OSError if the local folder cannot be written: neither means
+        """Fetch (as fetch() does) this run's newest committed checkpoint after step `newer_than` that passes its
+        manifest's size and sha256 and the target's verification, trying older ones in turn and logging why each was
+        skipped. Returns (its local path, manifest), or None if the mirror holds no valid checkpoint after that step.
+        Raises MirrorError if the mirror cannot be read, OSError if the local folder cannot be written: neither means
         "nothing valid"."""
-        candidates = [c for c in self.remote_checkpoints() if c["step"] > newer_than]
+        candidates = [c for c in self.remote_checkpoints() if c["step"] > newer_than and c["run"] == self.store.run_id]
         skipped = []
         for entry in candidates:
             path = self.fetch(entry, target)
@@ -159,8 +168,8 @@ class Mirror:
         """Download the checkpoint `entry` (from remote_checkpoints) for `target`, the local folder's owner (the
         trainer's CheckpointManager): into target.incoming_path(), fsync'ed, checked against its manifest's size and
         sha256 (a short download is tried once more) and by target.load(path) (which raises, or returns False, for
-        an invalid file), then named by target.adopt(path, names). Returns the adopted path, or None (the reason logged) if the copy is not usable.
-        Raises as download() does."""
+        an invalid file), then named by target.adopt(path, names). Returns the adopted path, or None (the reason
+        logged) if the copy is not usable. Raises as download() does."""
         tmp = target.incoming_path()
         try:
             problem = download(self.store, entry, tmp)

@@ -80,9 +80,11 @@ class RemoteStore:
 
     orphan_grace_seconds = 60.0
 
-    def __init__(self, url: str, *, timeout_seconds: float = 60.0, part_bytes: int = 64 << 20,
-                 min_upload_rate_bytes_per_second: float = 1e6, storage_options: dict[str, Any] | None = None):
-        """See Mirror: the URL, and how long a request may take."""
+    def __init__(self, url: str, *, run_id: str | None = None, timeout_seconds: float = 60.0,
+                 part_bytes: int = 64 << 20, min_upload_rate_bytes_per_second: float = 1e6,
+                 storage_options: dict[str, Any] | None = None):
+        """See Mirror: the URL, the run whose checkpoints this store writes and keeps, how long a request may take."""
+        self.run_id = run_id
         if part_bytes < 5 << 20:
             raise MirrorError(f"the mirror's part size must be at least 5 MiB (S3's smallest part), not {part_bytes}")
         self.timeout_seconds = timeout_seconds
@@ -237,24 +239,28 @@ class RemoteStore:
                 broken.append(key)  # its blob is missing or not whole: not committed
                 continue
             committed.append(dict(step=m["step"], names=list(m["names"]), size=m["size"], sha256=m["sha256"],
-                                  key=blob, manifest_key=key, written_at=m.get("written_at", "")))
+                                  key=blob, manifest_key=key, written_at=m.get("written_at", ""), run=m.get("run")))
         committed.sort(key=lambda c: (c["step"], c["written_at"]), reverse=True)
         return committed, broken, blobs, understood
 
     def remote_checkpoints(self) -> list[dict]:
         """Committed checkpoints on the mirror, newest first: dict(step, names, size, sha256, key, manifest_key,
-        written_at); key is the blob's path on the mirror's filesystem. A one-line MirrorError if it cannot be read."""
+        written_at, run); key is the blob's path on the mirror's filesystem; run is the identity of the run that wrote
+        it (None for copies from before runs had one). A one-line MirrorError if it cannot be read."""
         try:
             return self.scan()[0]
         except Exception as e:
             raise MirrorError(self.explain(e, "list the checkpoints")) from None
 
     def retain(self, keep_last: int) -> None:
-        """Delete what local retention would: all but the newest keep_last rolling checkpoints, every epoch one and
-        the newest best one, never the newest committed one; then manifests that are not committed and blobs no
-        manifest names (left by cut-off uploads) older than the newest commit, once two scans apart saw them so.
-        Manifest first, then blob."""
+        """Delete, of this store's run's copies only, what local retention would: all but the newest keep_last
+        rolling checkpoints, every epoch one and the newest best one, never the newest committed one; then its
+        manifests that are not committed and blobs no manifest names (left by cut-off uploads) older than its newest
+        commit, once two scans apart saw them so. Manifest first, then blob."""
         committed, broken, blobs, understood = self.scan()
+        everyone = committed
+        committed = [c for c in committed if c["run"] == self.run_id]  # another run's copies are never touched
+        broken = [k for k in broken if (self.manifests.get(k) or {}).get("run") == self.run_id]
         if not committed:
             return
         keep = {committed[0]["manifest_key"]}
@@ -263,7 +269,7 @@ class RemoteStore:
         keep |= {c["manifest_key"] for c in rolling[:keep_last]}
         keep |= {c["manifest_key"] for c in committed if any(EPOCH_NAME.fullmatch(n) for n in c["names"])}
         keep |= {c["manifest_key"] for c in [c for c in committed if BEST in c["names"]][:1]}
-        kept_blobs = {c["key"] for c in committed if c["manifest_key"] in keep}
+        kept_blobs = {c["key"] for c in everyone if c["manifest_key"] in keep or c["run"] != self.run_id}
         named = {self.key(m["blob"]) for m in list(self.manifests.values()) if m is not None}
         newest_step = committed[0]["step"]
         orphans = [blob for blob in blobs if blob not in named and blob not in kept_blobs

@@ -53,6 +53,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,10 @@ class TrainConfig:
                                   "(a hung disk or network file system); a stop or the final save waits this long "
                                   "for it, then says what is saved and exits 4", "checkpointing")
     resume: str | None = opt(None, "latest | latest_backup | best | auto | PATH", "checkpointing", type=str)
+    run_id: str | None = opt(None, "the run's identity, set at its fresh start and kept by every resume; a resume from "
+                             "an older checkpoint than the newest continues as a new one. It names the run's copies "
+                             "on a --mirror: give it to resume into an empty folder from a URL that holds several "
+                             "runs", "checkpointing", type=str)
     # off the machine
     mirror: str | None = opt(None, "also copy every checkpoint, in the background, to this fsspec URL (s3://bucket/"
                              "prefix, gs://..., az://..., or a path on another disk); --resume latest/auto fetch from "
@@ -305,6 +310,10 @@ def resolve_config(flags: dict[str, Any], point: ResumePoint | None, world_size:
                if k not in LAUNCH_FIELDS and k in saved_args and saved_args[k] != v]
     if changed:
         log.warning("settings changed since the checkpoint (the new values apply): %s", "; ".join(changed))
+    saved_run = saved_args.get("run_id")
+    if "run_id" in flags and saved_run is not None and flags["run_id"] != saved_run:
+        raise UserError(f"the checkpoint belongs to run {saved_run}, not --run_id {flags['run_id']}: drop --run_id, or "
+                        "point --checkpoint_dir at that run's folder")
     if point.mirror_credentials_removed and "mirror" not in flags:
         log.warning("the run's --mirror URL carried credentials, which are never stored: give --mirror again with "
                     "them, or put them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws)")
@@ -320,10 +329,10 @@ def fit_micro_batch(cfg: TrainConfig, block_size: int, world_size: int) -> Train
     fits = [b for b in range(cfg.batch_size, 0, -1) if sequences % (b * world_size) == 0]
     if not fits or fits[0] == cfg.batch_size:
         return cfg
-    log.warning("resuming on %d processes: --batch_size %d does not split the %d sequences of a step (--total_batch_size "
-                "%d) over them exactly; using --batch_size %d, the largest that does (the same tokens per step, "
-                "%d accumulation steps)", world_size, cfg.batch_size, sequences, cfg.total_batch_size, fits[0],
-                sequences // (fits[0] * world_size))
+    log.warning("resuming on %d processes: --batch_size %d does not split the %d sequences of a step "
+                "(--total_batch_size %d) over them exactly; using --batch_size %d, the largest that does (the same "
+                "tokens per step, %d accumulation steps)", world_size, cfg.batch_size, sequences, cfg.total_batch_size,
+                fits[0], sequences // (fits[0] * world_size))
     return dataclasses.replace(cfg, batch_size=fits[0])
 
 
@@ -1256,6 +1265,15 @@ class CheckpointManager:
         rolling = [p for _, p in reversed(self._numbered("rolling_step_"))]
         epochs = [p for _, p in reversed(self._numbered("epoch_"))]
         return fixed + rolling + epochs
+
+    def newest_step(self) -> int | None:
+        """The step of the newest checkpoint whose metadata reads, in --resume latest's order (not verified)."""
+        for path in self.fallback_order():
+            try:
+                return self.load(path, verify=False)["step"]
+            except CheckpointInvalid:
+                continue
+        return None
 
     def all_checkpoints(self) -> list[Path]:
         """Every checkpoint name in the directory: the fallback order, then best_model.pt."""
@@ -3040,13 +3058,15 @@ class ResumePoint:
     model_config: dict[str, Any]  # GPTConfig as a dict
     world_size: int
     mirror_credentials_removed: bool = False  # its --mirror URL had credentials, which were not stored
+    branched: bool = False  # older than the folder's newest checkpoint: the run continues as a new one from here
 
     @classmethod
     def read(cls, path: Path) -> "ResumePoint":
         """The resume point of a checkpoint already verified (memory-mapped: the tensors are not read)."""
         meta = CheckpointManager.load(path, verify=False)
         return cls(path=path, step=meta["step"], args=meta["args"], model_config=meta["model_config"],
-                   world_size=meta["world_size"], mirror_credentials_removed=meta.get("mirror_credentials_removed", False))
+                   world_size=meta["world_size"],
+                   mirror_credentials_removed=meta.get("mirror_credentials_removed", False))
 
 
 def find_resume_point(env: DistEnv, flags: dict[str, Any], manager: CheckpointManager) -> ResumePoint | None:
@@ -3059,7 +3079,7 @@ def find_resume_point(env: DistEnv, flags: dict[str, Any], manager: CheckpointMa
     if resume is None:
         broadcast_from_main(env, manager.refuse_new_run)
         return None
-    point = broadcast_from_main(env, lambda: resolve_with_mirror(manager, resume, mirror_url))
+    point = broadcast_from_main(env, lambda: resolve_with_mirror(manager, resume, mirror_url, flags.get("run_id")))
     if point is None:
         log.info("--resume auto: no checkpoint in %s/, starting a new run", manager.dir)
         return None
@@ -3077,13 +3097,13 @@ def refuse_to_replay_divergence(manager: CheckpointManager) -> None:
                         + "\n(a restart with the same settings would diverge again at the same step)")
 
 
-def open_mirror(url: str, keep_last: int, check: bool = True):
+def open_mirror(url: str, keep_last: int, check: bool = True, run_id: str | None = None):
     """The off-machine copy of the checkpoints (src/mirror.py, imported only when --mirror is given). check=True (a
     run that will upload): a mirror that cannot be written, listed, read and cleaned is a one-line UserError before
     training starts. check=False: only reading is needed (a resume's fetch), so read-only credentials do."""
     from mirror import Mirror, MirrorError
     try:
-        mirror = Mirror(url, keep_last=keep_last)
+        mirror = Mirror(url, keep_last=keep_last, run_id=run_id)
         if check:
             mirror.check()
     except MirrorError as e:
@@ -3091,12 +3111,14 @@ def open_mirror(url: str, keep_last: int, check: bool = True):
     return mirror
 
 
-def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str | None) -> ResumePoint | None:
+def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str | None,
+                        run_id: str | None = None) -> ResumePoint | None:
     """Rank 0: --resume's checkpoint, verified, with damaged local files set aside. For latest and auto with a
     mirror, local and mirrored checkpoints are both considered: when the mirror holds a valid checkpoint newer than
     every valid local one (the folder is missing or empty, every file fails verification, or this machine's disk
     holds an older run state, as a node of an earlier job may), it is downloaded into the folder, checked against
-    the mirror's checksums and ours, and used. None: --resume auto found nothing anywhere."""
+    the mirror's checksums and ours, and used; only the run's own copies count (its run_id, or with no local
+    checkpoint, --run_id or the URL's only run). None: --resume auto found nothing anywhere."""
     try:
         path = manager.resolve(resume)
     except UserError:
@@ -3105,10 +3127,14 @@ def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str
         path = None
     manager.set_aside(manager.damaged)  # a damaged file never takes a name resume or rotation uses
     local = ResumePoint.read(path) if path else None
+    if local is not None and resume not in ("latest", "auto"):
+        newest = manager.newest_step()
+        local = dataclasses.replace(local, branched=newest is not None and local.step < newest)
     if not mirror_url or resume not in ("latest", "auto"):
         return local
     try:
-        fetched = fetch_from_mirror(manager, mirror_url, newer_than=local.step if local else -1)
+        fetched = fetch_from_mirror(manager, mirror_url, newer_than=local.step if local else -1,
+                                    run_id=local.args.get("run_id") if local else run_id, choose=local is None)
     except UserError as e:  # the mirror could not be read at all: only a resume that needs it stops
         if local is None:
             raise
@@ -3130,12 +3156,22 @@ def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str
     return ResumePoint.read(fetched[0])
 
 
-def fetch_from_mirror(manager: CheckpointManager, mirror_url: str, newer_than: int = -1) -> tuple[Path, dict] | None:
-    """The mirror's newest valid checkpoint after step newer_than, fetched for `manager` (reading only: read-only
-    credentials do); None if it holds none. A mirror that cannot be read is a UserError."""
+def fetch_from_mirror(manager: CheckpointManager, mirror_url: str, newer_than: int = -1, run_id: str | None = None,
+                      choose: bool = False) -> tuple[Path, dict] | None:
+    """Run run_id's newest valid checkpoint on the mirror after step newer_than, fetched for `manager` (reading only:
+    read-only credentials do); None if it holds none. choose (no local checkpoint): without run_id, the URL's only
+    run, and a UserError that lists them when it holds several. A mirror that cannot be read is a UserError."""
     from mirror import MirrorError
-    mirror = open_mirror(mirror_url, keep_last=1, check=False)
+    mirror = open_mirror(mirror_url, keep_last=1, check=False, run_id=run_id)
     try:
+        if choose and run_id is None:
+            runs = mirror.runs()
+            if len(runs) > 1:
+                listing = "; ".join(f"run {run} (newest step {entry['step']}, written {entry['written_at'][:19]})"
+                                    for run, entry in runs.items())
+                raise UserError(f"the mirror {mirror.redacted_url()} holds checkpoints of several runs ({listing}): "
+                                "choose one with --run_id ID")
+            mirror.store.run_id = next(iter(runs), None)
         return mirror.fetch_newest_valid(manager, newer_than=newer_than)
     except MirrorError as e:
         raise UserError(str(e)) from None
@@ -3275,17 +3311,49 @@ def start_mirror(env: DistEnv, cfg: TrainConfig, resuming: bool):
 
     def open_it() -> None:
         try:
-            box.append(open_mirror(cfg.mirror, cfg.keep_last))
+            box.append(open_mirror(cfg.mirror, cfg.keep_last, run_id=cfg.run_id))
+            if not resuming:
+                refuse_a_mirror_of_other_runs(box[0])
         except UserError as e:
             if not resuming:
                 raise
             log.warning("MIRROR UNAVAILABLE at start: %s. Training goes on; uploads are retried in the background", e)
             with contextlib.suppress(UserError):  # a URL that cannot even be parsed: no uploads at all
-                box.append(open_mirror(cfg.mirror, cfg.keep_last, check=False))
+                box.append(open_mirror(cfg.mirror, cfg.keep_last, check=False, run_id=cfg.run_id))
 
     if cfg.mirror:
         broadcast_from_main(env, open_it)
     return box[0] if box else None
+
+
+def refuse_a_mirror_of_other_runs(mirror) -> None:
+    """A new run on a mirror URL that holds other runs' checkpoints is refused, as a new run over a folder of
+    checkpoints is: their copies would be mixed (each run's resume and retention go by its own)."""
+    from mirror import MirrorError
+    try:
+        runs = mirror.runs()
+    except MirrorError as e:
+        raise UserError(str(e)) from None
+    if runs:
+        mirror.close()
+        held = "; ".join(f"run {run}, newest step {entry['step']}" for run, entry in runs.items())
+        raise UserError(f"the mirror {mirror.redacted_url()} already holds checkpoints of another run ({held}): give "
+                        "this run a --mirror URL of its own, or continue that run with --resume latest (--run_id ID "
+                        "when its local folder is gone)")
+
+
+def with_run_identity(env: DistEnv, cfg: TrainConfig, point: ResumePoint | None) -> TrainConfig:
+    """cfg with the run's identity: the checkpoint's, or a new one for a new run (or one whose checkpoint had none),
+    and for a resume from an older checkpoint than the folder's newest, which continues as a new run (so that no
+    resume ever takes the abandoned later checkpoints, here or on the mirror)."""
+    if cfg.run_id is not None and not (point and point.branched):
+        return cfg
+    run_id = broadcast_from_main(env, lambda: uuid.uuid4().hex[:12])
+    if point and point.branched:
+        log.warning("resuming from step %d, older than the newest checkpoint in %s/: this continues as run %s "
+                    "(branched from run %s), so that no resume takes the later checkpoints of the run it left",
+                    point.step, point.path.parent, run_id, cfg.run_id)
+    return dataclasses.replace(cfg, run_id=run_id)
 
 
 def stop_torchrun_restarts() -> bool:
@@ -3337,7 +3405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # rank 0 writes every checkpoint: fail before training if it could not, or if another run writes here
         broadcast_from_main(env, lock.acquire)
         point = find_resume_point(env, flags, CheckpointManager(lock.dir))
-        cfg = resolve_config(flags, point, env.world_size)
+        cfg = with_run_identity(env, resolve_config(flags, point, env.world_size), point)
         if cfg.fp8:
             fp8_call("check_hardware", env.device, cfg.fp8_emulate)  # before anything is written
         attach_log_file(env, Path(cfg.log_dir))

@@ -353,6 +353,22 @@ ROWS = [
     Row("no_word_of_credentials_that_were_not_stored", (
         ('    if point.mirror_credentials_removed and "mirror" not in flags:', "    if False:"),
     ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",)),
+    Row("a_new_run_mixes_into_another_runs_mirror", (
+        ("            if not resuming:\n                refuse_a_mirror_of_other_runs(box[0])\n", ""),
+    ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",)),
+    Row("several_runs_on_a_url_and_one_is_taken_without_asking", (
+        ("            if len(runs) > 1:", "            if False:"),
+    ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",)),
+    Row("retention_deletes_another_runs_copies", (
+        ('        committed = [c for c in committed if c["run"] == self.run_id]  # another run\'s copies are never touched',
+         "        pass"),
+    ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",), path="src/mirror_store.py"),
+    Row("a_resume_takes_another_runs_newer_copy", (
+        (' and c["run"] == self.store.run_id]', "]"),
+    ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",), path="src/mirror.py"),
+    Row("a_rollback_continues_as_the_same_run", (
+        ("branched=newest is not None and local.step < newest)", "branched=False)"),
+    ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",)),
 ]
 
 

@@ -254,3 +254,40 @@ def test_read_only_credentials_can_resume_from_the_mirror(tmp_path, data, s3_ser
     assert proc.returncode == 0, out[-3000:]
     assert "resuming from the MIRROR's step 6" in out and "MIRROR UNAVAILABLE at start" in out
     assert "training finished at step 8" in out
+
+
+def test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints(tmp_path, data):
+    """Run identity: a new run is refused on a URL that holds another run's checkpoints; resuming into an empty folder
+    from a URL that holds several runs lists them and asks for one; the chosen run resumes from its own newest copy
+    and its retention never touches the other run's; a resume from an older checkpoint continues as a new run, which
+    never takes the abandoned later copies."""
+    url, other_url = tmp_path / "mirror", tmp_path / "other-mirror"
+    a = run(run_args(tmp_path / "a", data, "--mirror", str(url), "--max_steps", "10", "--keep_last", "1"), nproc=None)
+    assert a.returncode == 0, a.stdout[-3000:]
+    run_a = T.CheckpointManager.load(tmp_path / "a" / "ck" / "latest.pt")["args"]["run_id"]
+    b = run(run_args(tmp_path / "b", data, "--mirror", str(url), "--max_steps", "4"), nproc=None)
+    assert b.returncode == 2 and f"already holds checkpoints of another run (run {run_a}, newest step 10)" in b.stdout
+    b = run(run_args(tmp_path / "b", data, "--mirror", str(other_url), "--max_steps", "4", "--seed", "2"), nproc=None)
+    assert b.returncode == 0, b.stdout[-3000:]
+    run_b = T.CheckpointManager.load(tmp_path / "b" / "ck" / "latest.pt")["args"]["run_id"]
+    assert run_b != run_a
+    shutil.copytree(other_url, url, dirs_exist_ok=True)  # two runs on one URL (as before runs had identities)
+    shutil.rmtree(tmp_path / "a" / "ck")  # run A's machine is gone
+    resume = ("--resume", "latest", "--mirror", str(url), "--max_steps", "14")
+    asked = run(run_args(tmp_path / "a", data, *resume), nproc=None)
+    assert asked.returncode == 2 and "holds checkpoints of several runs" in asked.stdout
+    assert f"run {run_a} (newest step 10" in asked.stdout and f"run {run_b} (newest step 4" in asked.stdout
+    chosen = run(run_args(tmp_path / "a", data, *resume, "--run_id", run_a), nproc=None)
+    assert chosen.returncode == 0, chosen.stdout[-3000:]
+    assert "resuming from the MIRROR's step 10" in chosen.stdout
+    from mirror import Mirror
+    runs = Mirror(str(url)).runs()
+    assert runs[run_a]["step"] == 14 and runs[run_b]["step"] == 4  # A's retention (keep 1) left B's copy alone
+    # back to step 10 by hand (e.g. after a divergence): a new run from there; its next resume stays on its branch
+    assert T.CheckpointManager.load(tmp_path / "a" / "ck" / "latest_backup.pt")["step"] == 10
+    back = run(run_args(tmp_path / "a", data, "--resume", "latest_backup", "--max_steps", "12"), nproc=None)
+    assert back.returncode == 0, back.stdout[-3000:]
+    assert "this continues as run " in back.stdout and f"(branched from run {run_a})" in back.stdout
+    again = run(run_args(tmp_path / "a", data, "--resume", "latest", "--max_steps", "13"), nproc=None)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert ": step 12," in again.stdout and "MIRROR's step 14" not in again.stdout
