@@ -369,6 +369,34 @@ ROWS = [
     Row("a_rollback_continues_as_the_same_run", (
         ("branched=newest is not None and local.step < newest)", "branched=False)"),
     ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",)),
+    # a mutation pass over the code the seam restructuring moved (issue 25): the survivors, each with its test now
+    Row("the_stop_for_failing_saves_never_tries_its_save", (
+        ('("nothing saved too long", unsaved_stop)', '("nothing saved too long", False)'),
+    ), (ASYNC + "test_when_saves_failed_too_long_the_stop_saves_and_still_exits_4",)),
+    Row("a_stop_for_failing_saves_exits_0_once_its_save_works", (
+        ("5 if logs_error else 4 if unsaved_steps or unsaved_stop else 0", "5 if logs_error else 4 if unsaved_steps else 0"),
+    ), (ASYNC + "test_when_saves_failed_too_long_the_stop_saves_and_still_exits_4",)),
+    Row("the_runs_time_restarts_at_each_resume", (
+        ('        self.elapsed_before_seconds = state["elapsed_seconds"]', "        self.elapsed_before_seconds = 0.0"),
+    ), (RECOVERY + "test_the_best_validation_loss_of_the_whole_run_survives_a_resume",)),
+    Row("the_mirror_is_handed_only_two_names", (
+        ('step, result["names"])\n', 'step, result["names"][:2])\n'),
+    ), (MIRROR + "test_list_checkpoints_lists_the_mirror_and_verifies_it",)),
+    Row("a_restart_counts_no_lost_steps", (
+        ("        lost = max(0, last_logged_step - step)", "        lost = 0"),
+    ), (RESUME + "test_torchrun_restarts_after_a_worker_is_killed_and_the_run_ends_bit_exact",)),
+    Row("a_resumed_run_counts_from_step_0_as_unsaved", (
+        ("self.watch = UnsavedWatch(state.step, cfg.max_unsaved_minutes)", "self.watch = UnsavedWatch(0, cfg.max_unsaved_minutes)"),
+    ), (MIRROR + "test_a_resumed_run_with_nothing_new_to_save_finds_its_checkpoint_on_the_mirror",)),
+    Row("a_best_upload_is_skipped_when_uploads_fall_behind", (
+        ("keep=any(n == BEST or EPOCH_NAME.fullmatch(n) for n in names)", "keep=any(EPOCH_NAME.fullmatch(n) for n in names)"),
+    ), (MIRROR_UNIT + "test_uploads_that_fall_behind_skip_to_the_newest",), path="src/mirror_upload.py"),
+    Row("the_mirror_always_said_to_hold_the_last_checkpoint", (
+        ('        if made_it and status["committed_step"] == saved_step:', "        if True:"),
+    ), (MIRROR + "test_a_mirror_outage_never_blocks_a_restart_that_has_a_valid_local_checkpoint",)),
+    Row("a_mirror_copy_of_the_same_step_downloaded_over_the_local_one", (
+        ('c["step"] > newer_than and c["run"]', 'c["step"] >= newer_than and c["run"]'),
+    ), (MIRROR_UNIT + "test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder",), path="src/mirror.py"),
 ]
 
 

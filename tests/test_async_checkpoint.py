@@ -354,3 +354,24 @@ def test_only_rank_0_gives_the_final_verdict_on_what_is_saved(tmp_path, shard_di
     assert proc.returncode == 1, out[-3000:]  # torchrun: its workers exited 4
     assert out.count("NOT SAVED: the run finished at step 12") == 1
     assert "The newest checkpoint on disk is step 4:" in out and "is step 0" not in out
+
+
+def test_when_saves_failed_too_long_the_stop_saves_and_still_exits_4(tmp_path, shard_dir, monkeypatch):
+    """Saves fail past --max_unsaved_minutes, then the disk has room again: every rank stops, the stop's own save
+    goes through (latest.pt holds that step), and the run still exits 4, saying why it stopped."""
+    calls = {"n": 0}
+
+    def free_bytes(self):
+        calls["n"] += 1
+        return 0 if calls["n"] == 2 else 10**12  # the save of step 6 finds the disk full, the others do not
+    monkeypatch.setattr(T.CheckpointManager, "free_bytes", free_bytes)
+    args = [*TINY_ARGS, *EXACT_SAVES, "--data_dir", str(shard_dir), "--total_batch_size", "128", "--max_steps", "12",
+            "--checkpoint_freq", "3", "--eval_freq", "0", "--max_unsaved_minutes", "0.0001", "--checkpoint_dir",
+            str(tmp_path / "ck"), "--log_dir", str(tmp_path / "logs")]
+    summary = T.main(args)
+    log_text = (tmp_path / "logs" / "train.log").read_text()
+    assert summary["step"] == 7 and summary["exit_code"] == 4 and summary["unsaved_steps"] == 0
+    assert "CHECKPOINT SAVE FAILED at step 6" in log_text and "STOPPING: no checkpoint could be saved" in log_text
+    assert "STOPPED at step 7 of 12 because checkpoints could not be written for too long; the stop's own " \
+           "checkpoint was saved" in log_text
+    assert T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"] == 7

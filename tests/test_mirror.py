@@ -268,8 +268,8 @@ def test_uploads_that_fall_behind_skip_to_the_newest(s3, mirrors, base_state, tm
     s3.pause()  # a hung server: connections are accepted, nothing answers
     sha256 = {}
     try:
-        for step in (2, 3, 4, 5):
-            mirror.submit(*ck.save(step, epoch=1 if step == 3 else None))
+        for step in (2, 3, 4, 5, 6):
+            mirror.submit(*ck.save(step, epoch=1 if step == 3 else None, best=step == 5))
             sha256[step] = ck.sha256(step)
         until(lambda: mirror.status()["consecutive_failures"] >= 1, what="a timed-out upload")
         status = mirror.status()
@@ -282,11 +282,11 @@ def test_uploads_that_fall_behind_skip_to_the_newest(s3, mirrors, base_state, tm
         s3.resume()
     assert mirror.wait(60)
     status = mirror.status()
-    # rolling 2 and 4 were overtaken; the epoch checkpoint 3 is always uploaded, and the newest, 5
-    assert status["skipped"] == 2 and status["committed_step"] == 5 and status["pending"] == 0
+    # rolling 2 and 4 were overtaken; the epoch checkpoint 3 and the best 5 are always uploaded, and the newest, 6
+    assert status["skipped"] == 2 and status["committed_step"] == 6 and status["pending"] == 0
     remote = mirror.remote_checkpoints()
-    assert [c["step"] for c in remote] == [5, 3, 1]
-    assert [c["sha256"] for c in remote[:2]] == [sha256[5], sha256[3]]  # what was submitted, byte for byte
+    assert [c["step"] for c in remote] == [6, 5, 3, 1]
+    assert [c["sha256"] for c in remote[:3]] == [sha256[6], sha256[5], sha256[3]]  # what was submitted, byte for byte
     assert not list(ck.manager.dir.glob(".tmp-mirror-pin-*"))
     assert sum(FAILING in m for m in train_log) == 1 and sum("mirror recovered" in m for m in train_log) == 1
 
@@ -430,6 +430,11 @@ def test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder(base_sta
     assert path.read_bytes() == run.manager.rolling_path(8).read_bytes()
     assert any("the mirror holds a newer checkpoint than" in m and "(step 5): resuming from the MIRROR's step 8" in m
                for m in train_log)
+    # the same step on the mirror as here: the local file stays (nothing downloaded over it)
+    inode = (local.manager.dir / "latest.pt").stat().st_ino
+    assert T.resolve_with_mirror(local.manager, "latest", url).path == local.manager.dir / "latest.pt"
+    assert (local.manager.dir / "latest.pt").stat().st_ino == inode
+    assert any("step 8; the mirror holds nothing newer" in m for m in train_log)
     # nothing newer on the mirror: the local file, and the mirror is only read (no probe object written)
     local.save(9)
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "mirror").rglob("*"))

@@ -159,6 +159,7 @@ def test_list_checkpoints_lists_the_mirror_and_verifies_it(tmp_path, data, capsy
     assert sorted(int(s) for s in rows) == [5, 10] and all(line.endswith("valid") for line in rows.values())
     # the names each copy has now: latest.pt only on the newest
     assert rows["10"].endswith("latest.pt -> valid") and "rolling_step_000005.pt" in rows["5"]
+    assert "best_model.pt" in rows["10"]  # the trainer hands the mirror every name of the save (best kept, never skipped)
     assert "latest.pt" not in rows["5"]
     blob = next((tmp_path / "second-disk" / "blobs").glob("step_000010-*.pt"))
     damaged = bytearray(blob.read_bytes())

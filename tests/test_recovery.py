@@ -194,6 +194,10 @@ def test_the_best_validation_loss_of_the_whole_run_survives_a_resume(tmp_path, s
     assert T.CheckpointManager.load(ck / "latest.pt")["best_val_loss"] == first["best_val_loss"]
     log_text = (tmp_path / "logs" / "train.log").read_text()
     assert f"step       9 | val_loss {worse['val_loss']:.6f}\n" in log_text  # no "(best)"
+    # the run's training time goes on from where the first launch left it (TrainState carries it)
+    times = [json.loads(line)["time"] for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert len(times) == 9 and times == sorted(times)
 
 
 def test_a_log_write_failing_on_rank_0_stops_every_rank_at_once_with_a_checkpoint(tmp_path, shard_dir):
