@@ -306,8 +306,9 @@ def resolve_config(flags: dict[str, Any], point: ResumePoint | None, world_size:
                             f"{wanted[name]}; the architecture comes from the checkpoint: drop the conflicting "
                             "flag, or start a new run in another --checkpoint_dir")
     shown_old, shown_new = settings_without_secrets(saved_args), settings_without_secrets(flags)
-    changed = [f"{k}: {shown_old.get(k)!r} -> {shown_new[k]!r}" for k, v in flags.items()
-               if k not in LAUNCH_FIELDS and k in saved_args and saved_args[k] != v]
+    # compared as shown: the saved --mirror has no credentials, so the same URL given again with them is no change
+    changed = [f"{k}: {shown_old.get(k)!r} -> {shown_new[k]!r}" for k in flags
+               if k not in LAUNCH_FIELDS and k in saved_args and shown_old[k] != shown_new[k]]
     if changed:
         log.warning("settings changed since the checkpoint (the new values apply): %s", "; ".join(changed))
     saved_run = saved_args.get("run_id")

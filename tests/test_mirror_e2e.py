@@ -205,6 +205,14 @@ def test_credentials_in_the_mirror_url_never_reach_a_log_line(tmp_path, data, s3
     out = finish(again, 240)
     assert again.returncode == 0, out[-3000:]
     assert "the run's --mirror URL carried credentials, which are never stored: give --mirror again" in out
+    # given again with them, the URL is no change of settings (the saved one has none: they compare as shown)
+    again = launch(run_args(tmp_path, data, "--resume", "latest", "--max_steps", "8", "--mirror", url),
+                   extra_env={"AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_DEFAULT_REGION": REGION},
+                   unset_env=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
+    out = finish(again, 240)
+    assert again.returncode == 0, out[-3000:]
+    assert "mirror:" not in out.partition("settings changed since the checkpoint")[2].partition("\n")[0]
+    assert "mirror: the last checkpoint (step 8) is on" in out and URL_SECRET not in out
 
 
 def test_a_resumed_run_with_nothing_new_to_save_finds_its_checkpoint_on_the_mirror(tmp_path, data):
