@@ -3357,21 +3357,26 @@ def with_run_identity(env: DistEnv, cfg: TrainConfig, point: ResumePoint | None)
     return dataclasses.replace(cfg, run_id=run_id)
 
 
-def stop_torchrun_restarts() -> bool:
-    """A user error is not fixed by trying again: under torchrun with restarts left, ask this node's launcher to stop
-    (SIGTERM, from local rank 0) instead of restarting every worker into the same error. True if it was asked."""
+def torchrun_would_restart() -> bool:
+    """Under torchrun with restarts left, and this process its node's local rank 0 (the one to stop it)."""
     restarts_left = (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
                      - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
-    if "TORCHELASTIC_RUN_ID" not in os.environ or restarts_left <= 0 or os.environ.get("LOCAL_RANK", "0") != "0":
-        return False
+    return "TORCHELASTIC_RUN_ID" in os.environ and restarts_left > 0 and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def stop_torchrun() -> None:
+    """A user error is not fixed by trying again: ask this node's launcher to stop (SIGTERM) instead of restarting
+    every worker into the same error. The SIGTERM it sends back is ignored here: this process is leaving anyway, and
+    must not announce a graceful stop."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.kill(os.getppid(), signal.SIGTERM)
-    return True
 
 
 def report_user_error(env: DistEnv | None, flags: dict[str, Any], error: UserError) -> None:
     """Rank 0 prints a user error on one line; a run's existing train.log gets it too (not the log of another run
     going on now), and torchrun's failure report. torchrun is stopped rather than left to retry it."""
-    if stop_torchrun_restarts():
+    stopping = torchrun_would_restart()
+    if stopping:
         error = UserError(f"{error}\n(torchrun is stopped rather than restarted: a restart would meet the same error; "
                           "its SignalException report follows)")
     if env is None or env.is_main:
@@ -3382,6 +3387,9 @@ def report_user_error(env: DistEnv | None, flags: dict[str, Any], error: UserErr
         if handler is not None:
             handler.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (error,), None))
     write_torchrun_error_file(f"error: {error}")
+    if stopping:
+        sys.stderr.flush()
+        stop_torchrun()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -3390,8 +3398,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         flags = parse_flags(argv)
     except SystemExit as e:  # a usage error (2) is not fixed by a restart either
-        if e.code == 2:
-            stop_torchrun_restarts()
+        if e.code == 2 and torchrun_would_restart():
+            stop_torchrun()
         raise
     env, mirror = None, None
     stop = StopSignal(announce=os.environ.get("RANK", "0") == "0")

@@ -323,7 +323,7 @@ ROWS = [
         ('    if "batch_size" not in flags and world_size != point.world_size:', "    if False:"),
     ), (SIGNALS + "test_resume_training_sh_continues_the_run_with_its_saved_settings",)),
     Row("a_user_error_retried_by_torchrun", (
-        ("    os.kill(os.getppid(), signal.SIGTERM)\n    return True", "    return False"),
+        ("    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    os.kill(os.getppid(), signal.SIGTERM)\n", "    return\n"),
     ), (SIGNALS + "test_resume_training_sh_continues_the_run_with_its_saved_settings",)),
     Row("a_gap_said_the_wrong_way_round", (
         ("'below (better than)' if gap < 0 else 'above (worse than)'",

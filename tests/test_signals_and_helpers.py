@@ -168,6 +168,7 @@ def test_resume_training_sh_continues_the_run_with_its_saved_settings(tmp_path, 
     assert proc.returncode != 0 and time.monotonic() - started < 120
     assert out.count("error: the checkpoint's model has n_layer=2 but the flags ask for 3") == 1, out[-4000:]
     assert "torchrun is stopped rather than restarted" in out
+    assert "SIGTERM received" not in out  # the launcher's SIGTERM back is no graceful stop to announce
 
 
 def test_start_up_never_hangs_on_the_tokenizer_download(tmp_path, shard_dir):
