@@ -1226,6 +1226,7 @@ class CheckpointManager:
     SPARE = ".tmp-spare.pt"  # a pruned checkpoint file, kept for the next save to overwrite
     DIVERGED = "DIVERGED.txt"  # written when the loss diverged; stops torchrun's restarts from replaying it
     CORRUPT = ".corrupt"  # suffix of a file that failed verification, kept aside for inspection
+    ABANDONED = ".abandoned"  # suffix of a later checkpoint a resume from an older one left behind
     # The next file's size is the previous one's plus this margin: the pickled metadata (settings, RNG states,
     # losses) varies by a few KB between saves, and the filesystem rounds each file up to whole blocks and adds
     # its own metadata (extents, inodes): 1 MiB covers both with room to spare at any model size.
@@ -1266,6 +1267,27 @@ class CheckpointManager:
         rolling = [p for _, p in reversed(self._numbered("rolling_step_"))]
         epochs = [p for _, p in reversed(self._numbered("epoch_"))]
         return fixed + rolling + epochs
+
+    def set_aside_later_than(self, step: int) -> list[str]:
+        """After a resume from an older checkpoint than the newest (a rollback): give every latest, backup and rolling
+        name of a later step a .abandoned suffix, so that neither retention, a fallback nor the next resume ever
+        prefers the abandoned checkpoints to the new branch's. Kept for inspection (the disk guard gives them up
+        first); epoch and best files are the user's and stay. Returns the names set aside."""
+        moved = []
+        for path in [self.dir / self.LATEST, self.dir / self.BACKUP] + [p for _, p in self.rolling()]:
+            try:
+                later = path.exists() and self.load(path, verify=False)["step"] > step
+            except CheckpointInvalid:
+                later = False
+            if later:
+                os.replace(path, path.with_name(path.name + self.ABANDONED))
+                moved.append(path.name)
+        if moved:
+            fsync_path(self.dir)
+            log.warning("resuming from an older checkpoint than the newest: set the later %s aside as *%s (no name "
+                        "that resume or retention uses points at them; delete them when you no longer need them)",
+                        ", ".join(moved), self.ABANDONED)
+        return moved
 
     def newest_step(self) -> int | None:
         """The step of the newest checkpoint whose metadata reads, in --resume latest's order (not verified)."""
@@ -1446,7 +1468,7 @@ class CheckpointManager:
                "move some of them elsewhere, or free space on this disk" if keep else " Free space on this disk"))
 
     SACRIFICE_NOTES = dict(
-        corrupt="Damaged files set aside after a recovery are the first to go.",
+        corrupt="Damaged (and abandoned) files set aside are the first to go.",
         rolling="Older rolling checkpoints go first, oldest first, whenever space is short "
                 "(this message is not repeated).",
         backup="From now on a save gives up latest_backup.pt whenever the disk cannot hold three checkpoints: only "
@@ -1455,7 +1477,7 @@ class CheckpointManager:
 
     def _sacrifices(self):
         """What make_room may delete, in order, as (kind, names of one file), computed as it goes."""
-        corrupt = sorted(self.dir.glob(f"*{self.CORRUPT}"))
+        corrupt = sorted(self.dir.glob(f"*{self.CORRUPT}")) + sorted(self.dir.glob(f"*{self.ABANDONED}"))
         if corrupt:
             yield "corrupt", corrupt
         protected = [self.dir / n for n in (self.LATEST, self.BEST) if (self.dir / n).exists()]
@@ -3131,6 +3153,8 @@ def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str
     if local is not None and resume not in ("latest", "auto"):
         newest = manager.newest_step()
         local = dataclasses.replace(local, branched=newest is not None and local.step < newest)
+        if local.branched:
+            manager.set_aside_later_than(local.step)
     if not mirror_url or resume not in ("latest", "auto"):
         return local
     try:

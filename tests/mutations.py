@@ -397,6 +397,9 @@ ROWS = [
     Row("a_mirror_copy_of_the_same_step_downloaded_over_the_local_one", (
         ('c["step"] > newer_than and c["run"]', 'c["step"] >= newer_than and c["run"]'),
     ), (MIRROR_UNIT + "test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder",), path="src/mirror.py"),
+    Row("a_rollback_keeps_the_abandoned_later_checkpoints_under_their_names", (
+        ("        if local.branched:\n            manager.set_aside_later_than(local.step)\n", ""),
+    ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",)),
 ]
 
 

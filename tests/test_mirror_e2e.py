@@ -297,6 +297,10 @@ def test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints(tmp_path, data):
     back = run(run_args(tmp_path / "a", data, "--resume", "latest_backup", "--max_steps", "12"), nproc=None)
     assert back.returncode == 0, back.stdout[-3000:]
     assert "this continues as run " in back.stdout and f"(branched from run {run_a})" in back.stdout
+    # the abandoned later checkpoints are set aside: the new branch's own files are kept and mirrored
+    names = sorted(p.name for p in (tmp_path / "a" / "ck").iterdir())
+    assert "rolling_step_000014.pt.abandoned" in names and "rolling_step_000014.pt" not in names
+    assert "rolling_step_000012.pt" in names and "MIRROR BEHIND" not in back.stdout
     again = run(run_args(tmp_path / "a", data, "--resume", "latest", "--max_steps", "13", "--mirror", str(url)),
                 nproc=None)
     assert again.returncode == 0, again.stdout[-3000:]
