@@ -51,13 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 def _print_world_size(manager: T.CheckpointManager) -> int:
     """The world size of the first checkpoint in --resume latest's order whose metadata reads (not verified: the
     resume does that)."""
-    for path in manager.fallback_order():
-        try:
-            print(T.CheckpointManager.load(path, verify=False)["world_size"])
-            return 0
-        except T.CheckpointInvalid:
-            continue
-    return 1
+    meta = manager.newest_metadata()
+    if meta is None:
+        return 1
+    print(meta["world_size"])
+    return 0
 
 
 def _list_mirror(url: str, verify: bool) -> int:

@@ -1289,14 +1289,20 @@ class CheckpointManager:
                         ", ".join(moved), self.ABANDONED)
         return moved
 
-    def newest_step(self) -> int | None:
-        """The step of the newest checkpoint whose metadata reads, in --resume latest's order (not verified)."""
+    def newest_metadata(self) -> dict[str, Any] | None:
+        """The state of the newest checkpoint whose metadata reads, in --resume latest's order (memory-mapped, not
+        verified); None if there is none."""
         for path in self.fallback_order():
             try:
-                return self.load(path, verify=False)["step"]
+                return self.load(path, verify=False)
             except CheckpointInvalid:
                 continue
         return None
+
+    def newest_step(self) -> int | None:
+        """The step of newest_metadata(), or None."""
+        meta = self.newest_metadata()
+        return None if meta is None else meta["step"]
 
     def all_checkpoints(self) -> list[Path]:
         """Every checkpoint name in the directory: the fallback order, then best_model.pt."""
