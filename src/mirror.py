@@ -4,7 +4,7 @@ The trainer imports this module only when --mirror is given, and calls it throug
 
     mirror = Mirror(url, keep_last=cfg.keep_last)
     mirror.check()                                   # at start: one-line MirrorError if the mirror cannot be used
-    mirror.submit(ckpt_dir / names[0], step, names)  # after each durable, verified save; never blocks, never raises
+    mirror.submit(ckpt_dir / names[0], step, names, holder=manager)  # after each durable save; never blocks/raises
     mirror.status()                                  # plain numbers for the step line, metrics.jsonl, TensorBoard
     mirror.wait(timeout_seconds); mirror.close()     # at the end of the run
     mirror.fetch_newest_valid(manager, newer_than=step)  # resume: the mirror's, if newer, named by the manager
@@ -23,10 +23,11 @@ Retention after each commit, as on local disk: the newest keep_last rolling chec
 newest that holds best_model.pt, and always the newest committed one (what resume would take). A manifest is deleted
 before its blob.
 
-Uploads run in one background thread. When they fall behind, only the newest pending rolling submission waits
-(older ones are skipped and counted); a submission that carries an epoch or best file is always uploaded. Until
-its upload ends, a submitted file is held open and hard-linked as <dir>/.tmp-mirror-pin-*.pt, so local retention
-cannot recycle its blocks (it reuses only files no other name shares); the trainer removes leftover pins at start.
+Uploads run in one background thread, the newest submission first. What waits is bounded however long the mirror
+is down: a newer submission supersedes a pending one that holds only rolling names, a newer best a pending best
+(they are skipped and counted); only epoch checkpoints are never superseded. Until its upload ends, a submitted file
+is held open and held on disk by the folder's owner (the trainer's CheckpointManager.hold: a hard link its own
+retention leaves alone, which its disk-space guard may take back, giving that upload up).
 Failures (network, server, permission) never reach the caller: the thread retries with exponential backoff, going
 for the newest submission, logs loudly at most once per failure_log_interval_seconds and once when it recovers.
 An S3 request that gets no answer, or sends slower than min_upload_rate_bytes_per_second, is cancelled: a hung
@@ -49,9 +50,9 @@ from typing import Any
 
 from mirror_store import CHUNK_BYTES, MirrorError, RemoteStore, one_line, redact_url
 from mirror_transfer import download
-from mirror_upload import PIN_PREFIX, Uploader
+from mirror_upload import Holder, Uploader
 
-__all__ = ["Mirror", "MirrorError", "PIN_PREFIX", "redact_url"]
+__all__ = ["Mirror", "MirrorError", "redact_url"]
 
 log = logging.getLogger("train")
 
@@ -95,10 +96,11 @@ class Mirror:
         self.store.check()
 
     # uploading --------------------------------------------------------------------------------------------
-    def submit(self, local_path: Path, step: int, names: list[str]) -> None:
+    def submit(self, local_path: Path, step: int, names: list[str], holder: Holder | None = None) -> None:
         """Queue a finished, durable, verified checkpoint file (known locally under `names`) for upload; returns at
-        once and never raises (see Uploader.submit)."""
-        self.uploader.submit(local_path, step, names)
+        once and never raises. holder: the folder's owner, which keeps the file on disk until it is uploaded (see
+        Uploader.submit)."""
+        self.uploader.submit(local_path, step, names, holder)
 
     def status(self) -> dict[str, Any]:
         """Plain numbers for logs and TensorBoard (see Uploader.status)."""

@@ -1,6 +1,10 @@
-"""The mirror's background uploader (see mirror.py): a queue of submitted checkpoint files, each held open and
-pinned by a hard link until it is uploaded, one thread that uploads the newest worth uploading (blob, then manifest),
-retries with backoff, and reports plain numbers. Nothing here raises into the training loop."""
+"""The mirror's background uploader (see mirror.py): a bounded queue of submitted checkpoint files, each held open
+(and held on disk by the folder's owner) until it is uploaded, one thread that uploads the newest first (blob, then
+manifest), retries with backoff, and reports plain numbers. Nothing here raises into the training loop.
+
+What waits is bounded, however long the mirror is down: a newer submission supersedes every pending one that holds
+only rolling names, and a newer best supersedes a pending best; only epoch checkpoints (which the local folder keeps
+anyway) are never superseded. So at most the newest submission, the newest best and the epoch files wait."""
 
 from __future__ import annotations
 
@@ -11,16 +15,23 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable, Protocol
 
 from mirror_store import BEST, EPOCH_NAME, RemoteStore, one_line
 from mirror_transfer import LocalFileError, commit_file
 
 log = logging.getLogger("train")
 
-# A hard link that keeps a submitted file's content until it is uploaded. A .tmp-* name: the trainer removes
-# leftovers of a killed run at start (CheckpointManager.clean_stale_temporaries), with or without --mirror.
-PIN_PREFIX = ".tmp-mirror-pin-"
+
+class Holder(Protocol):
+    """The owner of the folder a submitted file is in (the trainer's CheckpointManager): it keeps the file's content
+    on disk until let go, and may ask for it back when it needs the space."""
+
+    def hold(self, path: Path, release: Callable[[], None]) -> Any:
+        """Keep the content of `path` (None if it cannot); release() is called if the space is needed."""
+
+    def let_go(self, held: Any) -> None:
+        """The content is no longer needed."""
 
 
 class _Closing(Exception):
@@ -29,18 +40,25 @@ class _Closing(Exception):
 
 @dataclass
 class _Job:
-    """One submitted checkpoint file, held open (and hard-linked) so that its content stays until it is uploaded."""
+    """One submitted checkpoint file, held open (and held on disk by its folder's owner) until it is uploaded."""
     seq: int
     step: int
     names: list[str]
     path: Path
     file: BinaryIO
     identity: tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns) at submit
-    pin: Path | None
     submitted_at: float  # time.monotonic()
-    keep: bool  # holds an epoch or best file: never skipped for a newer submission
+    epoch: bool  # holds an epoch file: never superseded
+    best: bool  # holds best_model.pt: superseded only by a newer best
+    holder: Holder | None = None
+    held: Any = None  # what holder.hold returned
     state: str = "pending"  # pending, committed, skipped, failed
     attempts: int = 0
+
+    def superseded_by(self, newer: "_Job") -> bool:
+        """A newer submission makes this one not worth uploading: it holds only rolling names, or it is a best and
+        the newer one is a best too. An epoch checkpoint is never superseded."""
+        return not self.epoch and (not self.best or newer.best)
 
 
 @dataclass
@@ -69,7 +87,7 @@ class Uploader:
         self._seq = 0
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._cleaned_pin_dirs: set[Path] = set()
+        self._owe_older = False  # newest first, but an older epoch/best upload is never starved (see _pick)
         self._failing = _Failing()
         self._committed_step: int | None = None
         self._skipped = 0
@@ -78,10 +96,11 @@ class Uploader:
         self._last_error: str | None = None
         self._first_commit_logged = False
 
-    def submit(self, local_path: Path, step: int, names: list[str]) -> None:
+    def submit(self, local_path: Path, step: int, names: list[str], holder: Holder | None = None) -> None:
         """Queue a finished, durable, verified checkpoint file (known locally under `names`) for upload; returns at
-        once. The file is held open and hard-linked as <dir>/.tmp-mirror-pin-* until uploaded, so that local
-        retention reusing its blocks cannot change what is uploaded."""
+        once. The file is held open, and by `holder` (the folder's owner) on disk, until it is uploaded or
+        superseded, so that local retention reusing its blocks cannot change what is uploaded. Without a holder (or
+        if holding fails) the upload checks that the file did not change meanwhile."""
         local_path, names = Path(local_path), list(names)
         with self._cond:
             if self._closed:
@@ -98,13 +117,12 @@ class Uploader:
                 return
             st = os.fstat(f.fileno())
             job = _Job(seq=seq, step=step, names=names, path=local_path, file=f,
-                       identity=(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), pin=self._pin(local_path, st, seq,
-                                                                                                 step),
-                       submitted_at=time.monotonic(),
-                       keep=any(n == BEST or EPOCH_NAME.fullmatch(n) for n in names))
-            if not job.keep:  # skip-to-newest: an older rolling submission not yet being uploaded is not worth it
-                for old in [j for j in self._pending if not j.keep and j is not self._current]:
-                    self._finish(old, "skipped")
+                       identity=(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), submitted_at=time.monotonic(),
+                       epoch=any(EPOCH_NAME.fullmatch(n) for n in names), best=BEST in names)
+            if holder is not None:  # its lock nests inside ours; it calls release() only without holding it
+                job.holder, job.held = holder, holder.hold(local_path, lambda: self._release(job))
+            for old in [j for j in self._pending if j is not self._current and j.superseded_by(job)]:
+                self._finish(old, "skipped")  # bounded: what this submission makes not worth uploading goes now
             self._pending.append(job)
             self._newest = job
             if self._thread is None:
@@ -112,24 +130,15 @@ class Uploader:
                 self._thread.start()
             self._cond.notify_all()
 
-    def _pin(self, local_path: Path, st: os.stat_result, seq: int, step: int) -> Path | None:
-        """A hard link to the submitted file: local retention then never overwrites it in place (it reuses only a
-        file no other name shares). None where links are refused; the upload then checks the file is unchanged."""
-        folder = local_path.parent
-        try:
-            if folder not in self._cleaned_pin_dirs:  # links a killed run left behind (one run per folder)
-                for stale in folder.glob(f"{PIN_PREFIX}*"):
-                    stale.unlink(missing_ok=True)
-                self._cleaned_pin_dirs.add(folder)
-            pin = folder / f"{PIN_PREFIX}{step:06d}-{seq}.pt"
-            os.link(local_path, pin)
-            pst = pin.stat()
-        except OSError:
-            return None
-        if (pst.st_dev, pst.st_ino) != (st.st_dev, st.st_ino):  # the name moved to another file in between
-            pin.unlink(missing_ok=True)
-            return None
-        return pin
+    def _release(self, job: _Job) -> None:
+        """The holder needs the space of a waiting job's file: give the job up. The upload being read (or retried)
+        keeps its file: a file is given up only between attempts, never halfway through."""
+        with self._cond:
+            if job.state != "pending" or job is self._current:
+                return
+            self._finish(job, "skipped")
+        log.warning("mirror: step %d will not be copied off the machine: its file's space was needed for a save (a "
+                    "newer checkpoint goes instead once the mirror answers)", job.step)
 
     def _finish(self, job: _Job, state: str) -> None:
         """Retire a job (lock held): drop it from the queue, release its file and pin, count it."""
@@ -140,8 +149,9 @@ class Uploader:
             self._skipped += 1
         with contextlib.suppress(OSError):
             job.file.close()
-        if job.pin is not None:
-            job.pin.unlink(missing_ok=True)
+        if job.held is not None:
+            held, job.held = job.held, None
+            job.holder.let_go(held)  # the holder's own lock only: it never calls into us while holding it
         self._cond.notify_all()
 
     def _run(self) -> None:
@@ -154,7 +164,8 @@ class Uploader:
                     self._cond.wait()
                 if self._closed:
                     return
-                job = self._pending[0]
+                job = self._pick()
+                picked_newest = job is self._pending[-1]
                 self._current = job
                 seen = self._newest  # a checkpoint submitted after this moment ends a backoff (below)
             job.attempts += 1
@@ -176,8 +187,8 @@ class Uploader:
                 self._on_failure(job, e, delay)
                 with self._cond:
                     self._current = None
-                    if not job.keep and self._pending and self._pending[-1] is not job:
-                        self._finish(job, "skipped")  # the retry goes for the newer submission
+                    if any(j.seq > job.seq and job.superseded_by(j) for j in self._pending):
+                        self._finish(job, "skipped")  # not worth a retry: a newer submission supersedes it
                     # back off, but not past a checkpoint submitted since this attempt began (even during it): the
                     # one a graceful stop saves must not spend its --mirror_wait_seconds waiting out the backoff
                     self._cond.wait_for(lambda: self._closed or self._newest is not seen, timeout=delay)
@@ -191,8 +202,20 @@ class Uploader:
                 log.warning("mirror: could not remove old checkpoints from %s (%s)", self.store.redacted_url(),
                             self.store.redact(one_line(e)))
             with self._cond:  # done only now, so that wait() returns with the mirror in its steady state
+                # an older one that waited all through this upload goes next (saves faster than uploads never starve it)
+                self._owe_older = picked_newest and self._pending[0] is not job
                 self._current = None
                 self._finish(job, "committed")
+
+    def _pick(self) -> _Job:
+        """The next job (lock held): the newest submission first; but right after committing a newest one that
+        older ones waited behind, the oldest (an epoch or best file), so that saves faster than uploads never
+        starve it."""
+        newest, oldest = self._pending[-1], self._pending[0]
+        if self._owe_older and oldest is not newest:
+            self._owe_older = False
+            return oldest
+        return newest
 
     def _upload(self, job: _Job) -> tuple[dict, float]:
         """Commit the job's file to the mirror (blob, then manifest); stops with _Closing once close() is called."""
@@ -224,7 +247,7 @@ class Uploader:
         behind = now - job.submitted_at
         with self._cond:
             job.state = "committed"
-            self._committed_step = job.step
+            self._committed_step = max(job.step, self._committed_step or 0)  # newest first: not always the last
             self._uploaded_bytes += manifest["size"]
             self._rate = manifest["size"] / max(seconds, 1e-9)
             self._last_error = None
@@ -251,9 +274,9 @@ class Uploader:
             return self._newest is None or self._newest.state == "committed"
 
     def status(self) -> dict[str, Any]:
-        """Plain numbers for logs and TensorBoard: submitted (checkpoints submitted so far), committed_step (None before
-        the first commit of this process), lag_seconds (age
-        of the newest submission not yet committed; 0 if none), pending, skipped, uploaded_bytes,
+        """Plain numbers for logs and TensorBoard: submitted (checkpoints submitted so far), committed_step (the
+        highest step this process committed; None before its first commit), lag_seconds (age of the newest
+        submission not yet committed; 0 if none), pending, skipped, uploaded_bytes,
         upload_rate_bytes_per_second (the last upload's), last_error (None while uploads work),
         consecutive_failures."""
         with self._cond:

@@ -57,7 +57,7 @@ import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -1203,6 +1203,61 @@ def restore_state(state: dict[str, Any], *, raw_model: nn.Module, optimizer: tor
     return train_state
 
 
+class HeldFiles:
+    """Checkpoint files a reader in another thread still needs (the mirror's uploads), kept on disk by a hard link
+    <dir>/.tmp-held-N.pt each: a save then never overwrites one in place (it reuses only a file no other name
+    shares), and CheckpointManager.make_room can ask for one back (the reader gives it up). The mirror's Holder.
+    Leftover links of a killed run are removed at start with the other .tmp-* files."""
+
+    PREFIX = ".tmp-held-"
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self._lock = threading.Lock()  # hold()/let_go() come from the loop, release() from the writer thread
+        self._links: dict[Path, Callable[[], None]] = {}  # link -> the reader's release(), oldest first
+        self._count = 0
+
+    def hold(self, path: Path, release: Callable[[], None]) -> Path | None:
+        """Keep the content of `path` until let_go(link); None where hard links are refused (the reader then
+        checks the file did not change). release() is called if make_room needs the space."""
+        with self._lock:
+            self._count += 1
+            link = self.dir / f"{self.PREFIX}{self._count}.pt"
+            try:
+                link.unlink(missing_ok=True)
+                os.link(path, link)
+            except OSError:
+                return None
+            self._links[link] = release
+            return link
+
+    def let_go(self, link: Path) -> None:
+        """The reader is done with the file held by `link`."""
+        with self._lock:
+            self._links.pop(link, None)
+            link.unlink(missing_ok=True)
+
+    def unshared(self) -> list[Path]:
+        """The held files no checkpoint name holds any more (giving them up frees their space), oldest first."""
+        with self._lock:
+            links = list(self._links)
+        return [link for link in links if (st := self._stat(link)) is not None and st.st_nlink == 1]
+
+    def release(self, link: Path) -> None:
+        """Ask the reader of `link` to give it up (it calls let_go once its file is closed)."""
+        with self._lock:
+            release = self._links.get(link)
+        if release is not None:  # outside the lock: the reader's let_go takes it
+            release()
+
+    @staticmethod
+    def _stat(path: Path) -> os.stat_result | None:
+        try:
+            return path.stat()
+        except OSError:
+            return None
+
+
 class CheckpointManager:
     """Owns the checkpoint files: names, atomic durable writes, retention, verification and fallback.
 
@@ -1218,8 +1273,8 @@ class CheckpointManager:
     page-cache pages are already there, so nothing has to be allocated (as PostgreSQL recycles WAL segments).
 
     When the disk runs short, progress beats history (make_room): a save first gives up damaged files set aside,
-    then older rolling checkpoints, then latest_backup.pt; never latest.pt before its successor is durable, and
-    never an epoch or best file.
+    then files held only for the mirror's pending uploads (HeldFiles), then older rolling checkpoints, then
+    latest_backup.pt; never latest.pt before its successor is durable, and never an epoch or best file.
     """
 
     LATEST, BACKUP, BEST = "latest.pt", "latest_backup.pt", "best_model.pt"
@@ -1237,6 +1292,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.damaged: list[Path] = []  # files resolve() found invalid, in the order it met them
         self._announced: set[str] = set()  # kinds of disk-space sacrifice already logged
+        self.held = HeldFiles(self.dir)  # files the mirror's uploader still reads: hold() them through this
 
     # names ------------------------------------------------------------------------------------------------
     def rolling_path(self, step: int) -> Path:
@@ -1455,7 +1511,7 @@ class CheckpointManager:
         for kind, paths in self._sacrifices():
             before = free
             for p in paths:
-                p.unlink()
+                self.held.release(p) if kind == "held" else p.unlink()
             free = self.free_bytes()
             if kind not in self._announced:
                 self._announced.add(kind)
@@ -1475,6 +1531,8 @@ class CheckpointManager:
 
     SACRIFICE_NOTES = dict(
         corrupt="Damaged (and abandoned) files set aside are the first to go.",
+        held="Files held only for the mirror's pending uploads go next: that upload is given up, and the newest "
+             "checkpoint is copied instead once the mirror answers (this message is not repeated).",
         rolling="Older rolling checkpoints go first, oldest first, whenever space is short "
                 "(this message is not repeated).",
         backup="From now on a save gives up latest_backup.pt whenever the disk cannot hold three checkpoints: only "
@@ -1486,6 +1544,9 @@ class CheckpointManager:
         corrupt = sorted(self.dir.glob(f"*{self.CORRUPT}")) + sorted(self.dir.glob(f"*{self.ABANDONED}"))
         if corrupt:
             yield "corrupt", corrupt
+        held = self.held.unshared()
+        if held:
+            yield "held", held
         protected = [self.dir / n for n in (self.LATEST, self.BEST) if (self.dir / n).exists()]
         protected += [p for _, p in self._numbered("epoch_")]
         backup = self.dir / self.BACKUP
@@ -2261,7 +2322,7 @@ class Checkpointer:
         step, write_seconds, writer, policy = result["step"], result["write_seconds"], self.writer, self.policy
         self.watch.succeeded(step)
         if self.mirror is not None:  # durable and complete: copy it off the machine in the background
-            self.mirror.submit(self.manager.dir / result["names"][0], step, result["names"])
+            self.mirror.submit(self.manager.dir / result["names"][0], step, result["names"], self.manager.held)
         # the fence's wait happened inside a step, so the policy sees it as step slowdown already; a synchronous
         # write is all blocked time, and only a background write can overlap the next one
         cost = policy.record(writer.submit_seconds, write_seconds if self.cfg.async_checkpoint else 0.0)

@@ -188,7 +188,7 @@ ROWS = [
         ("            stop.watch_launcher()\n", "            pass\n"),
     ), (RESUME + "test_workers_stop_together_save_and_exit_when_torchrun_is_killed",)),
     Row("nothing_copied_to_the_mirror", (
-        ('            self.mirror.submit(self.manager.dir / result["names"][0], step, result["names"])\n',
+        ('            self.mirror.submit(self.manager.dir / result["names"][0], step, result["names"], self.manager.held)\n',
          "            pass\n"),
     ), (MIRROR + "test_plain_folder_mirror_kill_the_run_delete_the_folder_and_continue_bit_exact",)),
     Row("resume_ignores_the_mirror", (
@@ -380,7 +380,7 @@ ROWS = [
         ('        self.elapsed_before_seconds = state["elapsed_seconds"]', "        self.elapsed_before_seconds = 0.0"),
     ), (RECOVERY + "test_the_best_validation_loss_of_the_whole_run_survives_a_resume",)),
     Row("the_mirror_is_handed_only_two_names", (
-        ('step, result["names"])\n', 'step, result["names"][:2])\n'),
+        ('step, result["names"], self.manager.held)\n', 'step, result["names"][:2], self.manager.held)\n'),
     ), (MIRROR + "test_list_checkpoints_lists_the_mirror_and_verifies_it",)),
     Row("a_restart_counts_no_lost_steps", (
         ("        lost = max(0, last_logged_step - step)", "        lost = 0"),
@@ -389,8 +389,26 @@ ROWS = [
         ("self.watch = UnsavedWatch(state.step, cfg.max_unsaved_minutes)", "self.watch = UnsavedWatch(0, cfg.max_unsaved_minutes)"),
     ), (MIRROR + "test_a_resumed_run_with_nothing_new_to_save_finds_its_checkpoint_on_the_mirror",)),
     Row("a_best_upload_is_skipped_when_uploads_fall_behind", (
-        ("keep=any(n == BEST or EPOCH_NAME.fullmatch(n) for n in names)", "keep=any(EPOCH_NAME.fullmatch(n) for n in names)"),
+        ("best=BEST in names)", "best=False)"),
     ), (MIRROR_UNIT + "test_uploads_that_fall_behind_skip_to_the_newest",), path="src/mirror_upload.py"),
+    # issue 21.3: an outage never fills the disk
+    Row("a_pending_best_is_never_superseded", (
+        ("return not self.epoch and (not self.best or newer.best)", "return not self.epoch and not self.best"),
+    ), (MIRROR_UNIT + "test_an_outage_holds_back_only_the_newest_and_the_newest_best",), path="src/mirror_upload.py"),
+    Row("an_outage_holds_back_every_best_until_the_disk_is_full", (  # the uploader before issue 21.3
+        ("return not self.epoch and (not self.best or newer.best)", "return not self.epoch and not self.best"),
+        ('            if job.state != "pending" or job is self._current:\n', "            if True:\n"),
+    ), (DISK_FULL + "test_a_mirror_down_through_many_best_saves_never_fills_the_disk_and_the_newest_goes_up_first",),
+        path="src/mirror_upload.py"),
+    Row("the_oldest_pending_upload_goes_first", (
+        ("        return newest\n", "        return oldest\n"),
+    ), (MIRROR_UNIT + "test_an_outage_holds_back_only_the_newest_and_the_newest_best",), path="src/mirror_upload.py"),
+    Row("the_disk_guard_never_takes_back_a_file_held_for_the_mirror", (
+        ('        held = self.held.unshared()\n', '        held = []\n'),
+    ), (MIRROR_UNIT + "test_the_disk_guard_takes_back_a_file_held_only_for_the_mirror_before_any_checkpoint",)),
+    Row("files_for_the_mirror_not_held_on_disk", (
+        ("                os.link(path, link)\n", "                raise OSError('no links')\n"),
+    ), (MIRROR_UNIT + "test_uploads_that_fall_behind_skip_to_the_newest",)),
     Row("the_mirror_always_said_to_hold_the_last_checkpoint", (
         ('        if made_it and status["committed_step"] == saved_step:', "        if True:"),
     ), (MIRROR + "test_a_mirror_outage_never_blocks_a_restart_that_has_a_valid_local_checkpoint",)),

@@ -135,3 +135,43 @@ def test_a_folder_that_turns_read_only_stops_the_run_and_loses_nothing(tmp_path,
     resumed = run(args_for(tmp_path, shard_dir, ck, "--resume", "latest", "--max_steps",
                            str(steps["latest.pt"] + 2)), nproc=None)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
+
+
+@pytest.mark.xdist_group("s3")  # it kills and restarts the session's S3 server
+def test_a_mirror_down_through_many_best_saves_never_fills_the_disk_and_the_newest_goes_up_first(
+        tmp_path, shard_dir, small_disk, s3_server):
+    """Issue 21.3: the S3 server is down while nearly every evaluation saves a new best on a disk that holds six
+    checkpoints. What the mirror holds back stays bounded (a newer best supersedes a pending one), so the run trains
+    to the end without a failed save; once the server is back, the newest checkpoint reaches the mirror, and of the
+    saves made during the outage only what was newest is uploaded."""
+    import re
+    import uuid
+
+    from mirror import Mirror
+    ck = small_disk(6) / "ck"
+    url = f"s3://{s3_server.bucket}/outage-{uuid.uuid4().hex[:8]}"
+    proc = launch(args_for(tmp_path, shard_dir, ck, "--max_steps", "60", "--checkpoint_freq", "1000", "--eval_freq",
+                           "2", "--mirror", url, "--mirror_wait_seconds", "180", "--max_unsaved_minutes", "0.0001"),
+                  nproc=None, extra_env=s3_server.env)
+    log = tmp_path / "logs" / "train.log"
+    try:
+        wait_for(lambda: log.exists() and "mirror: step 2 committed" in log.read_text(), timeout=120, proc=proc)
+        s3_server.kill()
+        down_at = T.CheckpointManager.load(ck / "latest.pt")["step"]
+        # the last save is reported (and submitted) before the final wait for the mirror: bring the server back then
+        wait_for(lambda: "checkpoint step 60 (" in log.read_text(), timeout=300, proc=proc)
+    finally:
+        s3_server.restart()
+    out = proc.communicate(timeout=300)[0]
+    text = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert "CHECKPOINT SAVE FAILED" not in text and "mirror: the last checkpoint (step 60) is on" in text
+    bests = [int(s) for s in re.findall(r"checkpoint step (\d+) \([^)]*best val", text) if int(s) > down_at]
+    assert len(bests) >= 7, bests  # a full checkpoint each: more than the disk holds, were they all held back
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.env.items():
+            mp.setenv(k, v)
+        remote = Mirror(url).remote_checkpoints()
+    after = sorted(c["step"] for c in remote if c["step"] > down_at)
+    assert after == sorted({max(bests), 60}), (after, bests)  # the newest best and the newest: nothing older
+    assert not list(ck.glob(".tmp-held-*"))

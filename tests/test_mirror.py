@@ -93,7 +93,8 @@ def fresh_url(server):
 
 
 class Checkpoints:
-    """A real checkpoint folder: save(step) writes a checkpoint with CheckpointManager and returns (path, names)."""
+    """A real checkpoint folder: save(step) writes a checkpoint with CheckpointManager and returns Mirror.submit's
+    arguments (path, step, names, the folder's holder of files being uploaded), as the trainer passes them."""
 
     def __init__(self, directory: Path, state: dict, keep_last: int = 10):
         self.manager = T.CheckpointManager(directory, keep_last=keep_last)
@@ -101,7 +102,7 @@ class Checkpoints:
 
     def save(self, step, epoch=None, best=False):
         names = self.manager.save(with_step(self.state, step), epoch_completed=epoch, is_best=best)
-        return self.manager.dir / names[0], step, names
+        return self.manager.dir / names[0], step, names, self.manager.held
 
     def sha256(self, step):
         return hashlib.sha256(self.manager.rolling_path(step).read_bytes()).hexdigest()
@@ -145,7 +146,7 @@ def test_an_upload_commits_blob_then_manifest_and_fetch_brings_it_back(s3, mirro
     assert status["skipped"] == 0 and status["uploaded_bytes"] == sum(sizes)
     assert status["upload_rate_bytes_per_second"] > 0
     assert status["last_error"] is None and status["consecutive_failures"] == 0
-    assert not list(ck.manager.dir.glob(".tmp-mirror-pin-*"))  # the files held for upload are released
+    assert not list(ck.manager.dir.glob(".tmp-held-*"))  # the files held for upload are released
 
     remote = mirror.remote_checkpoints()
     assert [c["step"] for c in remote] == [2, 1]
@@ -211,7 +212,7 @@ def test_fetch_checks_sha256_and_crc_and_falls_back_to_an_older_commit(s3, mirro
         mirror.submit(*ck.save(step))
         assert mirror.wait(30)  # one at a time: nothing is skipped
     # step 3: a file damaged before it was submitted, so its sha256 matches but its CRC-32 checks fail
-    _, _, names = ck.save(3)
+    _, _, names, _ = ck.save(3)
     damaged = tmp_path / "damaged" / "rolling_step_000003.pt"
     damaged.parent.mkdir()
     data = bytearray(ck.manager.rolling_path(3).read_bytes())
@@ -276,8 +277,8 @@ def test_uploads_that_fall_behind_skip_to_the_newest(s3, mirrors, base_state, tm
         assert status["pending"] >= 2 and status["lag_seconds"] > 0 and status["committed_step"] == 1
         assert "Timeout" in status["last_error"] or "timeout" in status["last_error"]
         # the submitted rolling_step_000003.pt was pruned locally, and its blocks were not reused for a later save:
-        # the mirror holds on to it (a hard link, .tmp-mirror-pin-000003-*.pt) until it is uploaded
-        assert not ck.manager.rolling_path(3).exists() and list(ck.manager.dir.glob(".tmp-mirror-pin-000003-*"))
+        # the folder's owner holds on to it for the mirror (a hard link, .tmp-held-N.pt) until it is uploaded
+        assert not ck.manager.rolling_path(3).exists() and list(ck.manager.dir.glob(".tmp-held-*"))
     finally:
         s3.resume()
     assert mirror.wait(60)
@@ -287,8 +288,61 @@ def test_uploads_that_fall_behind_skip_to_the_newest(s3, mirrors, base_state, tm
     remote = mirror.remote_checkpoints()
     assert [c["step"] for c in remote] == [6, 5, 3, 1]
     assert [c["sha256"] for c in remote[:3]] == [sha256[6], sha256[5], sha256[3]]  # what was submitted, byte for byte
-    assert not list(ck.manager.dir.glob(".tmp-mirror-pin-*"))
+    assert not list(ck.manager.dir.glob(".tmp-held-*"))
     assert sum(FAILING in m for m in train_log) == 1 and sum("mirror recovered" in m for m in train_log) == 1
+
+
+def test_an_outage_holds_back_only_the_newest_and_the_newest_best(s3, mirrors, base_state, tmp_path, train_log):
+    """Issue 21.3: however many saves an outage lasts, what waits for the mirror (and is held on disk for it) is
+    bounded: a newer best supersedes a pending best, a newer save a pending rolling one; epoch files are never
+    superseded. Once the server answers, the newest goes up first."""
+    mirror = mirrors(fresh_url(s3), timeout_seconds=60.0)  # the upload in flight hangs through the whole outage
+    ck = Checkpoints(tmp_path / "ck", base_state, keep_last=1)
+    s3.pause()
+    try:
+        mirror.submit(*ck.save(1))
+        until(lambda: mirror.status()["lag_seconds"] > 0.5, what="the upload of step 1 to hang")
+        for step in range(2, 12):  # every save a new best; step 4 also ends an epoch
+            mirror.submit(*ck.save(step, best=True, epoch=1 if step == 4 else None))
+        # the one in flight when the server hung (step 1), the epoch file, the newest best: nothing more waits
+        status = mirror.status()
+        assert status["pending"] == 3 and status["skipped"] == 8, status
+        assert len(list(ck.manager.dir.glob(".tmp-held-*"))) == 3
+    finally:
+        s3.resume()
+    assert mirror.wait(120)
+    remote = {c["step"]: c for c in mirror.remote_checkpoints()}
+    assert sorted(remote) == [1, 4, 11]  # (retention keeps the newest, the epoch file and the newest best)
+    assert remote[11]["written_at"] < remote[4]["written_at"]  # the newest went up before the older epoch file
+    assert not list(ck.manager.dir.glob(".tmp-held-*"))
+
+
+def test_the_disk_guard_takes_back_a_file_held_only_for_the_mirror_before_any_checkpoint(s3, mirrors, base_state,
+                                                                                         tmp_path, train_log):
+    """A file held for a pending upload (its checkpoint names pruned) counts as space the guard can take back: it
+    goes before any older checkpoint, the upload of it is given up, and the newest still goes up."""
+    mirror = mirrors(fresh_url(s3), timeout_seconds=60.0)  # the upload in flight hangs through the whole test
+    ck = Checkpoints(tmp_path / "ck", base_state, keep_last=2)
+    s3.pause()
+    try:
+        mirror.submit(*ck.save(1))  # in flight, hung: .tmp-held-1.pt
+        until(lambda: mirror.status()["lag_seconds"] > 0.5, what="the upload of step 1 to hang")
+        mirror.submit(*ck.save(2, best=True))  # waits (.tmp-held-2.pt); the saves after it prune its rolling name
+        for step in (3, 4, 5):
+            mirror.submit(*ck.save(step))
+        in_flight, waiting = ck.manager.dir / ".tmp-held-1.pt", ck.manager.dir / ".tmp-held-2.pt"
+        assert waiting.stat().st_nlink == 1 and not ck.manager.rolling_path(2).exists()  # held for the mirror only
+        rolling_before = sorted(p.name for p in ck.manager.dir.glob("rolling_step_*"))
+        ck.manager.free_bytes = lambda: 10 ** 12 if not waiting.exists() else 0
+        ck.manager.make_room(1 << 20, step=6)
+        assert not waiting.exists() and in_flight.exists()  # given back at once; the upload being read keeps its own
+        assert sorted(p.name for p in ck.manager.dir.glob("rolling_step_*")) == rolling_before  # nothing else went
+        assert any("DISK NEARLY FULL: gave up .tmp-held-" in m for m in train_log)
+        assert any("step 2 will not be copied off the machine" in m for m in train_log)
+    finally:
+        s3.resume()
+    assert mirror.wait(120)
+    assert 5 in steps_on(mirror) and 2 not in steps_on(mirror)
 
 
 def test_a_killed_server_records_errors_then_the_mirror_catches_up(s3, mirrors, base_state, tmp_path, train_log):
