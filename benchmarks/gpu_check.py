@@ -3,6 +3,7 @@
     bash benchmarks/gpu_check.sh                        # GPU machine; results in gpu_check_out/ (or $OUT)
     bash benchmarks/gpu_check.sh --out /tmp/gc          # another output folder
     bash benchmarks/gpu_check.sh --smoke --out /tmp/gc  # CPU, tiny model, under a minute (tests/test_gpu_check.py)
+    bash benchmarks/gpu_check.sh --only 6 --only 4      # some items (and the ones they need: 3, 5, 6 need 2)
 
 Made for a bare, offline GPU machine: it runs under the python that starts it (no venv, no pip), needs torch,
 numpy, pytest and tensorboard, writes its own synthetic token shards (no network, no tokenizer) and passes
@@ -99,6 +100,7 @@ ITEMS = {  # number: (row label, target)
     6: ("6. FP8 (--fp8 --fp8_recipe tensorwise --compile): tokens/s over bf16 at 124M and gpt2-xl, val_loss gap",
         "reported (the hoped-for 2x needs large matmuls; at 124M expect far less)"),
 }
+NEEDS_ITEM_2 = {2, 3, 5, 6}  # items that use item 2's runs (its baseline, memory curves, bf16 side)
 FP8_FLAGS = ("--fp8", "--fp8_recipe", "tensorwise")
 FP8_XL = dict(preset="gpt2-xl", batch_size=4, total_batch_size=4 * 1024)  # the default 16 x 1024 would not fit
 FP8_SKIPPED_AFTER_RESUME = 2  # steps left out after a paused run resumes: the one the pause cut into, and one more
@@ -540,7 +542,9 @@ class GpuCheck:
 
     def common_flags(self) -> list[str]:
         """Every trainer run: the synthetic shards, no text samples (no tokenizer offline), CPU in smoke mode."""
-        return [*flags(data_dir=self.data_dir, sample_freq=0), *(["--device", "cpu"] if self.s.smoke else [])]
+        # --no-compile: the trainer compiles by default on GPUs; the runs that measure compiling say --compile after
+        return [*flags(data_dir=self.data_dir, sample_freq=0), "--no-compile",
+                *(["--device", "cpu"] if self.s.smoke else [])]
 
     def model_flags(self, **shape: Any) -> list[str]:
         """The model and batch (item 2's unless given), no evaluations."""
@@ -1090,6 +1094,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="output folder")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps: every code path, small numbers")
     p.add_argument("--keep", action="store_true", help="keep the synthetic shards and the checkpoints")
+    p.add_argument("--only", type=int, action="append", choices=sorted(ITEMS), metavar="ITEM",
+                   help="run only this item (repeatable), with the items it needs (3, 5 and 6 use item 2's runs)")
     p.add_argument("--measure_pinned", metavar="DIR", help=argparse.SUPPRESS)  # the pinned-memory step's process
     args = p.parse_args(argv)
     settings = SMOKE if args.smoke else GPU
@@ -1121,11 +1127,18 @@ def main(argv: list[str] | None = None) -> int:
         # order: the measurements first, alone on the machine (item 2's runs feed items 3, 5 and 6); then item 1
         # and item 6's compiling in the background beside item 4, and what is left of the budget for item 1; then
         # item 6's measurements, alone again
+        wanted = set(args.only or ITEMS) | ({2} if set(args.only or ITEMS) & NEEDS_ITEM_2 else set())
+        background_started = False
         for number, measure in ((2, check.throughput), (5, check.peak_memory), (3, check.async_checkpoint),
                                 (4, check.kill_and_resume), (1, check.cuda_tests), (6, check.fp8)):
-            if number == 4:
-                check.start_cuda_tests()
-                check.start_fp8_runs()
+            if number not in wanted:
+                continue
+            if number in (4, 1, 6) and not background_started:  # beside the correctness checks, after the measures
+                background_started = True
+                if 1 in wanted:
+                    check.start_cuda_tests()
+                if 6 in wanted:
+                    check.start_fp8_runs()
             t0 = time.monotonic()
             print(f"[{check.budget.elapsed():5.0f} s] item {number} ...", flush=True)
             try:
@@ -1143,7 +1156,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(check.data_dir, ignore_errors=True)
             for ck in (out / "runs").glob("*/ck"):
                 shutil.rmtree(ck, ignore_errors=True)
-    header.append(f"{'smoke (CPU)' if args.smoke else 'GPU'} check, {check.budget.elapsed():.0f} s in all")
+    header.append(f"{'smoke (CPU)' if args.smoke else 'GPU'} check, {check.budget.elapsed():.0f} s in all"
+                  + (f" (items {', '.join(map(str, sorted(rows)))} only)" if args.only else ""))
     text = write_results(out / RESULTS_NAME, header, [rows[n] for n in sorted(rows)])
     print("\n" + text, flush=True)
     return 1 if any(r.status == "fail" for r in rows.values()) else 0

@@ -3,6 +3,7 @@
 The trainer imports this module only when --fp8 is given, and calls it through one narrow seam:
 
     fp8.check_hardware(env.device, emulate)           # at start: one-line FP8Error if this machine cannot do it
+    fp8.outlook(capability, n_embd, recipe)           # at start: a warning when float8 is expected not to pay
     names = fp8.convert(raw_model, recipe, emulate)   # right after GPT(...).to(device); before the optimizer,
                                                       # the checkpoint restore, torch.compile and DDP
 
@@ -46,6 +47,38 @@ RECIPES = ("tensorwise", "rowwise")
 # numbers the loss is most sensitive to; torchtitan also keeps the output layer in high precision. Embeddings
 # are not matmuls and are never converted.
 BLOCK_LINEAR = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)")
+
+
+# What --fp8 --compile (tensorwise) measured against bf16 --compile, as tokens/s ratios, by compute capability and
+# model width (n_embd): benchmarks/gpu_check.sh item 6 on one H200 (torch 2.11, CUDA 13, torchao 0.18.0) at commit
+# 99c98cd. Nothing else has been measured yet: other widths, rowwise, other GPUs are "not measured".
+MEASURED_SPEEDUP = {
+    (9, 0): {768: (0.89, "GPT-2 124M, 16 x 1024 tokens a micro-step"), 1600: (0.93, "gpt2-xl, 4 x 1024")},
+}
+
+
+def outlook(capability: tuple[int, int], n_embd: int, recipe: str) -> str | None:
+    """A warning for the start of an --fp8 run when float8 is expected to be slower than bf16 for this width on
+    this GPU (from MEASURED_SPEEDUP), or to say that nothing was measured here; None when a measurement says it
+    pays."""
+    measured = MEASURED_SPEEDUP.get(tuple(capability), {})
+    if recipe == "tensorwise" and measured:
+        widest = max(measured)
+        if n_embd <= widest and all(ratio < 1 for ratio, _ in measured.values()):
+            figures = ", ".join(f"{ratio:.2f}x at n_embd {width} ({what})" for width, (ratio, what) in
+                                sorted(measured.items()))
+            return (f"--fp8 is expected to be SLOWER than bf16 here: on this GPU generation (compute capability "
+                    f"{capability[0]}.{capability[1]}) it measured {figures} with --compile, and this model is "
+                    f"n_embd {n_embd}. The matmuls of GPT-2 sizes are too small for float8 to pay for its casts; "
+                    "drop --fp8 unless you measured otherwise (benchmarks/gpu_check.sh item 6)")
+        if all(ratio >= 1 for ratio, _ in measured.values()):
+            return None
+    blackwell = capability[0] >= 10
+    return (f"--fp8 {recipe}: its speed against bf16 was not measured on a GPU of compute capability "
+            f"{capability[0]}.{capability[1]} at n_embd {n_embd}; measure it with benchmarks/gpu_check.sh before a "
+            "long run" + ("" if not blackwell else ". On Blackwell, block-scaled MXFP8 (which its tensor cores run "
+                          "natively) is what should pay; this script offers tensorwise and rowwise only (see "
+                          "src/fp8.py)"))
 
 
 class FP8Error(Exception):

@@ -64,6 +64,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 log = logging.getLogger("train")
 
@@ -114,6 +115,16 @@ PRESETS: dict[str, dict[str, int]] = {
 ARCH_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 
+def micro_batch_arg(text: str) -> int | str:
+    """--batch_size: a positive number of sequences, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of sequences or auto, not {text!r}") from None
+
+
 def opt(default: Any, help: str, group: str, type: Any = None, choices: tuple | None = None):
     """A TrainConfig field that carries its own command-line help."""
     return field(default=default, metadata=dict(help=help, group=group, type=type, choices=choices))
@@ -134,7 +145,9 @@ class TrainConfig:
     block_size: int | None = opt(None, "override the preset's context length in tokens", "model", type=int)
     dropout: float = opt(0.0, "dropout probability (0 for pretraining)", "model")
     # batch
-    batch_size: int = opt(16, "sequences per rank per micro-step", "batch")
+    batch_size: int | str = opt("auto", "sequences per rank per micro-step, or auto: on a GPU the largest that fits "
+                                "(a memory probe at start, again on resume on another GPU), on CPU 16; either way "
+                                "--total_batch_size stays exact", "batch", type=micro_batch_arg)
     total_batch_size: int = opt(524288, "tokens per optimizer step, over all ranks and micro-steps", "batch")
     # optimization
     learning_rate: float = opt(6e-4, "peak learning rate", "optimization")
@@ -153,7 +166,8 @@ class TrainConfig:
     device: str = opt("auto", "where to train", "system", choices=("auto", "cpu", "cuda"))
     dtype: str = opt("auto", "compute dtype (auto: bfloat16 on CUDA, float32 on CPU)", "system",
                      choices=("auto", "float32", "bfloat16"))
-    compile: bool = opt(False, "torch.compile the model", "system")
+    compile: bool | None = opt(None, "torch.compile the model (auto: on CUDA, where it is faster; off on CPU, where "
+                               "it only adds compile time)", "system", type=bool)
     deterministic: bool = opt(False, "deterministic CUDA kernels (bit-exact resume on GPU, somewhat slower)",
                               "system")
     fp8: bool = opt(False, "float8 matmuls in the transformer blocks (torchao; needs a GPU of compute capability "
@@ -208,7 +222,9 @@ class TrainConfig:
                                      "checkpoint to reach the mirror", "mirror")
 
     def __post_init__(self):
-        positive = ("batch_size", "total_batch_size", "num_epochs", "val_steps", "keep_last", "log_freq",
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise UserError(f"--batch_size must be a positive number of sequences or auto, got {self.batch_size!r}")
+        positive = ("total_batch_size", "num_epochs", "val_steps", "keep_last", "log_freq",
                     "sample_tokens", "max_nonfinite_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -239,7 +255,8 @@ class TrainConfig:
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"unknown --{f.name} {getattr(self, f.name)!r}; choose one of {', '.join(choices)}")
-        if self.fp8 and not self.fp8_emulate and (self.batch_size * self.gpt_config().block_size) % 16:
+        if self.fp8 and not self.fp8_emulate and self.batch_size != "auto" and \
+                (self.batch_size * self.gpt_config().block_size) % 16:
             raise UserError("--fp8 needs --batch_size x block size to be a multiple of 16 (float8 matmul shapes)")
         self.gpt_config()  # validates the model shape
 
@@ -269,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        help_text = f"{meta['help']} (default: {f.default})"
-        if isinstance(f.default, bool):
+        help_text = f"{meta['help']} (default: {'auto' if f.default is None and meta['type'] is bool else f.default})"
+        if isinstance(f.default, bool) or meta["type"] is bool:
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
         else:
             kind = meta["type"] or type(f.default)
@@ -318,7 +335,7 @@ def resolve_config(flags: dict[str, Any], point: ResumePoint | None, world_size:
     if point.mirror_credentials_removed and "mirror" not in flags:
         log.warning("the run's --mirror URL carried credentials, which are never stored: give --mirror again with "
                     "them, or put them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws)")
-    if "batch_size" not in flags and world_size != point.world_size:
+    if "batch_size" not in flags and world_size != point.world_size and cfg.batch_size != "auto":
         cfg = fit_micro_batch(cfg, saved_shape["block_size"], world_size)
     return cfg
 
@@ -1175,6 +1192,8 @@ def build_state(train_state: TrainState, *, raw_model: nn.Module, optimizer: tor
         mirror_credentials_removed=bool(cfg.mirror) and redact_url(cfg.mirror) != cfg.mirror,
         model_config=dataclasses.asdict(raw_model.config),
         world_size=world_size,
+        # --batch_size auto's choice (a resume on the same GPU model and world size keeps it: see choose_micro_batch)
+        micro_batch=dict(size=loader.batch_size, device=device_name(next(raw_model.parameters()).device)),
         tokens=train_state.step * cfg.total_batch_size,
         timestamp=time.time(),
         torch_version=str(torch.__version__),  # TorchVersion is a str subclass weights_only refuses
@@ -2473,6 +2492,109 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
+# --batch_size auto ----------------------------------------------------------------------------------------------
+CPU_MICRO_BATCH = 16  # --batch_size auto on CPU (no probe: running out of host memory kills, it does not raise)
+GPU_MEMORY_HEADROOM = 0.9  # a micro-batch fits when its probe peaks below this share of the GPU's memory
+
+
+def device_name(device: torch.device) -> str:
+    """The accelerator's model name (the same GPU model answers the same probe), or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+class AllocationLimit(TorchDispatchMode):
+    """Test-only: TRAIN_IMPROVED_TEST_OOM_ABOVE_BYTES=N makes every operation whose result is larger than N bytes
+    raise torch's out-of-memory error, as a GPU that is full does, so that --batch_size auto's probe runs (and can
+    be checked) on CPU."""
+
+    def __init__(self, limit_bytes: int):
+        super().__init__()
+        self.limit_bytes = limit_bytes
+
+    @classmethod
+    def for_tests(cls) -> "AllocationLimit | None":
+        """The limit the environment asks for, or None (always, outside tests)."""
+        value = os.environ.get("TRAIN_IMPROVED_TEST_OOM_ABOVE_BYTES")
+        return cls(int(value)) if value else None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.nbytes > self.limit_bytes:
+                raise torch.OutOfMemoryError(f"{func} allocated {t.nbytes} bytes, more than the test's limit of "
+                                             f"{self.limit_bytes} (TRAIN_IMPROVED_TEST_OOM_ABOVE_BYTES)")
+        return out
+
+
+def micro_batch_fits(raw_model: GPT, optimizer: torch.optim.Optimizer, batch: int, device: torch.device, autocast,
+                     limit: AllocationLimit | None) -> bool:
+    """Whether one forward and backward pass of `batch` full-length sequences fits beside the weights, gradients and
+    AdamW's two moments (set aside here if the optimizer has none yet). The model, its gradients and every random
+    stream are as they were afterwards."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    moments = [] if optimizer.state else [torch.empty_like(p) for p in params for _ in range(2)]
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with limit if limit is not None else contextlib.nullcontext():
+                x = torch.zeros((batch, raw_model.config.block_size), dtype=torch.long, device=device)
+                with autocast():
+                    _, loss = raw_model(x, x)
+                loss.backward()
+        if device.type != "cuda":
+            return True
+        torch.cuda.synchronize(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        return torch.cuda.max_memory_allocated(device) <= GPU_MEMORY_HEADROOM * total
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        raw_model.zero_grad(set_to_none=True)
+        del moments
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+
+def choose_micro_batch(cfg: TrainConfig, env: DistEnv, raw_model: GPT, optimizer: torch.optim.Optimizer, autocast,
+                       point: "ResumePoint | None") -> int:
+    """--batch_size as a number: as given, or for auto the largest micro-batch that divides this rank's share of a
+    step's sequences (so --total_batch_size stays exact) and fits (micro_batch_fits, a binary search; every rank
+    takes the smallest any rank found). A resume on the same GPU model and world size keeps the checkpoint's
+    choice if it still fits: the same accumulation order, so the run continues bit for bit."""
+    if cfg.batch_size != "auto":
+        return cfg.batch_size
+    per_rank = cfg.total_batch_size // raw_model.config.block_size // env.world_size
+    candidates = [b for b in range(1, per_rank + 1) if per_rank % b == 0] or [1]  # else the loader says what is wrong
+    limit = AllocationLimit.for_tests()
+    if env.device.type != "cuda" and limit is None:
+        chosen = max(b for b in candidates if b <= CPU_MICRO_BATCH)
+        log.info("batch_size auto: %d sequences per micro-step on CPU", chosen)
+        return chosen
+    t0 = time.monotonic()
+    recorded = (point.micro_batch or {}) if point is not None else {}
+    if (recorded.get("device") == device_name(env.device) and point.world_size == env.world_size
+            and recorded.get("size") in candidates
+            and micro_batch_fits(raw_model, optimizer, recorded["size"], env.device, autocast, limit)):
+        chosen, how = recorded["size"], "the checkpoint's choice on this GPU model, which still fits"
+    else:
+        lo, hi = -1, len(candidates) - 1  # candidates[lo] fits (-1: none known), beyond hi none does
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if micro_batch_fits(raw_model, optimizer, candidates[mid], env.device, autocast, limit):
+                lo = mid
+            else:
+                hi = mid - 1
+        chosen, how = (candidates[lo] if lo >= 0 else 0), "the largest that fits"
+    chosen = min(gather_from_all(env, chosen))
+    if chosen == 0:
+        raise UserError(f"the model does not fit on {device_name(env.device)} even one sequence at a time (forward "
+                        "and backward beside the weights and AdamW's moments): use a smaller --preset or "
+                        "--block_size, or a GPU with more memory")
+    log.info("batch_size auto: %d sequences per micro-step, %s (of the %d per rank in a step; probed in %.1f s)",
+             chosen, how, per_rank, time.monotonic() - t0)
+    return chosen
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: ShardedLoader, env: DistEnv,
                lr: float, grad_clip: float, autocast, fence=lambda: None, votes=lambda: (),
                progress=lambda done, total, seconds: None) -> tuple[float, float, bool, list[bool]]:
@@ -2796,6 +2918,22 @@ def setup_numerics(cfg: TrainConfig, env: DistEnv) -> tuple[str, Any]:
     return dtype, autocast
 
 
+def compiles(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the model is compiled: --compile / --no-compile as given, else (auto) on CUDA only."""
+    return cfg.compile if cfg.compile is not None else device.type == "cuda"
+
+
+def compile_if_wanted(raw_model: GPT, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """torch.compile(raw_model) where compiles() says so, announced: the first step and the first evaluation wait for
+    the compiler, which would otherwise look like a hang (StepReporter says how long it took)."""
+    if not compiles(cfg, device):
+        return raw_model
+    log.info("compiling the model with torch.compile (%s): the first step and the first evaluation wait for it (25 s "
+             "for GPT-2 124M on an H200, measured by benchmarks/gpu_check.sh); --no-compile skips it",
+             "--compile" if cfg.compile else "the default on GPUs")
+    return torch.compile(raw_model)
+
+
 def build_model(cfg: TrainConfig, env: DistEnv, model_config: GPTConfig) -> tuple[GPT, torch.optim.Optimizer]:
     """The plain model (float8 layers under --fp8) and its optimizer, with the same initial weights on every rank."""
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -2804,7 +2942,12 @@ def build_model(cfg: TrainConfig, env: DistEnv, model_config: GPTConfig) -> tupl
         names = fp8_call("convert", raw_model, cfg.fp8_recipe, cfg.fp8_emulate)
         log.info("fp8: %d Linear layers of the transformer blocks in float8 (%s scaling%s); embeddings and lm_head "
                  "in high precision", len(names), cfg.fp8_recipe, ", emulated" if cfg.fp8_emulate else "")
-        if not cfg.compile and not cfg.fp8_emulate:
+        if env.device.type == "cuda" and not cfg.fp8_emulate:
+            warning = fp8_call("outlook", torch.cuda.get_device_capability(env.device), model_config.n_embd,
+                               cfg.fp8_recipe)
+            if warning:
+                log.warning("%s", warning)
+        if not compiles(cfg, env.device) and not cfg.fp8_emulate:
             log.warning("--fp8 without --compile: every scale and cast runs as a kernel of its own, usually slower "
                         "than plain bf16; add --compile")
     optimizer = configure_optimizer(raw_model, cfg, env.device)
@@ -2840,14 +2983,15 @@ def build_run(cfg: TrainConfig, env: DistEnv, point: ResumePoint | None) -> Run:
     if not train_shards:
         raise UserError(f"no training shards in {cfg.data_dir}/ (names containing 'train', ending in .npy or .bin); "
                         "run src/prepare_data.py first or point --data_dir at your shards")
-    loader = ShardedLoader(train_shards, model_config.block_size, cfg.total_batch_size, cfg.batch_size,
+    raw_model, optimizer = build_model(cfg, env, model_config)
+    micro_batch = choose_micro_batch(cfg, env, raw_model, optimizer, autocast, point)
+    loader = ShardedLoader(train_shards, model_config.block_size, cfg.total_batch_size, micro_batch,
                            env.rank, env.world_size, cfg.seed, env.device)
-    val_loader = ValLoader(val_shards, model_config.block_size, cfg.batch_size, env.rank, env.world_size, env.device)
+    val_loader = ValLoader(val_shards, model_config.block_size, micro_batch, env.rank, env.world_size, env.device)
     if val_loader.tokens is None and cfg.eval_freq:
         log.warning("no validation shards (names containing 'val') in %s: evaluation is off", cfg.data_dir)
-    raw_model, optimizer = build_model(cfg, env, model_config)
     state = restore(point, cfg, env, raw_model, optimizer, loader) if point else TrainState()
-    model: nn.Module = torch.compile(raw_model) if cfg.compile else raw_model
+    model: nn.Module = compile_if_wanted(raw_model, cfg, env.device)
     eval_model = model
     if env.distributed:
         # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets instead of a second copy
@@ -2901,10 +3045,11 @@ class StepReporter:
                  f"{run.raw_model.num_parameters():,}", shape, run.num_train_shards, loader.num_windows,
                  shape.block_size, loader.steps_per_epoch)
         log.info("batch: %d tokens per step = %d sequences x %d tokens x %d ranks x %d accumulation steps | "
-                 "%d total steps | device %s, dtype %s", cfg.total_batch_size, cfg.batch_size, shape.block_size,
+                 "%d total steps | device %s, dtype %s", cfg.total_batch_size, loader.batch_size, shape.block_size,
                  env.world_size, loader.grad_accum_steps, run.total_steps, env.device, run.dtype)
         self.warn_about_the_plan()
         self.progress_logged_at = 0.0
+        self.announce_compiled = compiles(cfg, env.device) and env.is_main  # after the first step of this launch
 
     def warn_about_the_plan(self) -> None:
         """Say at the start what a newcomer would otherwise find out after minutes: steps that take minutes on a
@@ -2913,7 +3058,7 @@ class StepReporter:
         if self.env.device.type == "cpu" and loader.grad_accum_steps >= 16:
             log.warning("each step is %d micro-steps of %d sequences on the CPU: expect minutes per step (a progress "
                         "line every %.0f s). For a quick try, use a smaller --total_batch_size (the README's demo: "
-                        "4096)", loader.grad_accum_steps, cfg.batch_size, self.PROGRESS_EVERY_SECONDS)
+                        "4096)", loader.grad_accum_steps, loader.batch_size, self.PROGRESS_EVERY_SECONDS)
         if self.run.total_steps < cfg.warmup_steps:
             peak = lr_at(self.run.total_steps - 1, cfg, self.run.total_steps)
             log.warning("the run lasts %d steps but --warmup_steps is %d: it never leaves warm-up (the learning rate "
@@ -2950,6 +3095,9 @@ class StepReporter:
                                    "perf/gpu_utilization_percent": stats.utilization(),
                                    "progress/tokens": step * cfg.total_batch_size, **checkpointer.curves(),
                                    "progress/epoch": loader.epoch_progress})
+        if self.announce_compiled:
+            self.announce_compiled = False
+            log.info("compiled: the first step took %.1f s, compiling included", dt)
         if step % cfg.log_freq == 0 or step == total_steps or skipped:
             eta = datetime.timedelta(seconds=round(ema * (total_steps - step)))
             log.info("step %7d/%d | epoch %.3f | loss %.6f | lr %.3e | grad_norm %.4f | %.1f ms | %.0f tok/s | eta "
@@ -3148,6 +3296,7 @@ class ResumePoint:
     model_config: dict[str, Any]  # GPTConfig as a dict
     world_size: int
     mirror_credentials_removed: bool = False  # its --mirror URL had credentials, which were not stored
+    micro_batch: dict[str, Any] | None = None  # the micro-batch it trained with, and on which device model
     branched: bool = False  # older than the folder's newest checkpoint: the run continues as a new one from here
 
     @classmethod
@@ -3156,7 +3305,8 @@ class ResumePoint:
         meta = CheckpointManager.load(path, verify=False)
         return cls(path=path, step=meta["step"], args=meta["args"], model_config=meta["model_config"],
                    world_size=meta["world_size"],
-                   mirror_credentials_removed=meta.get("mirror_credentials_removed", False))
+                   mirror_credentials_removed=meta.get("mirror_credentials_removed", False),
+                   micro_batch=meta.get("micro_batch"))
 
 
 def find_resume_point(env: DistEnv, flags: dict[str, Any], manager: CheckpointManager) -> ResumePoint | None:

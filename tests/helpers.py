@@ -23,7 +23,7 @@ TRAINER = ROOT / "src" / "train_improved.py"
 # A model small enough that a step takes milliseconds on one CPU core, with the real GPT-2 vocabulary.
 TINY_ARGS = ["--preset", "tiny", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
              "--batch_size", "2", "--warmup_steps", "3", "--learning_rate", "3e-3", "--min_lr", "3e-4",
-             "--val_steps", "2", "--seed", "7", "--checkpoint_minutes", "0"]
+             "--val_steps", "2", "--seed", "7", "--checkpoint_minutes", "0", "--no-compile"]
 
 
 # Saves exactly when due (no background writer that may still be busy, no overhead budget to stretch the

@@ -62,6 +62,8 @@ MIRROR_UNIT = "tests/test_mirror.py::"
 MULTINODE = "tests/test_multinode.py::"
 SIGNALS = "tests/test_signals_and_helpers.py::"
 MANAGER = "tests/test_checkpoint_manager.py::"
+SPEED = "tests/test_gpu_speed.py::"
+GPU_CHECK = "tests/test_gpu_check.py::"
 
 ROWS = [
     Row("fsyncs_removed", (
@@ -391,6 +393,31 @@ ROWS = [
     Row("a_best_upload_is_skipped_when_uploads_fall_behind", (
         ("best=BEST in names)", "best=False)"),
     ), (MIRROR_UNIT + "test_uploads_that_fall_behind_skip_to_the_newest",), path="src/mirror_upload.py"),
+    # issue 24: fast on the GPU you have (the parts CPU can check)
+    Row("not_compiled_by_default_on_cuda", (
+        ('return cfg.compile if cfg.compile is not None else device.type == "cuda"',
+         "return cfg.compile if cfg.compile is not None else False"),
+    ), (SPEED + "test_compile_is_on_by_default_on_cuda_off_on_cpu_and_no_compile_opts_out",)),
+    Row("compiling_not_announced", (
+        ('log.info("compiling the model with torch.compile', 'log.debug("compiling the model with torch.compile'),
+    ), (SPEED + "test_a_compiled_run_says_it_is_compiling_and_then_how_long_the_first_step_took",)),
+    Row("the_micro_batch_probe_draws_from_the_random_streams", (
+        ('        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):',
+         "        with contextlib.nullcontext():"),
+    ), (SPEED + "test_batch_size_auto_picks_the_largest_micro_batch_that_fits_and_learns_the_same",)),
+    Row("the_micro_batch_probe_keeps_the_smallest_that_fits", (
+        ("                lo = mid\n", "                lo = max(lo, 0)\n                hi = mid - 1\n"),
+    ), (SPEED + "test_batch_size_auto_picks_the_largest_micro_batch_that_fits_and_learns_the_same",)),
+    Row("auto_on_resume_forgets_the_checkpoints_choice", (
+        ('    if (recorded.get("device") == device_name(env.device)', '    if (False and recorded.get("device")'),
+    ), (SPEED + "test_auto_on_resume_keeps_the_checkpoints_choice_on_the_same_device_and_continues_bit_exact",)),
+    Row("fp8_never_says_it_will_be_slower", (
+        ("        if n_embd <= widest and all(", "        if False and all("),
+    ), (SPEED + "test_fp8_says_at_start_when_it_is_expected_to_be_slower_from_what_was_measured",), path="src/fp8.py"),
+    Row("gpu_check_only_forgets_what_an_item_needs", (
+        ("        wanted = set(args.only or ITEMS) | ({2} if set(args.only or ITEMS) & NEEDS_ITEM_2 else set())",
+         "        wanted = set(args.only or ITEMS)"),
+    ), (GPU_CHECK + "test_gpu_check_only_runs_the_items_asked_for_and_those_they_need",), path="benchmarks/gpu_check.py"),
     # issue 21.3: an outage never fills the disk
     Row("a_pending_best_is_never_superseded", (
         ("return not self.epoch and (not self.best or newer.best)", "return not self.epoch and not self.best"),

@@ -40,7 +40,7 @@ def test_preset_overrides():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(preset="gpt5"), "unknown --preset"),
     (dict(preset="tiny", n_head=3), "divisible by n_head"),
-    (dict(batch_size=0), "--batch_size must be at least 1"),
+    (dict(batch_size=0), "--batch_size must be a positive number of sequences or auto"),
     (dict(min_lr=1.0, learning_rate=0.1), "--min_lr"),
     (dict(checkpoint_minutes=-1.0), "--checkpoint_minutes"),
     (dict(max_checkpoint_overhead=0.0), "--max_checkpoint_overhead"),

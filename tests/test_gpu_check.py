@@ -73,3 +73,15 @@ def test_runs_compile_side_by_side_pause_and_are_measured_one_at_a_time(tmp_path
         pause.close()
         for run in runs:
             run.kill()
+
+
+def test_gpu_check_only_runs_the_items_asked_for_and_those_they_need(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = start(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", "--only", "5", "--out",
+                  str(tmp_path)], env=env)
+    out = finish(proc, 180)
+    assert proc.returncode == 0, out[-4000:]
+    table = (tmp_path / "gpu_check_results.md").read_text()
+    rows = sorted(int(m[1]) for m in re.finditer(r"^\| (\d)\. ", table, re.M))
+    assert rows == [2, 5] and "(items 2, 5 only)" in table  # item 5 reads item 2's memory curves
+    assert not (tmp_path / "runs" / "saving").exists()  # item 3 did not run
