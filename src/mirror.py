@@ -62,7 +62,7 @@ class Mirror:
 
     def __init__(self, url: str, keep_last: int = 10, *, run_id: str | None = None, timeout_seconds: float = 60.0,
                  retry_initial_seconds: float = 1.0, retry_max_seconds: float = 60.0,
-                 failure_log_interval_seconds: float = 300.0, part_bytes: int = 64 << 20,
+                 failure_log_interval_seconds: float = 300.0, part_bytes: int = 64 << 20, parallel_parts: int = 4,
                  min_upload_rate_bytes_per_second: float = 1e6, storage_options: dict[str, Any] | None = None):
         """url: any fsspec URL (s3://bucket/prefix, gs://..., az://..., file:///path) or a plain local path.
 
@@ -70,12 +70,14 @@ class Mirror:
         fetches (None: copies written without one; another run's copies are never touched). timeout_seconds: to
         connect and to wait for an answer (S3). retry_*: backoff between failed attempts.
         failure_log_interval_seconds: at most one loud failure line per this interval. part_bytes: the multipart
-        upload's part size (the memory one upload holds; S3: >= 5 MiB).
+        upload's part size (S3: >= 5 MiB); parallel_parts: S3 parts sent side by side (the memory one upload holds
+        is about parallel_parts x part_bytes: 256 MB by default).
         min_upload_rate_bytes_per_second: an S3 request slower than this (after timeout_seconds) counts as hung.
         storage_options: extra fsspec options (they override the defaults chosen here)."""
         if keep_last < 0:
             raise MirrorError(f"the mirror's keep_last must be >= 0, not {keep_last}")
         self.store = RemoteStore(url, run_id=run_id, timeout_seconds=timeout_seconds, part_bytes=part_bytes,
+                                 parallel_parts=parallel_parts,
                                  min_upload_rate_bytes_per_second=min_upload_rate_bytes_per_second,
                                  storage_options=storage_options)
         self.uploader = Uploader(self.store, keep_last, retry_initial_seconds=retry_initial_seconds,

@@ -81,7 +81,7 @@ class RemoteStore:
     orphan_grace_seconds = 60.0
 
     def __init__(self, url: str, *, run_id: str | None = None, timeout_seconds: float = 60.0,
-                 part_bytes: int = 64 << 20, min_upload_rate_bytes_per_second: float = 1e6,
+                 part_bytes: int = 64 << 20, parallel_parts: int = 4, min_upload_rate_bytes_per_second: float = 1e6,
                  storage_options: dict[str, Any] | None = None):
         """See Mirror: the URL, the run whose checkpoints this store writes and keeps, how long a request may take."""
         self.run_id = run_id
@@ -90,6 +90,7 @@ class RemoteStore:
         self.timeout_seconds = timeout_seconds
         self.min_upload_rate_bytes_per_second = min_upload_rate_bytes_per_second
         self.part_bytes = part_bytes
+        self.parallel_parts = max(1, parallel_parts)
         clean_url, user, secret = split_userinfo(url)
         protocol = clean_url.partition("://")[0] if "://" in clean_url else "file"
         options = dict(storage_options or {})

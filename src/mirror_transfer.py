@@ -1,9 +1,12 @@
 """Moving bytes to and from the mirror (see mirror.py): a checkpoint file up as one blob (S3: one PUT or a multipart
-upload, each request with a deadline; any other fsspec filesystem: a stream), a small object in one piece, and a
+upload with parts sent side by side, each request with a deadline; any other fsspec filesystem: a stream), a small object in one piece, and a
 blob down, checked against its manifest's size and sha256."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import datetime
 import hashlib
@@ -81,40 +84,53 @@ def put_blob(store: RemoteStore, blob: str, read: Callable[[int], bytes]) -> int
 
 
 def _put_s3(store: RemoteStore, blob: str, read: Callable[[int], bytes]) -> int:
-    """S3: one PUT, or a multipart upload of part_bytes parts, each call with a deadline. botocore's timeouts
-    cover connecting and waiting for an answer but not sending: a hung server that accepts the connection and
-    never reads would block a send forever, so every call is cancelled after timeout_seconds plus its bytes at
+    """S3: one PUT, or a multipart upload of part_bytes parts with up to parallel_parts of them in flight at once
+    (read, and hashed, in order; sent side by side), each call with a deadline. botocore's timeouts cover connecting
+    and waiting for an answer but not sending: a hung server that accepts the connection and never reads would
+    block a send forever, so every call is cancelled after timeout_seconds plus its bytes at
     min_upload_rate_bytes_per_second."""
-    from fsspec.asyn import sync
-    from fsspec.exceptions import FSTimeoutError
-
     bucket, key, _ = store.fs.split_path(blob)
 
-    def call(method: str, nbytes: int = 0, **kwargs):
+    def start(method: str, nbytes: int = 0, **kwargs) -> tuple[concurrent.futures.Future, str, float]:
         # room for botocore's two attempts and its backoff between them, then the bytes at the slowest rate
         deadline = 2 * store.timeout_seconds + 1 + nbytes / store.min_upload_rate_bytes_per_second
+        call = asyncio.wait_for(store.fs._call_s3(method, Bucket=bucket, Key=key, **kwargs), deadline)
+        return asyncio.run_coroutine_threadsafe(call, store.fs.loop), method, deadline
+
+    def answer(started: tuple[concurrent.futures.Future, str, float]):
+        future, method, deadline = started
         try:
-            return sync(store.fs.loop, store.fs._call_s3, method, Bucket=bucket, Key=key, timeout=deadline, **kwargs)
-        except FSTimeoutError:
+            return future.result()
+        except (asyncio.TimeoutError, TimeoutError):
             raise TimeoutError(f"{method} got no answer within {deadline:.3g} s") from None
 
     part = read(store.part_bytes)
     size = len(part)
     if size < store.part_bytes:
-        call("put_object", size, Body=part)
+        answer(start("put_object", size, Body=part))
         return size
-    upload_id = call("create_multipart_upload")["UploadId"]
+    upload_id = answer(start("create_multipart_upload"))["UploadId"]
+    in_flight: collections.deque = collections.deque()  # (part number, started call), oldest first
     try:
         parts = []
         while part:
-            answer = call("upload_part", len(part), UploadId=upload_id, PartNumber=len(parts) + 1, Body=part)
-            parts.append(dict(PartNumber=len(parts) + 1, ETag=answer["ETag"]))
-            part = read(store.part_bytes)
+            number = len(parts) + len(in_flight) + 1
+            in_flight.append((number, start("upload_part", len(part), UploadId=upload_id, PartNumber=number,
+                                            Body=part)))
+            while len(in_flight) >= store.parallel_parts:
+                done, started = in_flight.popleft()  # the oldest first: the memory held stays bounded
+                parts.append(dict(PartNumber=done, ETag=answer(started)["ETag"]))
+            part = read(store.part_bytes) if len(part) == store.part_bytes else b""
             size += len(part)
-        call("complete_multipart_upload", UploadId=upload_id, MultipartUpload=dict(Parts=parts))
+        while in_flight:
+            done, started = in_flight.popleft()
+            parts.append(dict(PartNumber=done, ETag=answer(started)["ETag"]))
+        answer(start("complete_multipart_upload", UploadId=upload_id, MultipartUpload=dict(Parts=parts)))
     except BaseException:
+        for _, (future, _, _) in in_flight:
+            future.cancel()
         with contextlib.suppress(Exception):  # else the parts wait on the server for its lifecycle rules
-            call("abort_multipart_upload", UploadId=upload_id)
+            answer(start("abort_multipart_upload", UploadId=upload_id))
         raise
     return size
 

@@ -2529,30 +2529,39 @@ class AllocationLimit(TorchDispatchMode):
 def micro_batch_fits(raw_model: GPT, optimizer: torch.optim.Optimizer, batch: int, device: torch.device, autocast,
                      limit: AllocationLimit | None) -> bool:
     """Whether one forward and backward pass of `batch` full-length sequences fits beside the weights, gradients and
-    AdamW's two moments (set aside here if the optimizer has none yet). The model, its gradients and every random
-    stream are as they were afterwards."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    moments = [] if optimizer.state else [torch.empty_like(p) for p in params for _ in range(2)]
+    AdamW's two moments; on a GPU, with its peak below GPU_MEMORY_HEADROOM of the memory this process can have (free
+    now plus what its allocator holds: the CUDA context and NCCL's buffers are already taken). The model, its
+    gradients and every random stream are as they were afterwards."""
+    cuda = device.type == "cuda"
+    if cuda:  # a clean start: nothing a previous probe left counts against this one
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        budget = GPU_MEMORY_HEADROOM * (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device))
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            with limit if limit is not None else contextlib.nullcontext():
-                x = torch.zeros((batch, raw_model.config.block_size), dtype=torch.long, device=device)
-                with autocast():
-                    _, loss = raw_model(x, x)
-                loss.backward()
-        if device.type != "cuda":
-            return True
-        torch.cuda.synchronize(device)
-        total = torch.cuda.get_device_properties(device).total_memory
-        return torch.cuda.max_memory_allocated(device) <= GPU_MEMORY_HEADROOM * total
+        _forward_backward(raw_model, optimizer, batch, device, autocast, limit)  # its tensors die with its frame
     except torch.OutOfMemoryError:
         return False
     finally:
         raw_model.zero_grad(set_to_none=True)
-        del moments
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+    if not cuda:
+        return True
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_reserved(device) <= budget
+
+
+def _forward_backward(raw_model: GPT, optimizer: torch.optim.Optimizer, batch: int, device: torch.device, autocast,
+                      limit: AllocationLimit | None) -> None:
+    """micro_batch_fits' pass, with AdamW's two moments set aside meanwhile if the optimizer has none yet (they are
+    created at its first step), under the test hook's limit if any, and the random streams restored after."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    moments = [] if optimizer.state else [torch.empty_like(p) for p in params for _ in range(2)]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with limit if limit is not None else contextlib.nullcontext():
+            x = torch.zeros((batch, raw_model.config.block_size), dtype=torch.long, device=device)
+            with autocast():
+                loss = raw_model(x, x)[1]  # the logits are not kept (train_step does the same)
+            loss.backward()
+    del moments
 
 
 def choose_micro_batch(cfg: TrainConfig, env: DistEnv, raw_model: GPT, optimizer: torch.optim.Optimizer, autocast,
@@ -2564,7 +2573,9 @@ def choose_micro_batch(cfg: TrainConfig, env: DistEnv, raw_model: GPT, optimizer
     if cfg.batch_size != "auto":
         return cfg.batch_size
     per_rank = cfg.total_batch_size // raw_model.config.block_size // env.world_size
-    candidates = [b for b in range(1, per_rank + 1) if per_rank % b == 0] or [1]  # else the loader says what is wrong
+    block = raw_model.config.block_size
+    candidates = [b for b in range(1, per_rank + 1) if per_rank % b == 0  # else the loader says what is wrong
+                  and not (cfg.fp8 and not cfg.fp8_emulate and b * block % 16)] or [1]  # float8 matmul shapes
     limit = AllocationLimit.for_tests()
     if env.device.type != "cuda" and limit is None:
         chosen = max(b for b in candidates if b <= CPU_MICRO_BATCH)
@@ -2585,7 +2596,13 @@ def choose_micro_batch(cfg: TrainConfig, env: DistEnv, raw_model: GPT, optimizer
             else:
                 hi = mid - 1
         chosen, how = (candidates[lo] if lo >= 0 else 0), "the largest that fits"
-    chosen = min(gather_from_all(env, chosen))
+    here, chosen = chosen, min(gather_from_all(env, chosen))
+    if chosen != here:
+        how = f"the largest that fits on every rank (this one fits {here})"
+    if recorded.get("size") not in (None, chosen) and point.world_size == env.world_size:
+        log.warning("batch_size auto: %d sequences per micro-step, not the checkpoint's %d (%s): the losses will not "
+                    "match the original run's bit for bit", chosen, recorded["size"],
+                    "another GPU model" if recorded.get("device") != device_name(env.device) else "it no longer fits")
     if chosen == 0:
         raise UserError(f"the model does not fit on {device_name(env.device)} even one sequence at a time (forward "
                         "and backward beside the weights and AdamW's moments): use a smaller --preset or "
@@ -2616,7 +2633,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Shard
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model.require_backward_grad_sync = micro_step == loader.grad_accum_steps - 1  # sync on the last only
         with autocast():
-            _, loss = model(x, y)
+            loss = model(x, y)[1]  # the logits die here, not after the next forward
         loss = loss / loader.grad_accum_steps
         loss_sum += loss.detach()
         loss.backward()
@@ -2654,7 +2671,7 @@ def evaluate(model: nn.Module, val_loader: ValLoader, env: DistEnv, val_steps: i
     for i in range(val_steps):
         x, y = val_loader.batch(i)
         with autocast():
-            _, loss = model(x, y)
+            loss = model(x, y)[1]  # the logits die here, not after the next forward
         total += loss.float()
     total /= val_steps
     if env.distributed:
@@ -2927,6 +2944,11 @@ def compile_if_wanted(raw_model: GPT, cfg: TrainConfig, device: torch.device) ->
     """torch.compile(raw_model) where compiles() says so, announced: the first step and the first evaluation wait for
     the compiler, which would otherwise look like a hang (StepReporter says how long it took)."""
     if not compiles(cfg, device):
+        return raw_model
+    if cfg.compile is None and not any(shutil.which(c) for c in (os.environ.get("CC", "cc"), "gcc", "clang")):
+        log.warning("not compiling the model: torch.compile's GPU kernels (Triton) need a C compiler and none was "
+                    "found (cc, gcc, clang). Training runs uncompiled, about 0.72x as fast on an H200; install gcc, "
+                    "or say --no-compile to silence this")
         return raw_model
     log.info("compiling the model with torch.compile (%s): the first step and the first evaluation wait for it (25 s "
              "for GPT-2 124M on an H200, measured by benchmarks/gpu_check.sh); --no-compile skips it",
@@ -3274,7 +3296,7 @@ def settle_ddp_buckets(model: nn.parallel.DistributedDataParallel, loader: Shard
     rng = capture_rng_state(loader.device)
     x, y = loader.micro_batch(0)
     with autocast():
-        _, loss = model(x, y)
+        loss = model(x, y)[1]
     loss.backward()
     for p in model.parameters():
         p.grad = None

@@ -116,3 +116,17 @@ def test_fp8_says_at_start_when_it_is_expected_to_be_slower_from_what_was_measur
                                                                                                "tensorwise")):
         assert "was not measured on a GPU of compute capability" in fp8.outlook(capability, width, recipe)
     assert "MXFP8" in fp8.outlook((10, 0), 768, "tensorwise")
+
+
+def test_without_a_c_compiler_the_default_runs_uncompiled_and_says_why(monkeypatch, caplog):
+    """torch.compile's GPU kernels (Triton) need a C compiler: on a machine without one the default (auto) does not
+    crash the first step, it trains uncompiled and says so; an explicit --compile is left to fail as asked."""
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(T.shutil, "which", lambda name: None)
+    monkeypatch.setattr(T.torch, "compile", lambda m: ("compiled", m))
+    with caplog.at_level("WARNING", logger="train"):
+        assert T.compile_if_wanted(model, T.TrainConfig(), CUDA) is model
+    assert "not compiling the model: torch.compile's GPU kernels (Triton) need a C compiler" in caplog.text
+    assert T.compile_if_wanted(model, T.TrainConfig(compile=True), CUDA) == ("compiled", model)
+    monkeypatch.setattr(T.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert T.compile_if_wanted(model, T.TrainConfig(), CUDA) == ("compiled", model)
