@@ -61,3 +61,29 @@ def s3_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session", params=["gs", "az"])
+def other_store(request, tmp_path_factory):
+    """A local emulator of Google Cloud Storage (gcp-storage-emulator) or Azure Blob Storage (Azurite) for the whole
+    session: see tests/store_emulators.py. Skips when the emulator or the fsspec backend (gcsfs, adlfs) is missing,
+    unless REQUIRE_OTHER_STORE_TESTS=1 (CI), where that is a failure."""
+    import importlib.util
+
+    from store_emulators import Azurite, GcsEmulator
+
+    kind = GcsEmulator if request.param == "gs" else Azurite
+    backend = "gcsfs" if request.param == "gs" else "adlfs"
+    missing = None if kind.binary() else f"no {kind.__name__} emulator (requirements-dev.txt; Azurite needs npm)"
+    if importlib.util.find_spec(backend) is None:
+        missing = f"no {backend} (pip install {backend})"
+    if missing:
+        reason = f"{missing}: the {request.param}:// mirror tests need it"
+        if os.environ.get("REQUIRE_OTHER_STORE_TESTS") == "1":
+            pytest.fail(reason + "; REQUIRE_OTHER_STORE_TESTS=1 requires them")
+        pytest.skip(reason)
+    emulator = kind.start(tmp_path_factory.mktemp(request.param))
+    try:
+        yield emulator
+    finally:
+        emulator.stop()

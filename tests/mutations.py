@@ -418,6 +418,10 @@ ROWS = [
         ("        wanted = set(args.only or ITEMS) | ({2} if set(args.only or ITEMS) & NEEDS_ITEM_2 else set())",
          "        wanted = set(args.only or ITEMS)"),
     ), (GPU_CHECK + "test_gpu_check_only_runs_the_items_asked_for_and_those_they_need",), path="benchmarks/gpu_check.py"),
+    # issue 21.7: parallel parts
+    Row("parallel_parts_completed_out_of_order", (
+        ('MultipartUpload=dict(Parts=parts)', 'MultipartUpload=dict(Parts=parts[::-1])'),
+    ), (MIRROR_UNIT + "test_an_upload_commits_blob_then_manifest_and_fetch_brings_it_back",), path="src/mirror_transfer.py"),
     # issue 21.3: an outage never fills the disk
     Row("a_pending_best_is_never_superseded", (
         ("return not self.epoch and (not self.best or newer.best)", "return not self.epoch and not self.best"),
