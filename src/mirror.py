@@ -6,9 +6,9 @@ The trainer imports this module only when --mirror is given, and calls it throug
     mirror.check()                                   # at start: one-line MirrorError if the mirror cannot be used
     mirror.submit(ckpt_dir / names[0], step, names, holder=manager)  # after each durable save; never blocks/raises
     mirror.status()                                  # plain numbers for the step line, metrics.jsonl, TensorBoard
-    mirror.wait(timeout_seconds); mirror.close()     # at the end of the run
+    mirror.finish(saved_step, wait_seconds)          # at the end of the run: waits, says where the last one is, closes
     mirror.fetch_newest_valid(manager, newer_than=step)  # resume: the mirror's, if newer, named by the manager
-    mirror.fetch(mirror.find_copy_of(path), manager)     # a node without rank 0's file
+    mirror.fetch(mirror.copy_of(path, ...)[0], manager)  # a node without rank 0's file (uploaded first if missing)
 
 Remote layout under the URL (s3://bucket/prefix):
 
@@ -36,25 +36,30 @@ Credentials come the standard way (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / A
 or as user:secret@ in the URL; no secret ever appears in a log line or an error message.
 
 The parts, one job each: mirror_store.py (the remote objects: names, manifests, what is committed, retention, the
-start-up probe, redaction), mirror_transfer.py (bytes up and down, each request with a deadline; one file committed
-as blob then manifest), mirror_upload.py (the background uploader: queue, pins, retries, status) and this module
-(the seam the trainer calls, and fetching back).
+start-up probe), mirror_secrets.py (the one redactor), mirror_transfer.py (bytes up and down, each request with a
+deadline; one file committed as blob then manifest), mirror_upload.py (the background uploader: its bounded queue,
+retries, status) and this module (the seam the trainer calls, fetching back, the end-of-run report).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mirror_store import CHUNK_BYTES, MirrorError, RemoteStore, one_line, redact_url
 from mirror_transfer import download
 from mirror_upload import Holder, Uploader
 
-__all__ = ["Mirror", "MirrorError", "redact_url"]
+__all__ = ["Mirror", "MirrorError", "SeveralRuns", "redact_url"]
 
 log = logging.getLogger("train")
+
+
+class SeveralRuns(MirrorError):
+    """A fetch that was to take the URL's only run found copies of several (the message lists them)."""
 
 
 class Mirror:
@@ -117,6 +122,27 @@ class Mirror:
         """Stop uploading (call wait() first to finish): an upload in progress is abandoned, pending ones dropped."""
         self.uploader.close(timeout_seconds)
 
+    def finish(self, saved_step: int, wait_seconds: float) -> bool:
+        """At the end of a run: wait up to wait_seconds for the uploads, say whether the run's last checkpoint
+        (saved_step) is on the mirror, and close. With nothing submitted in this process, the mirror is asked
+        whether it holds that step already. Returns whether it does."""
+        made_it = self.wait(wait_seconds)
+        status = self.status()
+        if not status["submitted"]:  # nothing saved in this launch: the run's newest may be on the mirror already
+            with contextlib.suppress(Exception):  # MirrorError: then it is reported as behind, below
+                held = [c["step"] for c in self.remote_checkpoints()]
+                made_it = saved_step in held
+                status = {**status, "committed_step": saved_step if made_it else max(held, default=None)}
+        made_it = made_it and status["committed_step"] == saved_step
+        if made_it:
+            log.info("mirror: the last checkpoint (step %d) is on %s", saved_step, self.redacted_url())
+        else:
+            log.error("MIRROR BEHIND: the last checkpoint (step %d) did not reach %s within %.0f s (the mirror holds "
+                      "step %s; last error: %s); it is on the local disk only", saved_step, self.redacted_url(),
+                      wait_seconds, status["committed_step"], status["last_error"])
+        self.close()
+        return made_it
+
     # fetching back ----------------------------------------------------------------------------------------
     def remote_checkpoints(self) -> list[dict]:
         """Committed checkpoints on the mirror, newest first (see RemoteStore.remote_checkpoints)."""
@@ -133,12 +159,20 @@ class Mirror:
         """Copy the blob of `entry` to tmp and check its size and sha256: None if it matches, else the problem."""
         return download(self.store, entry, tmp)
 
-    def fetch_newest_valid(self, target, newer_than: int = -1) -> tuple[Path, dict] | None:
+    def fetch_newest_valid(self, target, newer_than: int = -1, only_run: bool = False) -> tuple[Path, dict] | None:
         """Fetch (as fetch() does) this run's newest committed checkpoint after step `newer_than` that passes its
         manifest's size and sha256 and the target's verification, trying older ones in turn and logging why each was
-        skipped. Returns (its local path, manifest), or None if the mirror holds no valid checkpoint after that step.
+        skipped. only_run: the run is the URL's only one, whatever this mirror's run_id (SeveralRuns if it holds
+        several). Returns (its local path, manifest), or None if the mirror holds no valid checkpoint after that step.
         Raises MirrorError if the mirror cannot be read, OSError if the local folder cannot be written: neither means
         "nothing valid"."""
+        if only_run:
+            runs = self.runs()
+            if len(runs) > 1:
+                listing = "; ".join(f"run {run} (newest step {entry['step']}, written {entry['written_at'][:19]})"
+                                    for run, entry in runs.items())
+                raise SeveralRuns(f"the mirror {self.redacted_url()} holds checkpoints of several runs ({listing})")
+            self.store.run_id = next(iter(runs), None)
         candidates = [c for c in self.remote_checkpoints() if c["step"] > newer_than and c["run"] == self.store.run_id]
         skipped = []
         for entry in candidates:
@@ -167,6 +201,20 @@ class Mirror:
             while chunk := f.read(CHUNK_BYTES):
                 digest.update(chunk)
         return next((c for c in same_size if c["sha256"] == digest.hexdigest()), None)
+
+    def copy_of(self, local_path: Path, step: int, names: list[str], wait_seconds: float,
+                before_upload: Callable[[], None] = lambda: None) -> tuple[dict | None, str | None]:
+        """The committed copy of a local checkpoint file (see find_copy_of), uploading it first (before_upload()
+        called, then up to wait_seconds) if the mirror does not hold it. Returns (its entry or None, None if it was
+        there already, else what the upload ended with: "uploaded" or its last error)."""
+        entry = self.find_copy_of(local_path)
+        if entry is not None:
+            return entry, None
+        before_upload()
+        self.submit(local_path, step, names)
+        self.wait(wait_seconds)
+        entry = self.find_copy_of(local_path)
+        return entry, "uploaded" if entry is not None else str(self.status()["last_error"])
 
     def fetch(self, entry: dict, target) -> Path | None:
         """Download the checkpoint `entry` (from remote_checkpoints) for `target`, the local folder's owner (the

@@ -1,5 +1,6 @@
 """The mirror's remote side (see mirror.py): one fsspec filesystem under a root URL, the names of its objects, the
-manifests, what is committed, retention, and the start-up probe. Credentials are redacted from every message. Neither
+manifests, what is committed, retention, and the start-up probe. Credentials are redacted from every message
+(mirror_secrets.py). Neither
 thread nor queue here: the uploader (mirror_upload.py) and the fetch (mirror.py) use it."""
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import re
 import time
 import uuid
 from typing import Any
-from urllib.parse import unquote
+
+from mirror_secrets import redact_url, secrets_in, split_userinfo
 
 log = logging.getLogger("train")
 
@@ -23,7 +25,6 @@ ROLLING_NAME = re.compile(r"rolling_step_\d+\.pt")
 EPOCH_NAME = re.compile(r"epoch_\d+\.pt")
 STEM = re.compile(r"step_(\d+)-([0-9a-f]+)")
 S3_PROTOCOLS = ("s3", "s3a")
-SECRET_OPTIONS = ("secret", "password", "token", "account_key", "sas_token", "client_secret", "credential")
 
 
 class MirrorError(Exception):
@@ -34,41 +35,6 @@ def one_line(e: BaseException) -> str:
     """An exception as one short line: its type and message."""
     text = " ".join(str(e).split()) or "no message"
     return f"{type(e).__name__}: {text[:300]}"
-
-
-def split_userinfo(url: str) -> tuple[str, str | None, str | None]:
-    """(url without user:secret@, user, secret). A secret may hold an unescaped '/', as AWS secret keys do."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url, None, None
-    userinfo, at, host_path = rest.partition("@")
-    user, colon, secret = userinfo.partition(":")
-    if not at or "/" in user or (not colon and "/" in userinfo):
-        return url, None, None
-    return f"{scheme}://{host_path}", unquote(user), unquote(secret) if colon else None
-
-
-def redact_url(url: str) -> str:
-    """The URL as it may be shown or logged: without user:secret@ (a secret may hold '/', as AWS secret keys do) and
-    without a query string (SAS tokens, signatures). The one redactor: the trainer uses it too."""
-    clean = split_userinfo(url)[0]
-    if "://" in clean and "?" in clean:
-        clean = clean.partition("?")[0] + "?***"
-    return clean
-
-
-def secrets_in(url: str, options: dict[str, Any]) -> list[str]:
-    """Every string a message must never show: the URL's user:secret and its query values, the AWS secret
-    variables, secret storage options, and an access key id (not secret by itself, but nobody's business)."""
-    clean_url, user, secret = split_userinfo(url)
-    found = [secret, url.partition("://")[2].partition("@")[0] if user else None,
-             os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")]
-    found += [str(v) for k, v in options.items() if k in SECRET_OPTIONS and v]
-    if user and len(user) >= 8:
-        found.append(user)
-    query = clean_url.partition("?")[2] if "://" in clean_url else ""
-    found += [v for _, _, v in (p.partition("=") for p in query.split("&"))]
-    return [s for s in found if s and len(s) >= 3]
 
 
 class RemoteStore:

@@ -2364,25 +2364,8 @@ class Checkpointer:
             log.error("CHECKPOINT WRITE STUCK: %s; not waiting for it any longer. The newest checkpoint on disk is "
                       "step %d", self._stuck_problem(), self.watch.saved_step)
         self.report()
-        if self.mirror is not None:
-            self._finish_mirror()
-
-    def _finish_mirror(self) -> None:
-        mirror, saved_step, wait_seconds = self.mirror, self.watch.saved_step, self.cfg.mirror_wait_seconds
-        made_it = mirror.wait(wait_seconds)
-        status = mirror.status()
-        if not status["submitted"]:  # nothing saved in this launch: the run's newest may be on the mirror already
-            with contextlib.suppress(Exception):  # MirrorError: then it is reported as behind, below
-                held = [c["step"] for c in mirror.remote_checkpoints()]
-                made_it = saved_step in held
-                status = {**status, "committed_step": saved_step if made_it else max(held, default=None)}
-        if made_it and status["committed_step"] == saved_step:
-            log.info("mirror: the last checkpoint (step %d) is on %s", saved_step, mirror.redacted_url())
-        else:
-            log.error("MIRROR BEHIND: the last checkpoint (step %d) did not reach %s within %.0f s (the mirror holds "
-                      "step %s; last error: %s); it is on the local disk only", saved_step, mirror.redacted_url(),
-                      wait_seconds, status["committed_step"], status["last_error"])
-        mirror.close()
+        if self.mirror is not None:  # up to --mirror_wait_seconds for the last checkpoint, said either way
+            self.mirror.finish(self.watch.saved_step, self.cfg.mirror_wait_seconds)
 
     # what the loop reports --------------------------------------------------------------------------------
     @property
@@ -3425,18 +3408,12 @@ def fetch_from_mirror(manager: CheckpointManager, mirror_url: str, newer_than: i
     """Run run_id's newest valid checkpoint on the mirror after step newer_than, fetched for `manager` (reading only:
     read-only credentials do); None if it holds none. choose (no local checkpoint): without run_id, the URL's only
     run, and a UserError that lists them when it holds several. A mirror that cannot be read is a UserError."""
-    from mirror import MirrorError
+    from mirror import MirrorError, SeveralRuns
     mirror = open_mirror(mirror_url, keep_last=1, check=False, run_id=run_id)
     try:
-        if choose and run_id is None:
-            runs = mirror.runs()
-            if len(runs) > 1:
-                listing = "; ".join(f"run {run} (newest step {entry['step']}, written {entry['written_at'][:19]})"
-                                    for run, entry in runs.items())
-                raise UserError(f"the mirror {mirror.redacted_url()} holds checkpoints of several runs ({listing}): "
-                                "choose one with --run_id ID")
-            mirror.store.run_id = next(iter(runs), None)
-        return mirror.fetch_newest_valid(manager, newer_than=newer_than)
+        return mirror.fetch_newest_valid(manager, newer_than=newer_than, only_run=choose and run_id is None)
+    except SeveralRuns as e:
+        raise UserError(f"{e}: choose one with --run_id ID") from None
     except MirrorError as e:
         raise UserError(str(e)) from None
     finally:
@@ -3468,22 +3445,16 @@ def checkpoint_for_every_node(manager: CheckpointManager, path: Path, mirror_url
     from mirror import MirrorError
     mirror = open_mirror(mirror_url, keep_last=keep_last, check=False)
     try:
-        entry = mirror.find_copy_of(path)
+        rolling = manager.rolling_path(step)
+        names = [rolling.name, manager.LATEST] if rolling.exists() and rolling.samefile(path) else [path.name]
+        entry, problem = mirror.copy_of(path, step, names, wait_seconds, before_upload=lambda: log.warning(
+            "%s (no storage every node shares), and the mirror %s does not hold it yet: uploading it now (at most "
+            "%.0f s) so that every node resumes from this step", where, mirror.redacted_url(), wait_seconds))
         if entry is None:
-            log.warning("%s (no storage every node shares), and the mirror %s does not hold it yet: uploading it now "
-                        "(at most %.0f s) so that every node resumes from this step", where, mirror.redacted_url(),
-                        wait_seconds)
-            rolling = manager.rolling_path(step)
-            names = [rolling.name, manager.LATEST] if rolling.exists() and rolling.samefile(path) else [path.name]
-            mirror.submit(path, step, names)
-            mirror.wait(wait_seconds)
-            entry = mirror.find_copy_of(path)
-            if entry is None:
-                raise UserError(f"{where}, the mirror {mirror.redacted_url()} does not hold it, and uploading it "
-                                f"failed within {wait_seconds:.0f} s ({mirror.status()['last_error']}): fix the "
-                                "mirror and start again, or copy the checkpoint folder to every node. No node was "
-                                "changed")
-        else:
+            raise UserError(f"{where}, the mirror {mirror.redacted_url()} does not hold it, and uploading it "
+                            f"failed within {wait_seconds:.0f} s ({problem}): fix the mirror and start again, or "
+                            "copy the checkpoint folder to every node. No node was changed")
+        if problem is None:
             log.warning("%s (no storage every node shares): their node(s) fetch it from the mirror %s", where,
                         mirror.redacted_url())
     except MirrorError as e:
