@@ -141,7 +141,7 @@ class Uploader:
                     "newer checkpoint goes instead once the mirror answers)", job.step)
 
     def _finish(self, job: _Job, state: str) -> None:
-        """Retire a job (lock held): drop it from the queue, release its file and pin, count it."""
+        """Retire a job (lock held): drop it from the queue, close its file, let its holder go of it, count it."""
         job.state = state
         if job in self._pending:
             self._pending.remove(job)

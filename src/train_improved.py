@@ -1530,7 +1530,10 @@ class CheckpointManager:
         for kind, paths in self._sacrifices():
             before = free
             for p in paths:
-                self.held.release(p) if kind == "held" else p.unlink()
+                if kind == "held":
+                    self.held.release(p)  # its reader closes it and lets go (not the one being read right now)
+                else:
+                    p.unlink()
             free = self.free_bytes()
             if kind not in self._announced:
                 self._announced.add(kind)
