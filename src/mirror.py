@@ -130,7 +130,7 @@ class Mirror:
         status = self.status()
         if not status["submitted"]:  # nothing saved in this launch: the run's newest may be on the mirror already
             with contextlib.suppress(Exception):  # MirrorError: then it is reported as behind, below
-                held = [c["step"] for c in self.remote_checkpoints()]
+                held = [c["step"] for c in self.remote_checkpoints() if c["run"] == self.store.run_id]
                 made_it = saved_step in held
                 status = {**status, "committed_step": saved_step if made_it else max(held, default=None)}
         made_it = made_it and status["committed_step"] == saved_step
@@ -214,7 +214,9 @@ class Mirror:
         self.submit(local_path, step, names)
         self.wait(wait_seconds)
         entry = self.find_copy_of(local_path)
-        return entry, "uploaded" if entry is not None else str(self.status()["last_error"])
+        if entry is not None:
+            return entry, "uploaded"
+        return None, self.status()["last_error"] or f"not committed within {wait_seconds:.0f} s"
 
     def fetch(self, entry: dict, target) -> Path | None:
         """Download the checkpoint `entry` (from remote_checkpoints) for `target`, the local folder's owner (the

@@ -129,6 +129,8 @@ def _put_s3(store: RemoteStore, blob: str, read: Callable[[int], bytes]) -> int:
     except BaseException:
         for _, (future, _, _) in in_flight:
             future.cancel()
+        # the cancels take effect on the loop: a part still being sent could land after the abort (S3 keeps it then)
+        concurrent.futures.wait([future for _, (future, _, _) in in_flight], timeout=store.timeout_seconds)
         with contextlib.suppress(Exception):  # else the parts wait on the server for its lifecycle rules
             answer(start("abort_multipart_upload", UploadId=upload_id))
         raise

@@ -27,8 +27,9 @@ class Holder(Protocol):
     """The owner of the folder a submitted file is in (the trainer's CheckpointManager): it keeps the file's content
     on disk until let go, and may ask for it back when it needs the space."""
 
-    def hold(self, path: Path, release: Callable[[], None]) -> Any:
-        """Keep the content of `path` (None if it cannot); release() is called if the space is needed."""
+    def hold(self, path: Path, release: Callable[[], bool]) -> Any:
+        """Keep the content of `path` (None if it cannot); release() is called if the space is needed and says
+        whether the file was given up."""
 
     def let_go(self, held: Any) -> None:
         """The content is no longer needed."""
@@ -130,15 +131,16 @@ class Uploader:
                 self._thread.start()
             self._cond.notify_all()
 
-    def _release(self, job: _Job) -> None:
-        """The holder needs the space of a waiting job's file: give the job up. The upload being read (or retried)
-        keeps its file: a file is given up only between attempts, never halfway through."""
+    def _release(self, job: _Job) -> bool:
+        """The holder needs the space of a waiting job's file: give the job up; whether it was. The upload being
+        read keeps its file: a file is given up only between attempts, never halfway through."""
         with self._cond:
             if job.state != "pending" or job is self._current:
-                return
+                return False
             self._finish(job, "skipped")
         log.warning("mirror: step %d will not be copied off the machine: its file's space was needed for a save (a "
                     "newer checkpoint goes instead once the mirror answers)", job.step)
+        return True
 
     def _finish(self, job: _Job, state: str) -> None:
         """Retire a job (lock held): drop it from the queue, close its file, let its holder go of it, count it."""
@@ -162,7 +164,9 @@ class Uploader:
             with self._cond:
                 while not self._pending and not self._closed:
                     self._cond.wait()
-                if self._closed:
+                if self._closed:  # close() left the one in flight then; it may have ended in a failure since
+                    for job in list(self._pending):
+                        self._finish(job, "skipped")
                     return
                 job = self._pick()
                 picked_newest = job is self._pending[-1]

@@ -1233,12 +1233,13 @@ class HeldFiles:
     def __init__(self, directory: Path):
         self.dir = directory
         self._lock = threading.Lock()  # hold()/let_go() come from the loop, release() from the writer thread
-        self._links: dict[Path, Callable[[], None]] = {}  # link -> the reader's release(), oldest first
+        self._links: dict[Path, Callable[[], bool]] = {}  # link -> the reader's release(), oldest first
         self._count = 0
 
-    def hold(self, path: Path, release: Callable[[], None]) -> Path | None:
+    def hold(self, path: Path, release: Callable[[], bool]) -> Path | None:
         """Keep the content of `path` until let_go(link); None where hard links are refused (the reader then
-        checks the file did not change). release() is called if make_room needs the space."""
+        checks the file did not change). release() is called if make_room needs the space; it returns whether the
+        reader gave the file up (it keeps one it is reading)."""
         with self._lock:
             self._count += 1
             link = self.dir / f"{self.PREFIX}{self._count}.pt"
@@ -1251,10 +1252,12 @@ class HeldFiles:
             return link
 
     def let_go(self, link: Path) -> None:
-        """The reader is done with the file held by `link`."""
+        """The reader is done with the file held by `link`. Never raises: a link that cannot be removed now (a
+        read-only folder) is removed with the other .tmp-* files at the next start."""
         with self._lock:
             self._links.pop(link, None)
-            link.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                link.unlink(missing_ok=True)
 
     def unshared(self) -> list[Path]:
         """The held files no checkpoint name holds any more (giving them up frees their space), oldest first."""
@@ -1262,12 +1265,11 @@ class HeldFiles:
             links = list(self._links)
         return [link for link in links if (st := self._stat(link)) is not None and st.st_nlink == 1]
 
-    def release(self, link: Path) -> None:
-        """Ask the reader of `link` to give it up (it calls let_go once its file is closed)."""
+    def release(self, link: Path) -> bool:
+        """Ask the reader of `link` to give it up (it calls let_go once its file is closed); whether it did."""
         with self._lock:
             release = self._links.get(link)
-        if release is not None:  # outside the lock: the reader's let_go takes it
-            release()
+        return release is not None and release()  # outside the lock: the reader's let_go takes it
 
     @staticmethod
     def _stat(path: Path) -> os.stat_result | None:
@@ -1383,6 +1385,13 @@ class CheckpointManager:
         """Every checkpoint name in the directory: the fallback order, then best_model.pt."""
         best = self.dir / self.BEST
         return self.fallback_order() + ([best] if best.exists() else [])
+
+    def lasting_name(self, names: list[str]) -> Path:
+        """Of one save's names, the one whose file stays longest: an epoch file (never pruned), else best_model.pt
+        (until the next best), else the first (the rolling one). The mirror uploads it: held for its upload, it then
+        costs no disk beyond what the folder keeps anyway."""
+        epoch = [n for n in names if n.startswith("epoch_")]
+        return self.dir / (epoch[0] if epoch else self.BEST if self.BEST in names else names[0])
 
     def incoming_path(self) -> Path:
         """Where a checkpoint fetched from elsewhere (the mirror) is written before adopt() names it: a .tmp-* name
@@ -1529,13 +1538,13 @@ class CheckpointManager:
             return
         for kind, paths in self._sacrifices():
             before = free
-            for p in paths:
-                if kind == "held":
-                    self.held.release(p)  # its reader closes it and lets go (not the one being read right now)
-                else:
+            if kind == "held":  # its reader closes it and lets go; not the one being read right now
+                paths = [p for p in paths if self.held.release(p)]
+            else:
+                for p in paths:
                     p.unlink()
             free = self.free_bytes()
-            if kind not in self._announced:
+            if paths and kind not in self._announced:
                 self._announced.add(kind)
                 log.warning("DISK NEARLY FULL: gave up %s (%s freed) to save step %s; %s free now, %s needed. %s",
                             " + ".join(p.name for p in paths), format_bytes(free - before), step, format_bytes(free),
@@ -2344,7 +2353,7 @@ class Checkpointer:
         step, write_seconds, writer, policy = result["step"], result["write_seconds"], self.writer, self.policy
         self.watch.succeeded(step)
         if self.mirror is not None:  # durable and complete: copy it off the machine in the background
-            self.mirror.submit(self.manager.dir / result["names"][0], step, result["names"], self.manager.held)
+            self.mirror.submit(self.manager.lasting_name(result["names"]), step, result["names"], self.manager.held)
         # the fence's wait happened inside a step, so the policy sees it as step slowdown already; a synchronous
         # write is all blocked time, and only a background write can overlap the next one
         cost = policy.record(writer.submit_seconds, write_seconds if self.cfg.async_checkpoint else 0.0)
@@ -3435,7 +3444,8 @@ def checkpoint_fingerprint(path: Path) -> tuple | None:
 
 
 def checkpoint_for_every_node(manager: CheckpointManager, path: Path, mirror_url: str | None, blind: list[int],
-                              keep_last: int = 10, wait_seconds: float = 120.0) -> tuple[Path, tuple, dict]:
+                              keep_last: int = 10, wait_seconds: float = 120.0,
+                              run_id: str | None = None) -> tuple[Path, tuple, dict]:
     """Rank 0, when ranks `blind` cannot see its checkpoint `path` (nodes without shared storage): the mirror's
     copy of it, for their nodes to fetch. If the mirror does not hold it (the run died before its upload ended),
     rank 0 uploads it now and waits up to wait_seconds: every node resumes rank 0's checkpoint or none does; no node
@@ -3446,7 +3456,7 @@ def checkpoint_for_every_node(manager: CheckpointManager, path: Path, mirror_url
         raise UserError(f"{where}: on several machines, put --checkpoint_dir on storage every node shares, or give "
                         "--mirror so that each node fetches the checkpoint it needs")
     from mirror import MirrorError
-    mirror = open_mirror(mirror_url, keep_last=keep_last, check=False)
+    mirror = open_mirror(mirror_url, keep_last=keep_last, check=False, run_id=run_id)  # an upload is the run's own
     try:
         rolling = manager.rolling_path(step)
         names = [rolling.name, manager.LATEST] if rolling.exists() and rolling.samefile(path) else [path.name]
@@ -3482,7 +3492,7 @@ def share_checkpoint(env: DistEnv, manager: CheckpointManager, point: ResumePoin
         return point
     keep_last = point.args.get("keep_last", 10)  # what the run's mirror keeps: an upload here applies its retention
     fingerprint, entry = broadcast_from_main(env, lambda: checkpoint_for_every_node(
-        manager, point.path, mirror_url, blind, keep_last)[1:])
+        manager, point.path, mirror_url, blind, keep_last, run_id=point.args.get("run_id"))[1:])
     sees = seen == fingerprint
     problem = None
     if not sees and env.local_rank == 0:

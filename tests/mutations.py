@@ -190,7 +190,7 @@ ROWS = [
         ("            stop.watch_launcher()\n", "            pass\n"),
     ), (RESUME + "test_workers_stop_together_save_and_exit_when_torchrun_is_killed",)),
     Row("nothing_copied_to_the_mirror", (
-        ('            self.mirror.submit(self.manager.dir / result["names"][0], step, result["names"], self.manager.held)\n',
+        ('            self.mirror.submit(self.manager.lasting_name(result["names"]), step, result["names"], self.manager.held)\n',
          "            pass\n"),
     ), (MIRROR + "test_plain_folder_mirror_kill_the_run_delete_the_folder_and_continue_bit_exact",)),
     Row("resume_ignores_the_mirror", (
@@ -438,6 +438,13 @@ ROWS = [
     ), (MIRROR_UNIT + "test_an_outage_holds_back_only_the_newest_and_the_newest_best",), path="src/mirror_upload.py"),
     Row("the_disk_guard_never_takes_back_a_file_held_for_the_mirror", (
         ('        held = self.held.unshared()\n', '        held = []\n'),
+    ), (MIRROR_UNIT + "test_the_disk_guard_takes_back_a_file_held_only_for_the_mirror_before_any_checkpoint",)),
+    Row("a_close_during_a_failing_upload_leaves_it_pending", (
+        ("                    for job in list(self._pending):\n                        self._finish(job, \"skipped\")\n", ""),
+    ), (MIRROR_UNIT + "test_closing_while_an_upload_is_failing_lets_go_of_every_held_file",), path="src/mirror_upload.py"),
+    Row("uploads_held_through_the_rolling_name", (
+        ('        return self.dir / (epoch[0] if epoch else self.BEST if self.BEST in names else names[0])',
+         "        return self.dir / names[0]"),
     ), (MIRROR_UNIT + "test_the_disk_guard_takes_back_a_file_held_only_for_the_mirror_before_any_checkpoint",)),
     Row("files_for_the_mirror_not_held_on_disk", (
         ("                os.link(path, link)\n", "                raise OSError('no links')\n"),

@@ -102,7 +102,7 @@ class Checkpoints:
 
     def save(self, step, epoch=None, best=False):
         names = self.manager.save(with_step(self.state, step), epoch_completed=epoch, is_best=best)
-        return self.manager.dir / names[0], step, names, self.manager.held
+        return self.manager.lasting_name(names), step, names, self.manager.held
 
     def sha256(self, step):
         return hashlib.sha256(self.manager.rolling_path(step).read_bytes()).hexdigest()
@@ -319,30 +319,55 @@ def test_an_outage_holds_back_only_the_newest_and_the_newest_best(s3, mirrors, b
 
 def test_the_disk_guard_takes_back_a_file_held_only_for_the_mirror_before_any_checkpoint(s3, mirrors, base_state,
                                                                                          tmp_path, train_log):
-    """A file held for a pending upload (its checkpoint names pruned) counts as space the guard can take back: it
-    goes before any older checkpoint, the upload of it is given up, and the newest still goes up."""
+    """The files held for uploads are uploaded through their most lasting name (epoch, else best_model.pt), so they
+    cost no disk while that name lasts. One that outlived its names counts as space the guard can take back: a
+    waiting best whose best_model.pt a newer best just replaced, before that newer one reached the mirror. It goes
+    before any older checkpoint and its upload is given up; the file being uploaded keeps its own; the newest best
+    still goes up."""
     mirror = mirrors(fresh_url(s3), timeout_seconds=60.0)  # the upload in flight hangs through the whole test
     ck = Checkpoints(tmp_path / "ck", base_state, keep_last=2)
     s3.pause()
     try:
-        mirror.submit(*ck.save(1))  # in flight, hung: .tmp-held-1.pt
+        mirror.submit(*ck.save(1))  # in flight, hung: .tmp-held-1.pt (rolling_step_000001.pt, pruned below)
         until(lambda: mirror.status()["lag_seconds"] > 0.5, what="the upload of step 1 to hang")
-        mirror.submit(*ck.save(2, best=True))  # waits (.tmp-held-2.pt); the saves after it prune its rolling name
-        for step in (3, 4, 5):
-            mirror.submit(*ck.save(step))
-        in_flight, waiting = ck.manager.dir / ".tmp-held-1.pt", ck.manager.dir / ".tmp-held-2.pt"
-        assert waiting.stat().st_nlink == 1 and not ck.manager.rolling_path(2).exists()  # held for the mirror only
+        path, *rest = ck.save(2, best=True)
+        assert path.name == "best_model.pt"  # the lasting name of a best save
+        mirror.submit(path, *rest)  # waits: .tmp-held-2.pt, a second name of best_model.pt's file
+        waiting, in_flight = ck.manager.dir / ".tmp-held-2.pt", ck.manager.dir / ".tmp-held-1.pt"
+        assert waiting.stat().st_nlink == 2 and waiting.samefile(ck.manager.dir / "best_model.pt")
+        newer_best = ck.save(3, best=True)  # written; the loop has not handed it to the mirror yet
+        assert waiting.stat().st_nlink == 1 and in_flight.stat().st_nlink == 1  # both held for the mirror only now
         rolling_before = sorted(p.name for p in ck.manager.dir.glob("rolling_step_*"))
         ck.manager.free_bytes = lambda: 10 ** 12 if not waiting.exists() else 0
-        ck.manager.make_room(1 << 20, step=6)
+        ck.manager.make_room(1 << 20, step=4)
         assert not waiting.exists() and in_flight.exists()  # given back at once; the upload being read keeps its own
         assert sorted(p.name for p in ck.manager.dir.glob("rolling_step_*")) == rolling_before  # nothing else went
-        assert any("DISK NEARLY FULL: gave up .tmp-held-" in m for m in train_log)
+        assert any("DISK NEARLY FULL: gave up .tmp-held-2.pt (" in m for m in train_log)
         assert any("step 2 will not be copied off the machine" in m for m in train_log)
+        mirror.submit(*newer_best)
     finally:
         s3.resume()
     assert mirror.wait(120)
-    assert 5 in steps_on(mirror) and 2 not in steps_on(mirror)
+    assert 3 in steps_on(mirror) and 2 not in steps_on(mirror)
+    assert not list(ck.manager.dir.glob(".tmp-held-*"))
+
+
+def test_closing_while_an_upload_is_failing_lets_go_of_every_held_file(s3, mirrors, base_state, tmp_path,
+                                                                        train_log):
+    """close() during an upload that then fails (a hung server's timeout): the job is finished anyway, its file
+    closed and its hold let go, not left pending with a .tmp-held link until the next start."""
+    mirror = mirrors(fresh_url(s3), **QUICK)
+    ck = Checkpoints(tmp_path / "ck", base_state)
+    s3.pause()
+    try:
+        mirror.submit(*ck.save(1))
+        until(lambda: mirror.status()["lag_seconds"] > 0.5, what="the upload of step 1 to hang")
+        assert list(ck.manager.dir.glob(".tmp-held-*"))
+        mirror.close(timeout_seconds=30)  # the attempt times out after about 3.5 s (QUICK), then the thread ends
+        assert not mirror.uploader._thread.is_alive()
+        assert not list(ck.manager.dir.glob(".tmp-held-*")) and mirror.status()["pending"] == 0
+    finally:
+        s3.resume()
 
 
 def test_a_killed_server_records_errors_then_the_mirror_catches_up(s3, mirrors, base_state, tmp_path, train_log):
