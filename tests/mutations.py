@@ -442,6 +442,10 @@ ROWS = [
     Row("a_close_during_a_failing_upload_leaves_it_pending", (
         ("                    for job in list(self._pending):\n                        self._finish(job, \"skipped\")\n", ""),
     ), (MIRROR_UNIT + "test_closing_while_an_upload_is_failing_lets_go_of_every_held_file",), path="src/mirror_upload.py"),
+    Row("a_node_sharing_upload_belongs_to_no_run", (
+        ("    mirror = open_mirror(mirror_url, keep_last=keep_last, check=False, run_id=run_id)",
+         "    mirror = open_mirror(mirror_url, keep_last=keep_last, check=False)"),
+    ), (MIRROR_UNIT + "test_when_the_mirror_lacks_rank_0s_checkpoint_rank_0_uploads_it_and_no_node_rolls_back",)),
     Row("uploads_held_through_the_rolling_name", (
         ('        return self.dir / (epoch[0] if epoch else self.BEST if self.BEST in names else names[0])',
          "        return self.dir / names[0]"),

@@ -554,8 +554,9 @@ def test_when_the_mirror_lacks_rank_0s_checkpoint_rank_0_uploads_it_and_no_node_
         T.checkpoint_for_every_node(run.manager, path, url, blind=[2, 3], wait_seconds=1)
     assert T.CheckpointManager.load(path)["step"] == 8  # rank 0's newer file, untouched
     monkeypatch.setattr(Uploader, "_upload", upload)
-    chosen, fingerprint, entry = T.checkpoint_for_every_node(run.manager, path, url, blind=[2, 3])
+    chosen, fingerprint, entry = T.checkpoint_for_every_node(run.manager, path, url, blind=[2, 3], run_id="run-a")
     assert chosen == path and entry["step"] == 8 and fingerprint == T.checkpoint_fingerprint(path)
+    assert entry["run"] == "run-a"  # the run's own copy: its resume and retention see it
     assert any("rank(s) 2, 3 cannot see" in m and "does not hold it yet: uploading it now" in m for m in train_log)
     assert sorted(c["step"] for c in Mirror(url).remote_checkpoints()) == [5, 8]  # retention kept the older one
     node = T.CheckpointManager(tmp_path / "node2" / "ck")  # what that node's first rank then does
