@@ -3462,14 +3462,14 @@ def checkpoint_for_every_node(manager: CheckpointManager, path: Path, mirror_url
         names = [rolling.name, manager.LATEST] if rolling.exists() and rolling.samefile(path) else [path.name]
         entry, problem = mirror.copy_of(path, step, names, wait_seconds, before_upload=lambda: log.warning(
             "%s (no storage every node shares), and the mirror %s does not hold it yet: uploading it now (at most "
-            "%.0f s) so that every node resumes from this step", where, mirror.redacted_url(), wait_seconds))
+            "%.0f s) so that every node resumes from this step", where, redact_url(mirror_url), wait_seconds))
         if entry is None:
-            raise UserError(f"{where}, the mirror {mirror.redacted_url()} does not hold it, and uploading it "
+            raise UserError(f"{where}, the mirror {redact_url(mirror_url)} does not hold it, and uploading it "
                             f"failed within {wait_seconds:.0f} s ({problem}): fix the mirror and start again, or "
                             "copy the checkpoint folder to every node. No node was changed")
         if problem is None:
             log.warning("%s (no storage every node shares): their node(s) fetch it from the mirror %s", where,
-                        mirror.redacted_url())
+                        redact_url(mirror_url))
     except MirrorError as e:
         raise UserError(str(e)) from None
     finally:
