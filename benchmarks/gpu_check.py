@@ -1127,7 +1127,9 @@ def main(argv: list[str] | None = None) -> int:
         # order: the measurements first, alone on the machine (item 2's runs feed items 3, 5 and 6); then item 1
         # and item 6's compiling in the background beside item 4, and what is left of the budget for item 1; then
         # item 6's measurements, alone again
-        wanted = set(args.only or ITEMS) | ({2} if set(args.only or ITEMS) & NEEDS_ITEM_2 else set())
+        wanted = set(args.only or ITEMS)
+        if wanted & NEEDS_ITEM_2:
+            wanted.add(2)
         background_started = False
         for number, measure in ((2, check.throughput), (5, check.peak_memory), (3, check.async_checkpoint),
                                 (4, check.kill_and_resume), (1, check.cuda_tests), (6, check.fp8)):

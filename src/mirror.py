@@ -4,7 +4,7 @@ The trainer imports this module only when --mirror is given, and calls it throug
 
     mirror = Mirror(url, keep_last=cfg.keep_last)
     mirror.check()                                   # at start: one-line MirrorError if the mirror cannot be used
-    mirror.submit(ckpt_dir / names[0], step, names, holder=manager)  # after each durable save; never blocks/raises
+    mirror.submit(manager.lasting_name(names), step, names, manager.held)  # after each durable save; never raises
     mirror.status()                                  # plain numbers for the step line, metrics.jsonl, TensorBoard
     mirror.finish(saved_step, wait_seconds)          # at the end of the run: waits, says where the last one is, closes
     mirror.fetch_newest_valid(manager, newer_than=step)  # resume: the mirror's, if newer, named by the manager
@@ -26,8 +26,8 @@ before its blob.
 Uploads run in one background thread, the newest submission first. What waits is bounded however long the mirror
 is down: a newer submission supersedes a pending one that holds only rolling names, a newer best a pending best
 (they are skipped and counted); only epoch checkpoints are never superseded. Until its upload ends, a submitted file
-is held open and held on disk by the folder's owner (the trainer's CheckpointManager.hold: a hard link its own
-retention leaves alone, which its disk-space guard may take back, giving that upload up).
+is held open and held on disk by the folder's owner (the trainer's HeldFiles: a hard link its retention leaves
+alone, which its disk-space guard may take back, giving that upload up).
 Failures (network, server, permission) never reach the caller: the thread retries with exponential backoff, going
 for the newest submission, logs loudly at most once per failure_log_interval_seconds and once when it recovers.
 An S3 request that gets no answer, or sends slower than min_upload_rate_bytes_per_second, is cancelled: a hung

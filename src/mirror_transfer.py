@@ -1,6 +1,6 @@
 """Moving bytes to and from the mirror (see mirror.py): a checkpoint file up as one blob (S3: one PUT or a multipart
-upload with parts sent side by side, each request with a deadline; any other fsspec filesystem: a stream), a small object in one piece, and a
-blob down, checked against its manifest's size and sha256."""
+upload with parts sent side by side, each request with a deadline; any other fsspec filesystem: a stream), a small
+object in one piece, and a blob down, checked against its manifest's size and sha256."""
 
 from __future__ import annotations
 
@@ -111,20 +111,22 @@ def _put_s3(store: RemoteStore, blob: str, read: Callable[[int], bytes]) -> int:
         return size
     upload_id = answer(start("create_multipart_upload"))["UploadId"]
     in_flight: collections.deque = collections.deque()  # (part number, started call), oldest first
+    parts: list[dict] = []
+
+    def settle_until(at_most: int) -> None:  # the oldest first: parts stay in order, the memory held bounded
+        while len(in_flight) > at_most:
+            done, started = in_flight.popleft()
+            parts.append(dict(PartNumber=done, ETag=answer(started)["ETag"]))
+
     try:
-        parts = []
         while part:
             number = len(parts) + len(in_flight) + 1
             in_flight.append((number, start("upload_part", len(part), UploadId=upload_id, PartNumber=number,
                                             Body=part)))
-            while len(in_flight) >= store.parallel_parts:
-                done, started = in_flight.popleft()  # the oldest first: the memory held stays bounded
-                parts.append(dict(PartNumber=done, ETag=answer(started)["ETag"]))
+            settle_until(store.parallel_parts - 1)
             part = read(store.part_bytes) if len(part) == store.part_bytes else b""
             size += len(part)
-        while in_flight:
-            done, started = in_flight.popleft()
-            parts.append(dict(PartNumber=done, ETag=answer(started)["ETag"]))
+        settle_until(0)
         answer(start("complete_multipart_upload", UploadId=upload_id, MultipartUpload=dict(Parts=parts)))
     except BaseException:
         for _, (future, _, _) in in_flight:

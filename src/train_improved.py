@@ -340,11 +340,17 @@ def resolve_config(flags: dict[str, Any], point: ResumePoint | None, world_size:
     return cfg
 
 
+def exact_micro_batches(sequences: int, world_size: int) -> list[int]:
+    """The micro-batch sizes, smallest first, that split a step's `sequences` exactly over world_size ranks (so
+    --total_batch_size stays exact); none when world_size does not divide them."""
+    return [b for b in range(1, sequences // world_size + 1) if sequences % (b * world_size) == 0]
+
+
 def fit_micro_batch(cfg: TrainConfig, block_size: int, world_size: int) -> TrainConfig:
     """cfg with the largest --batch_size up to its own that splits a step's sequences exactly over world_size ranks
     (unchanged when it already does, or when none does: the loader then says what to change)."""
     sequences = cfg.total_batch_size // block_size
-    fits = [b for b in range(cfg.batch_size, 0, -1) if sequences % (b * world_size) == 0]
+    fits = [b for b in reversed(exact_micro_batches(sequences, world_size)) if b <= cfg.batch_size]
     if not fits or fits[0] == cfg.batch_size:
         return cfg
     log.warning("resuming on %d processes: --batch_size %d does not split the %d sequences of a step "
@@ -2567,10 +2573,11 @@ def choose_micro_batch(cfg: TrainConfig, env: DistEnv, raw_model: GPT, optimizer
     choice if it still fits: the same accumulation order, so the run continues bit for bit."""
     if cfg.batch_size != "auto":
         return cfg.batch_size
-    per_rank = cfg.total_batch_size // raw_model.config.block_size // env.world_size
     block = raw_model.config.block_size
-    candidates = [b for b in range(1, per_rank + 1) if per_rank % b == 0  # else the loader says what is wrong
-                  and not (cfg.fp8 and not cfg.fp8_emulate and b * block % 16)] or [1]  # float8 matmul shapes
+    per_rank = cfg.total_batch_size // block // env.world_size
+    candidates = [b for b in exact_micro_batches(cfg.total_batch_size // block, env.world_size)
+                  if not (cfg.fp8 and not cfg.fp8_emulate and b * block % 16)] or [1]  # float8 matmul shapes
+    # (none: world_size does not divide a step's sequences, and the loader says what to change)
     limit = AllocationLimit.for_tests()
     if env.device.type != "cuda" and limit is None:
         chosen = max(b for b in candidates if b <= CPU_MICRO_BATCH)

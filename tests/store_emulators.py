@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 HOST = "127.0.0.1"
 AZURITE_VERSION = "3.37.0"
@@ -69,13 +70,8 @@ class _Emulator:
 
     def filesystem(self):
         import fsspec
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
+        with mock.patch.dict(os.environ, self.env):  # the backend reads its endpoint and credentials when built
             return fsspec.filesystem(self.protocol, skip_instance_cache=True)
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 class GcsEmulator(_Emulator):
