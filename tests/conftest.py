@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import end_all_jobs, write_bin_shard
+from helpers import end_all_jobs, skip_unless_required, write_bin_shard
 
 SHARED_TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and SHARED_TIKTOKEN_CACHE.is_dir():
@@ -52,10 +52,7 @@ def s3_server(tmp_path_factory):
     if importlib.util.find_spec("s3fs") is None:  # the client side the mirror uses
         missing = "no s3fs (pip install s3fs)"
     if missing:
-        reason = f"{missing}: the S3 mirror tests need a local S3 server and s3fs"
-        if os.environ.get("REQUIRE_S3_TESTS") == "1":
-            pytest.fail(reason + "; REQUIRE_S3_TESTS=1 requires them")
-        pytest.skip(reason)
+        skip_unless_required(f"{missing}: the S3 mirror tests need a local S3 server and s3fs", "REQUIRE_S3_TESTS")
     server = S3Server.start(tmp_path_factory.mktemp("s3"), binary)
     try:
         yield server
@@ -78,10 +75,7 @@ def other_store(request, tmp_path_factory):
     if importlib.util.find_spec(backend) is None:
         missing = f"no {backend} (pip install {backend})"
     if missing:
-        reason = f"{missing}: the {request.param}:// mirror tests need it"
-        if os.environ.get("REQUIRE_OTHER_STORE_TESTS") == "1":
-            pytest.fail(reason + "; REQUIRE_OTHER_STORE_TESTS=1 requires them")
-        pytest.skip(reason)
+        skip_unless_required(f"{missing}: the {request.param}:// mirror tests need it", "REQUIRE_OTHER_STORE_TESTS")
     emulator = kind.start(tmp_path_factory.mktemp(request.param))
     try:
         yield emulator

@@ -52,6 +52,15 @@ def write_npy_shard(path: Path, start: int, count: int) -> np.ndarray:
     return tokens
 
 
+def skip_unless_required(reason: str, variable: str) -> None:
+    """A real component a test needs is missing: skip with the reason, or fail where `variable`=1 says the
+    component must be there (CI sets it, so that a missing install is a failure, not a quiet skip)."""
+    import pytest
+    if os.environ.get(variable) == "1":
+        pytest.fail(f"{reason}; {variable}=1 requires them")
+    pytest.skip(reason)
+
+
 def trainer_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.pop("RANK", None)

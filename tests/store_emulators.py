@@ -26,18 +26,13 @@ import time
 from pathlib import Path
 from unittest import mock
 
-HOST = "127.0.0.1"
+from s3_server import HOST, free_ports
+
 AZURITE_VERSION = "3.37.0"
 AZURITE_CACHE = Path.home() / ".cache" / "train_improved" / f"azurite-{AZURITE_VERSION}"
 # Azurite's documented development account (public: https://learn.microsoft.com/azure/storage/common/storage-use-azurite)
 AZURE_ACCOUNT = "devstoreaccount1"
 AZURE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, log: Path, seconds: float = 60.0) -> None:
@@ -86,7 +81,7 @@ class GcsEmulator(_Emulator):
 
     @classmethod
     def start(cls, folder: Path) -> "GcsEmulator":
-        port, log = free_port(), folder / "gcs.log"
+        port, log = free_ports(1)[0], folder / "gcs.log"
         with open(log, "w") as out:
             proc = subprocess.Popen([cls.binary(), "start", f"--host={HOST}", f"--port={port}", "--in-memory",
                                      f"--default-bucket={cls.bucket}"], stdout=out, stderr=subprocess.STDOUT,
@@ -130,7 +125,7 @@ class Azurite(_Emulator):
 
     @classmethod
     def start(cls, folder: Path) -> "Azurite":
-        port, log = free_port(), folder / "azurite.log"
+        port, log = free_ports(1)[0], folder / "azurite.log"
         with open(log, "w") as out:
             proc = subprocess.Popen([cls.binary(), "--blobHost", HOST, "--blobPort", str(port), "--location",
                                      str(folder / "data"), "--silent", "--skipApiVersionCheck", "--loose"],

@@ -6,7 +6,6 @@ Skipped when torchao is not installed, unless REQUIRE_FP8_TESTS=1 (CI), where th
 import importlib.util
 import io
 import json
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import torch
 
 import fp8
 import train_improved as T
-from helpers import ROOT, finish, start
+from helpers import ROOT, finish, skip_unless_required, start
 
 BLOCK_LINEARS = [f"transformer.h.{i}.{name}" for i in range(2)
                  for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
@@ -25,10 +24,8 @@ BLOCK_LINEARS = [f"transformer.h.{i}.{name}" for i in range(2)
 def torchao():
     """Skip (or, with REQUIRE_FP8_TESTS=1, fail) when torchao is not installed."""
     if importlib.util.find_spec("torchao") is None:
-        reason = f"torchao is not installed ({fp8.PIP_INSTALL}): the FP8 tests need it"
-        if os.environ.get("REQUIRE_FP8_TESTS") == "1":
-            pytest.fail(reason + "; REQUIRE_FP8_TESTS=1 requires them")
-        pytest.skip(reason)
+        skip_unless_required(f"torchao is not installed ({fp8.PIP_INSTALL}): the FP8 tests need it",
+                             "REQUIRE_FP8_TESTS")
 
 
 def tiny_gpt(seed: int = 0) -> T.GPT:
