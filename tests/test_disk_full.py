@@ -6,6 +6,7 @@ it never calls a run finished without its final checkpoint. Without root (no mou
 .ci/run, which runs as root, sets REQUIRE_REAL_FILESYSTEM_TESTS=1 so that a skip there fails instead."""
 
 import os
+import re
 import subprocess
 import time
 
@@ -144,12 +145,9 @@ def test_a_mirror_down_through_many_best_saves_never_fills_the_disk_and_the_newe
     checkpoints. What the mirror holds back stays bounded (a newer best supersedes a pending one), so the run trains
     to the end without a failed save; once the server is back, the newest checkpoint reaches the mirror, and of the
     saves made during the outage only what was newest is uploaded."""
-    import re
-    import uuid
-
-    from mirror import Mirror
+    from test_mirror_e2e import committed, s3_url
     ck = small_disk(6) / "ck"
-    url = f"s3://{s3_server.bucket}/outage-{uuid.uuid4().hex[:8]}"
+    url = s3_url(s3_server)
     proc = launch(args_for(tmp_path, shard_dir, ck, "--max_steps", "60", "--checkpoint_freq", "1000", "--eval_freq",
                            "2", "--mirror", url, "--mirror_wait_seconds", "180", "--max_unsaved_minutes", "0.0001"),
                   nproc=None, extra_env=s3_server.env)
@@ -168,10 +166,6 @@ def test_a_mirror_down_through_many_best_saves_never_fills_the_disk_and_the_newe
     assert "CHECKPOINT SAVE FAILED" not in text and "mirror: the last checkpoint (step 60) is on" in text
     bests = [int(s) for s in re.findall(r"checkpoint step (\d+) \([^)]*best val", text) if int(s) > down_at]
     assert len(bests) >= 7, bests  # a full checkpoint each: more than the disk holds, were they all held back
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in s3_server.env.items():
-            mp.setenv(k, v)
-        remote = Mirror(url).remote_checkpoints()
-    after = sorted(c["step"] for c in remote if c["step"] > down_at)
+    after = sorted(step for step in committed(s3_server, url) if step > down_at)
     assert after == sorted({max(bests), 60}), (after, bests)  # the newest best and the newest: nothing older
     assert not list(ck.glob(".tmp-held-*"))
