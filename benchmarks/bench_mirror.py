@@ -32,6 +32,7 @@ from s3_server import S3Server, weed_binary  # noqa: E402
 
 def upload_ratio(server, work: Path, megabytes: int, reps: int) -> None:
     from mirror import Mirror
+    from train_improved import CheckpointManager
     os.environ.update(server.env)
     checkpoint = work / "ck.pt"
     torch.save({"w": torch.randn(megabytes * (1 << 20) // 4)}, checkpoint)
@@ -44,7 +45,8 @@ def upload_ratio(server, work: Path, megabytes: int, reps: int) -> None:
             if parallel is None:
                 fs.put_file(str(checkpoint), f"{server.bucket}/plain-{rep}/ck.pt")
             else:
-                mirror = Mirror(f"s3://{server.bucket}/bench-{rep}-{parallel}", keep_last=1, parallel_parts=parallel)
+                mirror = Mirror(f"s3://{server.bucket}/bench-{rep}-{parallel}", keep_last=1, parallel_parts=parallel,
+                                kinds=CheckpointManager.kinds)
                 mirror.submit(checkpoint, rep + 1, ["rolling_step_000001.pt", "latest.pt"])
                 assert mirror.wait(600), mirror.status()
                 mirror.close()

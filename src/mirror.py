@@ -1,14 +1,18 @@
 """Off-machine copies of the checkpoints (--mirror URL): S3, GCS, Azure or a local folder, through fsspec.
 
-The trainer imports this module only when --mirror is given, and calls it through one narrow seam:
+The trainer imports this module only when --mirror is given, and calls it through one narrow seam, for three
+jobs (the checkpoint names are the folder owner's: the mirror only learns what each is kept for, through kinds):
 
-    mirror = Mirror(url, keep_last=cfg.keep_last)
-    mirror.check()                                   # at start: one-line MirrorError if the mirror cannot be used
+    mirror = Mirror(url, keep_last=cfg.keep_last, run_id=cfg.run_id, kinds=CheckpointManager.kinds)
+    mirror.check(new_run=True)  # at start: a one-line MirrorError if it cannot be used (OtherRuns: others' copies)
+    # 1. copy each save off the machine (the loop's Checkpointer)
     mirror.submit(manager.lasting_name(names), step, names, manager.held)  # after each durable save; never raises
     mirror.status()                                  # plain numbers for the step line, metrics.jsonl, TensorBoard
     mirror.finish(saved_step, wait_seconds)          # at the end of the run: waits, says where the last one is, closes
-    mirror.fetch_newest_valid(manager, newer_than=step)  # resume: the mirror's, if newer, named by the manager
-    mirror.fetch(mirror.copy_of(path, ...)[0], manager)  # a node without rank 0's file (uploaded first if missing)
+    # 2. resume: the newest verified copy, if newer than the folder's, fetched and named by the manager
+    mirror.fetch_newest_valid(manager, newer_than=step)
+    # 3. a node without rank 0's file: rank 0 finds (or uploads) its copy, the node fetches exactly that one
+    mirror.fetch(mirror.copy_of(path, ...)[0], manager)
 
 Remote layout under the URL (s3://bucket/prefix):
 
@@ -36,24 +40,26 @@ Credentials come the standard way (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / A
 or as user:secret@ in the URL; no secret ever appears in a log line or an error message.
 
 The parts, one job each: mirror_store.py (the remote objects: names, manifests, what is committed, retention, the
-start-up probe), mirror_secrets.py (the one redactor), mirror_transfer.py (bytes up and down, each request with a
-deadline; one file committed as blob then manifest), mirror_upload.py (the background uploader: its bounded queue,
-retries, status) and this module (the seam the trainer calls, fetching back, the end-of-run report).
+start-up probe), mirror_messages.py (the one redactor; each failure as one line that says what to do),
+mirror_transfer.py (bytes up and down, each request with a deadline; one file committed as blob then manifest),
+mirror_queue.py (what waits for the mirror, what goes next), mirror_upload.py (the background uploader: retries,
+retention, status) and this module (the seam the trainer calls, fetching back, the end-of-run report).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from mirror_store import CHUNK_BYTES, MirrorError, RemoteStore, one_line, redact_url
+from mirror_fetch import fetch, find_copy_of, first_usable
+from mirror_queue import Holder
+from mirror_store import Kinds, MirrorError, RemoteStore, redact_url
 from mirror_transfer import download
-from mirror_upload import Holder, Uploader
+from mirror_upload import Uploader
 
-__all__ = ["Mirror", "MirrorError", "SeveralRuns", "redact_url"]
+__all__ = ["Mirror", "MirrorError", "OtherRuns", "SeveralRuns", "redact_url"]
 
 log = logging.getLogger("train")
 
@@ -62,17 +68,24 @@ class SeveralRuns(MirrorError):
     """A fetch that was to take the URL's only run found copies of several (the message lists them)."""
 
 
+class OtherRuns(MirrorError):
+    """A new run's mirror URL holds copies of other runs (the message lists them)."""
+
+
 class Mirror:
     """Copies finished checkpoint files to an fsspec URL in the background and fetches the newest valid one back."""
 
-    def __init__(self, url: str, keep_last: int = 10, *, run_id: str | None = None, timeout_seconds: float = 60.0,
+    def __init__(self, url: str, keep_last: int = 10, *, run_id: str | None = None, kinds: Kinds | None = None,
+                 timeout_seconds: float = 60.0,
                  retry_initial_seconds: float = 1.0, retry_max_seconds: float = 60.0,
                  failure_log_interval_seconds: float = 300.0, part_bytes: int = 64 << 20, parallel_parts: int = 4,
                  min_upload_rate_bytes_per_second: float = 1e6, storage_options: dict[str, Any] | None = None):
         """url: any fsspec URL (s3://bucket/prefix, gs://..., az://..., file:///path) or a plain local path.
 
         keep_last: rolling checkpoints kept on the mirror. run_id: the run whose copies this mirror uploads, keeps and
-        fetches (None: copies written without one; another run's copies are never touched). timeout_seconds: to
+        fetches (None: copies written without one; another run's copies are never touched). kinds: what a
+        checkpoint's names keep it for ("epoch", "best", "rolling"), as the folder's owner defines them
+        (CheckpointManager.kinds); needed to upload (retention), not to read. timeout_seconds: to
         connect and to wait for an answer (S3). retry_*: backoff between failed attempts.
         failure_log_interval_seconds: at most one loud failure line per this interval. part_bytes: the multipart
         upload's part size (S3: >= 5 MiB); parallel_parts: S3 parts sent side by side (the memory one upload holds
@@ -81,8 +94,8 @@ class Mirror:
         storage_options: extra fsspec options (they override the defaults chosen here)."""
         if keep_last < 0:
             raise MirrorError(f"the mirror's keep_last must be >= 0, not {keep_last}")
-        self.store = RemoteStore(url, run_id=run_id, timeout_seconds=timeout_seconds, part_bytes=part_bytes,
-                                 parallel_parts=parallel_parts,
+        self.store = RemoteStore(url, run_id=run_id, kinds=kinds, timeout_seconds=timeout_seconds,
+                                 part_bytes=part_bytes, parallel_parts=parallel_parts,
                                  min_upload_rate_bytes_per_second=min_upload_rate_bytes_per_second,
                                  storage_options=storage_options)
         self.uploader = Uploader(self.store, keep_last, retry_initial_seconds=retry_initial_seconds,
@@ -98,15 +111,22 @@ class Mirror:
         """The URL without credentials, for logs and messages."""
         return self.store.redacted_url()
 
-    def check(self) -> None:
-        """Write, list, read back and delete a small probe object; raise a one-line MirrorError if any step fails."""
+    def check(self, new_run: bool = False) -> None:
+        """Write, list, read back and delete a small probe object; raise a one-line MirrorError if any step fails.
+        new_run: also raise OtherRuns if the URL holds copies of other runs (each run's resume and retention go by
+        its own copies: two runs' would be mixed)."""
         self.store.check()
+        if new_run and (runs := self.runs()):
+            held = "; ".join(f"run {run}, newest step {entry['step']}" for run, entry in runs.items())
+            raise OtherRuns(f"the mirror {self.redacted_url()} already holds checkpoints of another run ({held})")
 
     # uploading --------------------------------------------------------------------------------------------
     def submit(self, local_path: Path, step: int, names: list[str], holder: Holder | None = None) -> None:
         """Queue a finished, durable, verified checkpoint file (known locally under `names`) for upload; returns at
         once and never raises. holder: the folder's owner, which keeps the file on disk until it is uploaded (see
         Uploader.submit)."""
+        if self.store.kinds is None:
+            raise TypeError("Mirror(kinds=...) is needed to upload: retention must know what each name is kept for")
         self.uploader.submit(local_path, step, names, holder)
 
     def status(self) -> dict[str, Any]:
@@ -156,7 +176,8 @@ class Mirror:
         return newest
 
     def download(self, entry: dict, tmp: Path) -> str | None:
-        """Copy the blob of `entry` to tmp and check its size and sha256: None if it matches, else the problem."""
+        """Copy the blob of `entry` to tmp and check its size and sha256: None if it matches, else the problem
+        (list_checkpoints --verify)."""
         return download(self.store, entry, tmp)
 
     def fetch_newest_valid(self, target, newer_than: int = -1, only_run: bool = False) -> tuple[Path, dict] | None:
@@ -174,74 +195,25 @@ class Mirror:
                 raise SeveralRuns(f"the mirror {self.redacted_url()} holds checkpoints of several runs ({listing})")
             self.store.run_id = next(iter(runs), None)
         candidates = [c for c in self.remote_checkpoints() if c["step"] > newer_than and c["run"] == self.store.run_id]
-        skipped = []
-        for entry in candidates:
-            path = self.fetch(entry, target)
-            if path is not None:
-                if skipped:
-                    log.info("mirror: used step %d after skipping unusable step(s) %s", entry["step"], skipped)
-                return path, entry
-            skipped.append(entry["step"])
-            if entry is not candidates[-1]:
-                log.warning("mirror: trying the next older checkpoint")
-        if candidates:
-            log.error("mirror: none of the %d checkpoint(s) on %s%s is usable", len(candidates), self.redacted_url(),
-                      f" newer than step {newer_than}" if newer_than >= 0 else "")
-        return None
-
-    def find_copy_of(self, local_path: Path) -> dict | None:
-        """The committed checkpoint whose content is the local file's, byte for byte (its size, then the sha256 of
-        its upload), or None. The file is read only if a committed checkpoint has its size."""
-        size = Path(local_path).stat().st_size
-        same_size = [c for c in self.remote_checkpoints() if c["size"] == size]
-        if not same_size:
-            return None
-        digest = hashlib.sha256()
-        with open(local_path, "rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                digest.update(chunk)
-        return next((c for c in same_size if c["sha256"] == digest.hexdigest()), None)
+        return first_usable(self.store, candidates, target, newer_than)
 
     def copy_of(self, local_path: Path, step: int, names: list[str], wait_seconds: float,
                 before_upload: Callable[[], None] = lambda: None) -> tuple[dict | None, str | None]:
-        """The committed copy of a local checkpoint file (see find_copy_of), uploading it first (before_upload()
-        called, then up to wait_seconds) if the mirror does not hold it. Returns (its entry or None, None if it was
-        there already, else what the upload ended with: "uploaded" or its last error)."""
-        entry = self.find_copy_of(local_path)
+        """The committed copy of a local checkpoint file (found by its content: see find_copy_of), uploading it first
+        (before_upload() called, then up to wait_seconds) if the mirror does not hold it. Returns (its entry or None,
+        None if it was there already, else what the upload ended with: "uploaded" or its last error)."""
+        entry = find_copy_of(self.store, local_path)
         if entry is not None:
             return entry, None
         before_upload()
         self.submit(local_path, step, names)
         self.wait(wait_seconds)
-        entry = self.find_copy_of(local_path)
+        entry = find_copy_of(self.store, local_path)
         if entry is not None:
             return entry, "uploaded"
         return None, self.status()["last_error"] or f"not committed within {wait_seconds:.0f} s"
 
     def fetch(self, entry: dict, target) -> Path | None:
-        """Download the checkpoint `entry` (from remote_checkpoints) for `target`, the local folder's owner (the
-        trainer's CheckpointManager): into target.incoming_path(), fsync'ed, checked against its manifest's size and
-        sha256 (a short download is tried once more) and by target.load(path) (which raises, or returns False, for
-        an invalid file), then named by target.adopt(path, names). Returns the adopted path, or None (the reason
-        logged) if the copy is not usable. Raises as download() does."""
-        tmp = target.incoming_path()
-        try:
-            problem = download(self.store, entry, tmp)
-            if problem is not None and "bytes instead of" in problem:  # cut off on the way: once more before giving up
-                log.warning("mirror: the download of step %d was short (%s); trying once more", entry["step"], problem)
-                problem = download(self.store, entry, tmp)
-            if problem is None:
-                try:
-                    problem = "failed verification" if target.load(tmp) is False else None
-                except Exception as e:
-                    problem = f"failed verification ({one_line(e)})"
-            if problem is not None:
-                log.error("mirror: the copy of step %d on %s (%s) is not usable: %s", entry["step"],
-                          self.redacted_url(), self.store.relative(entry["key"]), problem)
-                return None
-            path = target.adopt(tmp, entry["names"])
-            log.info("mirror: fetched step %d from %s (%.1f MB) into %s", entry["step"], self.redacted_url(),
-                     entry["size"] / 1e6, path.parent)
-            return path
-        finally:
-            tmp.unlink(missing_ok=True)
+        """The checkpoint `entry` (from remote_checkpoints) downloaded, checked and named by `target`, the local
+        folder's owner (see mirror_fetch.fetch); None (the reason logged) if the copy is not usable."""
+        return fetch(self.store, entry, target)

@@ -1,6 +1,6 @@
 """The mirror's remote side (see mirror.py): one fsspec filesystem under a root URL, the names of its objects, the
 manifests, what is committed, retention, and the start-up probe. Credentials are redacted from every message
-(mirror_secrets.py). Neither thread nor queue here: the uploader (mirror_upload.py) and the fetch (mirror.py) use
+(mirror_messages.py). Neither thread nor queue here: the uploader (mirror_upload.py) and the fetch (mirror.py) use
 it."""
 
 from __future__ import annotations
@@ -12,29 +12,17 @@ import os
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
-from mirror_secrets import redact_url, secrets_in, split_userinfo
+from mirror_messages import MirrorError, one_line, redact_url, secrets_in, split_userinfo, what_to_do
 
 log = logging.getLogger("train")
 
 MANIFEST_FORMAT = 1
 CHUNK_BYTES = 8 << 20  # read and hash a file in pieces of this size: never a second copy in memory
-BEST = "best_model.pt"
-ROLLING_NAME = re.compile(r"rolling_step_\d+\.pt")
-EPOCH_NAME = re.compile(r"epoch_\d+\.pt")
+Kinds = Callable[[list[str]], frozenset[str]]  # a checkpoint's names -> what retention keeps it for (see Mirror)
 STEM = re.compile(r"step_(\d+)-([0-9a-f]+)")
 S3_PROTOCOLS = ("s3", "s3a")
-
-
-class MirrorError(Exception):
-    """A mirror that cannot be used: one line that says what to do (bad URL, no bucket, no permission)."""
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as one short line: its type and message."""
-    text = " ".join(str(e).split()) or "no message"
-    return f"{type(e).__name__}: {text[:300]}"
 
 
 class RemoteStore:
@@ -46,11 +34,12 @@ class RemoteStore:
 
     orphan_grace_seconds = 60.0
 
-    def __init__(self, url: str, *, run_id: str | None = None, timeout_seconds: float = 60.0,
-                 part_bytes: int = 64 << 20, parallel_parts: int = 4, min_upload_rate_bytes_per_second: float = 1e6,
-                 storage_options: dict[str, Any] | None = None):
-        """See Mirror: the URL, the run whose checkpoints this store writes and keeps, how long a request may take."""
-        self.run_id = run_id
+    def __init__(self, url: str, *, run_id: str | None = None, kinds: Kinds | None = None,
+                 timeout_seconds: float = 60.0, part_bytes: int = 64 << 20, parallel_parts: int = 4,
+                 min_upload_rate_bytes_per_second: float = 1e6, storage_options: dict[str, Any] | None = None):
+        """See Mirror: the URL, the run whose checkpoints this store writes and keeps, what each checkpoint name is
+        kept for, how long a request may take."""
+        self.run_id, self.kinds = run_id, kinds
         if part_bytes < 5 << 20:
             raise MirrorError(f"the mirror's part size must be at least 5 MiB (S3's smallest part), not {part_bytes}")
         self.timeout_seconds = timeout_seconds
@@ -140,24 +129,9 @@ class RemoteStore:
                  self.redacted_url(), f" (endpoint {split_userinfo(endpoint)[0]})" if endpoint else "")
 
     def explain(self, e: BaseException, action: str) -> str:
-        """One line: what failed at the mirror, and what to do about it."""
-        where = f"mirror {self.redacted_url()}: could not {action}"
+        """One line without secrets: what failed at the mirror, and what to do about it."""
         cause = self.redact(one_line(e))
-        text = f"{type(e).__name__} {e}".lower()
-        if self.local and isinstance(e, PermissionError):
-            fix = "no permission: fix the folder's permissions, or choose another --mirror"
-        elif isinstance(e, PermissionError) or "accessdenied" in text or "access denied" in text \
-                or "invalidaccesskeyid" in text or "signaturedoesnotmatch" in text or "forbidden" in text:
-            fix = ("no permission: check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws) and "
-                   "that they may list, write and delete under this prefix")
-        elif "nocredentials" in text or "unable to locate credentials" in text:
-            fix = "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or configure ~/.aws"
-        elif isinstance(e, FileNotFoundError) or "nosuchbucket" in text or "does not exist" in text:
-            fix = "the bucket (or folder) does not exist: create it, or fix --mirror"
-        else:
-            fix = ("the mirror is unreachable or refused the request: check the URL, AWS_ENDPOINT_URL and the "
-                   "network")
-        return f"{where} ({cause}); {fix}"
+        return f"mirror {self.redacted_url()}: could not {action} ({cause}); {what_to_do(e, self.local)}"
 
     def objects_under(self, relative: str) -> dict[str, int]:
         """{full key: size} of the objects directly under root/relative ({} if there are none)."""
@@ -223,7 +197,10 @@ class RemoteStore:
         """Delete, of this store's run's copies only, what local retention would: all but the newest keep_last
         rolling checkpoints, every epoch one and the newest best one, never the newest committed one; then its
         manifests that are not committed and blobs no manifest names (left by cut-off uploads) older than its newest
-        commit, once two scans apart saw them so. Manifest first, then blob."""
+        commit, once two scans apart saw them so. Manifest first, then blob. What each copy is kept for comes from
+        the names its manifest holds, through `kinds` (the folder owner's definition of its names)."""
+        if self.kinds is None:
+            raise TypeError("this mirror was opened without kinds=, for reading only: it cannot apply retention")
         committed, broken, blobs, understood = self.scan()
         everyone = committed
         committed = [c for c in committed if c["run"] == self.run_id]  # another run's copies are never touched
@@ -231,11 +208,11 @@ class RemoteStore:
         if not committed:
             return
         keep = {committed[0]["manifest_key"]}
-        rolling = [c for c in committed if any(ROLLING_NAME.fullmatch(n) for n in c["names"])
-                   or not any(n == BEST or EPOCH_NAME.fullmatch(n) for n in c["names"])]
+        kinds = {c["manifest_key"]: self.kinds(c["names"]) for c in committed}  # the folder's owner names them
+        rolling = [c for c in committed if "rolling" in kinds[c["manifest_key"]]]
         keep |= {c["manifest_key"] for c in rolling[:keep_last]}
-        keep |= {c["manifest_key"] for c in committed if any(EPOCH_NAME.fullmatch(n) for n in c["names"])}
-        keep |= {c["manifest_key"] for c in [c for c in committed if BEST in c["names"]][:1]}
+        keep |= {c["manifest_key"] for c in committed if "epoch" in kinds[c["manifest_key"]]}
+        keep |= {c["manifest_key"] for c in [c for c in committed if "best" in kinds[c["manifest_key"]]][:1]}
         kept_blobs = {c["key"] for c in everyone if c["manifest_key"] in keep or c["run"] != self.run_id}
         named = {self.key(m["blob"]) for m in list(self.manifests.values()) if m is not None}
         newest_step = committed[0]["step"]

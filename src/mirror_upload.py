@@ -1,10 +1,7 @@
-"""The mirror's background uploader (see mirror.py): a bounded queue of submitted checkpoint files, each held open
-(and held on disk by the folder's owner) until it is uploaded, one thread that uploads the newest first (blob, then
-manifest), retries with backoff, and reports plain numbers. Nothing here raises into the training loop.
-
-What waits is bounded, however long the mirror is down: a newer submission supersedes every pending one that holds
-only rolling names, and a newer best supersedes a pending best; only epoch checkpoints (which the local folder keeps
-anyway) are never superseded. So at most the newest submission, the newest best and the epoch files wait."""
+"""The mirror's background uploader (see mirror.py): submitted checkpoint files, each held open (and held on disk by
+the folder's owner) until it is uploaded, go into a bounded queue (mirror_queue.py: what waits, what goes next); one
+thread uploads them (blob, then manifest), applies retention, retries with backoff, and reports plain numbers.
+Nothing here raises into the training loop."""
 
 from __future__ import annotations
 
@@ -15,51 +12,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Protocol
+from typing import Any
 
-from mirror_store import BEST, EPOCH_NAME, RemoteStore, one_line
+from mirror_queue import Holder, Job, UploadQueue
+from mirror_store import RemoteStore, one_line
 from mirror_transfer import LocalFileError, commit_file
 
 log = logging.getLogger("train")
 
 
-class Holder(Protocol):
-    """The owner of the folder a submitted file is in (the trainer's CheckpointManager): it keeps the file's content
-    on disk until let go, and may ask for it back when it needs the space."""
-
-    def hold(self, path: Path, release: Callable[[], bool]) -> Any:
-        """Keep the content of `path` (None if it cannot); release() is called if the space is needed and says
-        whether the file was given up."""
-
-    def let_go(self, held: Any) -> None:
-        """The content is no longer needed."""
-
-
 class _Closing(Exception):
     """close() was called while an upload was in progress."""
-
-
-@dataclass
-class _Job:
-    """One submitted checkpoint file, held open (and held on disk by its folder's owner) until it is uploaded."""
-    seq: int
-    step: int
-    names: list[str]
-    path: Path
-    file: BinaryIO
-    identity: tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns) at submit
-    submitted_at: float  # time.monotonic()
-    epoch: bool  # holds an epoch file: never superseded
-    best: bool  # holds best_model.pt: superseded only by a newer best
-    holder: Holder | None = None
-    held: Any = None  # what holder.hold returned
-    state: str = "pending"  # pending, committed, skipped, failed
-    attempts: int = 0
-
-    def superseded_by(self, newer: "_Job") -> bool:
-        """A newer submission makes this one not worth uploading: it holds only rolling names, or it is a best and
-        the newer one is a best too. An epoch checkpoint is never superseded."""
-        return not self.epoch and (not self.best or newer.best)
 
 
 @dataclass
@@ -82,16 +45,12 @@ class Uploader:
         self.retry_max_seconds = retry_max_seconds
         self.failure_log_interval_seconds = failure_log_interval_seconds
         self._cond = threading.Condition()
-        self._pending: list[_Job] = []  # oldest first; the job being uploaded stays in it until it is done
-        self._current: _Job | None = None
-        self._newest: _Job | None = None
+        self._queue = UploadQueue()  # guarded by self._cond
         self._seq = 0
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._owe_older = False  # newest first, but an older epoch/best upload is never starved (see _pick)
         self._failing = _Failing()
         self._committed_step: int | None = None
-        self._skipped = 0
         self._uploaded_bytes = 0
         self._rate = 0.0
         self._last_error: str | None = None
@@ -103,6 +62,7 @@ class Uploader:
         superseded, so that local retention reusing its blocks cannot change what is uploaded. Without a holder (or
         if holding fails) the upload checks that the file did not change meanwhile."""
         local_path, names = Path(local_path), list(names)
+        kinds = self.store.kinds(names)  # what the folder's owner keeps this file for
         with self._cond:
             if self._closed:
                 log.warning("mirror: step %d submitted after close(); not copied", step)
@@ -117,85 +77,67 @@ class Uploader:
                           local_path, self._last_error, step)
                 return
             st = os.fstat(f.fileno())
-            job = _Job(seq=seq, step=step, names=names, path=local_path, file=f,
-                       identity=(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), submitted_at=time.monotonic(),
-                       epoch=any(EPOCH_NAME.fullmatch(n) for n in names), best=BEST in names)
+            job = Job(seq=seq, step=step, names=names, path=local_path, file=f,
+                      identity=(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), submitted_at=time.monotonic(),
+                      epoch="epoch" in kinds, best="best" in kinds)
             if holder is not None:  # its lock nests inside ours; it calls release() only without holding it
                 job.holder, job.held = holder, holder.hold(local_path, lambda: self._release(job))
-            for old in [j for j in self._pending if j is not self._current and j.superseded_by(job)]:
-                self._finish(old, "skipped")  # bounded: what this submission makes not worth uploading goes now
-            self._pending.append(job)
-            self._newest = job
+            self._queue.add(job)  # bounded: what this submission makes not worth uploading is skipped now
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="mirror-upload", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
 
-    def _release(self, job: _Job) -> bool:
+    def _release(self, job: Job) -> bool:
         """The holder needs the space of a waiting job's file: give the job up; whether it was. The upload being
         read keeps its file: a file is given up only between attempts, never halfway through."""
         with self._cond:
-            if job.state != "pending" or job is self._current:
+            if job.state != "pending" or job is self._queue.current:
                 return False
-            self._finish(job, "skipped")
+            self._queue.retire(job, "skipped")
+            self._cond.notify_all()
         log.warning("mirror: step %d will not be copied off the machine: its file's space was needed for a save (a "
                     "newer checkpoint goes instead once the mirror answers)", job.step)
         return True
-
-    def _finish(self, job: _Job, state: str) -> None:
-        """Retire a job (lock held): drop it from the queue, close its file, let its holder go of it, count it."""
-        job.state = state
-        if job in self._pending:
-            self._pending.remove(job)
-        if state == "skipped":
-            self._skipped += 1
-        with contextlib.suppress(OSError):
-            job.file.close()
-        if job.held is not None:
-            held, job.held = job.held, None
-            job.holder.let_go(held)  # the holder's own lock only: it never calls into us while holding it
-        self._cond.notify_all()
 
     def _run(self) -> None:
         with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own nice value
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # training comes first for the CPU
         delay = self.retry_initial_seconds
+        queue = self._queue
         while True:
             with self._cond:
-                while not self._pending and not self._closed:
+                while not queue.pending and not self._closed:
                     self._cond.wait()
                 if self._closed:  # close() left the one in flight then; it may have ended in a failure since
-                    for job in list(self._pending):
-                        self._finish(job, "skipped")
+                    for job in list(queue.pending):
+                        queue.retire(job, "skipped")
+                    self._cond.notify_all()
                     return
-                job = self._pick()
-                picked_newest = job is self._pending[-1]
-                self._current = job
-                seen = self._newest  # a checkpoint submitted after this moment ends a backoff (below)
+                job = queue.take()
+                seen = queue.newest  # a checkpoint submitted after this moment ends a backoff (below)
             job.attempts += 1
             try:
                 manifest, seconds = self._upload(job)
             except _Closing:
-                with self._cond:
-                    self._current = None
-                    self._finish(job, "skipped")
+                self._done(job, "skipped")
                 return
             except LocalFileError as e:
                 with self._cond:
-                    self._current = None
                     self._last_error = self.store.redact(str(e))
-                    self._finish(job, "failed")
+                self._done(job, "failed")
                 log.error("MIRROR: step %d not copied: %s", job.step, self._last_error)
                 continue
             except Exception as e:
                 self._on_failure(job, e, delay)
                 with self._cond:
-                    self._current = None
-                    if any(j.seq > job.seq and job.superseded_by(j) for j in self._pending):
-                        self._finish(job, "skipped")  # not worth a retry: a newer submission supersedes it
+                    queue.current = None  # it stays pending, for a retry
+                    if queue.superseded(job):
+                        queue.retire(job, "skipped")  # not worth a retry: a newer submission supersedes it
+                        self._cond.notify_all()
                     # back off, but not past a checkpoint submitted since this attempt began (even during it): the
                     # one a graceful stop saves must not spend its --mirror_wait_seconds waiting out the backoff
-                    self._cond.wait_for(lambda: self._closed or self._newest is not seen, timeout=delay)
+                    self._cond.wait_for(lambda: self._closed or queue.newest is not seen, timeout=delay)
                 delay = min(delay * 2, self.retry_max_seconds)
                 continue
             delay = self.retry_initial_seconds
@@ -205,23 +147,15 @@ class Uploader:
             except Exception as e:  # the next commit tries again; nothing committed is lost by not deleting
                 log.warning("mirror: could not remove old checkpoints from %s (%s)", self.store.redacted_url(),
                             self.store.redact(one_line(e)))
-            with self._cond:  # done only now, so that wait() returns with the mirror in its steady state
-                # an older one that waited all through this upload goes next (saves faster than uploads never starve it)
-                self._owe_older = picked_newest and self._pending[0] is not job
-                self._current = None
-                self._finish(job, "committed")
+            self._done(job, "committed")  # only now, so that wait() returns with the mirror in its steady state
 
-    def _pick(self) -> _Job:
-        """The next job (lock held): the newest submission first; but right after committing a newest one that
-        older ones waited behind, the oldest (an epoch or best file), so that saves faster than uploads never
-        starve it."""
-        newest, oldest = self._pending[-1], self._pending[0]
-        if self._owe_older and oldest is not newest:
-            self._owe_older = False
-            return oldest
-        return newest
+    def _done(self, job: Job, state: str) -> None:
+        """The current upload ended (committed, skipped or failed): retire it and wake whoever waits."""
+        with self._cond:
+            self._queue.done(job, state)
+            self._cond.notify_all()
 
-    def _upload(self, job: _Job) -> tuple[dict, float]:
+    def _upload(self, job: Job) -> tuple[dict, float]:
         """Commit the job's file to the mirror (blob, then manifest); stops with _Closing once close() is called."""
         def still_open() -> None:
             if self._closed:
@@ -229,7 +163,7 @@ class Uploader:
 
         return commit_file(self.store, job.file, job.path, job.identity, job.step, job.names, still_open)
 
-    def _on_failure(self, job: _Job, e: BaseException, delay: float) -> None:
+    def _on_failure(self, job: Job, e: BaseException, delay: float) -> None:
         now = time.monotonic()
         with self._cond:
             self._last_error = self.store.redact(one_line(e))
@@ -246,7 +180,7 @@ class Uploader:
                       "machine only", job.step, self.store.redacted_url(), self._last_error, self._failing.count,
                       now - self._failing.since, delay)
 
-    def _on_commit(self, job: _Job, manifest: dict, seconds: float) -> None:
+    def _on_commit(self, job: Job, manifest: dict, seconds: float) -> None:
         now = time.monotonic()
         behind = now - job.submitted_at
         with self._cond:
@@ -270,12 +204,13 @@ class Uploader:
         newest submission is committed (or nothing was submitted)."""
         deadline = time.monotonic() + timeout_seconds
         with self._cond:
-            while self._pending and not self._closed:
+            while self._queue.pending and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            return self._newest is None or self._newest.state == "committed"
+            newest = self._queue.newest
+            return newest is None or newest.state == "committed"
 
     def status(self) -> dict[str, Any]:
         """Plain numbers for logs and TensorBoard: submitted (checkpoints submitted so far), committed_step (the
@@ -284,10 +219,10 @@ class Uploader:
         upload_rate_bytes_per_second (the last upload's), last_error (None while uploads work),
         consecutive_failures."""
         with self._cond:
-            waiting = [j for j in self._pending if j.state == "pending"]  # not the one committed, being retained
+            waiting = self._queue.waiting()
             lag = time.monotonic() - waiting[-1].submitted_at if waiting else 0.0
             return dict(submitted=self._seq, committed_step=self._committed_step, lag_seconds=lag, pending=len(waiting),
-                        skipped=self._skipped, uploaded_bytes=self._uploaded_bytes,
+                        skipped=self._queue.skipped, uploaded_bytes=self._uploaded_bytes,
                         upload_rate_bytes_per_second=self._rate, last_error=self._last_error,
                         consecutive_failures=self._failing.count)
 
@@ -297,9 +232,9 @@ class Uploader:
             if self._closed:
                 return
             self._closed = True
-            dropped = [j for j in self._pending if j is not self._current]
+            dropped = [j for j in self._queue.pending if j is not self._queue.current]
             for job in dropped:
-                self._finish(job, "skipped")
+                self._queue.retire(job, "skipped")
             self._cond.notify_all()
         if dropped:
             log.warning("mirror: closed with %d checkpoint(s) not copied to %s (newest: step %d)", len(dropped),

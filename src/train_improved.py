@@ -1334,14 +1334,29 @@ class CheckpointManager:
         """(step, path) of the rolling checkpoints on disk, oldest first."""
         return self._numbered("rolling_step_")
 
+    @staticmethod
+    def number_in(name: str, prefix: str) -> int | None:
+        """N of a file name prefixN.pt (prefix rolling_step_ or epoch_); None for any other name."""
+        digits = name.removeprefix(prefix).removesuffix(".pt")
+        ours = name.startswith(prefix) and name.endswith(".pt") and digits.isascii() and digits.isdigit()
+        return int(digits) if ours else None
+
     def _numbered(self, prefix: str) -> list[tuple[int, Path]]:
         """(number, path) of rolling or epoch files, oldest first."""
-        found = []
-        for p in self.dir.glob(f"{prefix}*.pt") if self.dir.is_dir() else []:
-            digits = p.stem[len(prefix):]
-            if digits.isdigit():
-                found.append((int(digits), p))
-        return sorted(found)
+        paths = self.dir.glob(f"{prefix}*.pt") if self.dir.is_dir() else []
+        found = [(self.number_in(p.name, prefix), p) for p in paths]
+        return sorted((n, p) for n, p in found if n is not None)
+
+    @classmethod
+    def kinds(cls, names: list[str]) -> frozenset[str]:
+        """What one save's names keep its file for, as retention counts here and on the mirror: "epoch" (kept
+        always), "best" (kept while it is the newest best), "rolling" (kept while among the newest keep_last; so is a
+        file with none of these names, such as a lone latest.pt)."""
+        kinds = {"epoch"} if any(cls.number_in(n, "epoch_") is not None for n in names) else set()
+        kinds |= {"best"} if cls.BEST in names else set()
+        if any(cls.number_in(n, "rolling_step_") is not None for n in names) or not kinds:
+            kinds.add("rolling")
+        return frozenset(kinds)
 
     def fallback_order(self) -> list[Path]:
         """The checkpoints --resume latest may use, in the order it tries them: latest, latest_backup, rolling
@@ -1396,7 +1411,7 @@ class CheckpointManager:
         """Of one save's names, the one whose file stays longest: an epoch file (never pruned), else best_model.pt
         (until the next best), else the first (the rolling one). The mirror uploads it: held for its upload, it then
         costs no disk beyond what the folder keeps anyway."""
-        epoch = [n for n in names if n.startswith("epoch_")]
+        epoch = [n for n in names if "epoch" in self.kinds([n])]
         return self.dir / (epoch[0] if epoch else self.BEST if self.BEST in names else names[0])
 
     def incoming_path(self) -> Path:
@@ -1410,10 +1425,9 @@ class CheckpointManager:
         """Make a verified checkpoint file fetched into incoming_path() the newest: latest.pt and the rolling name
         its origin gave it (a hard link), each by an atomic rename. Not its epoch or best name: those are files of
         their own here (never hard links into the rolling chain), written again by the run when due."""
-        for name in names:
-            digits = name.removeprefix("rolling_step_").removesuffix(".pt")
-            if name.startswith("rolling_step_") and digits.isdigit():
-                self._place(path, self.rolling_path(int(digits)))
+        for step in [self.number_in(name, "rolling_step_") for name in names]:
+            if step is not None:
+                self._place(path, self.rolling_path(step))
         latest = self.dir / self.LATEST
         os.replace(path, latest)
         fsync_path(self.dir)
@@ -3361,17 +3375,24 @@ def refuse_to_replay_divergence(manager: CheckpointManager) -> None:
                         + "\n(a restart with the same settings would diverge again at the same step)")
 
 
-def open_mirror(url: str, keep_last: int, check: bool = True, run_id: str | None = None):
-    """The off-machine copy of the checkpoints (src/mirror.py, imported only when --mirror is given). check=True (a
-    run that will upload): a mirror that cannot be written, listed, read and cleaned is a one-line UserError before
-    training starts. check=False: only reading is needed (a resume's fetch), so read-only credentials do."""
-    from mirror import Mirror, MirrorError
+def open_mirror(url: str, keep_last: int, check: bool = True, run_id: str | None = None, new_run: bool = False):
+    """The off-machine copy of the checkpoints (src/mirror.py, imported only when --mirror is given), told what the
+    manager's names are kept for. check=True (a run that will upload): a mirror that cannot be written, listed, read
+    and cleaned is a one-line UserError before training starts, and so, for a new run, is a URL that holds other
+    runs' copies (they would be mixed, as a new run over a folder of checkpoints would). check=False: only reading
+    is needed (a resume's fetch), so read-only credentials do."""
+    from mirror import Mirror, MirrorError, OtherRuns
+    mirror = None
     try:
-        mirror = Mirror(url, keep_last=keep_last, run_id=run_id)
+        mirror = Mirror(url, keep_last=keep_last, run_id=run_id, kinds=CheckpointManager.kinds)
         if check:
-            mirror.check()
+            mirror.check(new_run=new_run)
     except MirrorError as e:
-        raise UserError(str(e)) from None
+        if mirror is not None:
+            mirror.close()
+        fix = (": give this run a --mirror URL of its own, or continue that run with --resume latest (--run_id ID "
+               "when its local folder is gone)") if isinstance(e, OtherRuns) else ""
+        raise UserError(f"{e}{fix}") from None
     return mirror
 
 
@@ -3566,9 +3587,7 @@ def start_mirror(env: DistEnv, cfg: TrainConfig, resuming: bool):
 
     def open_it() -> None:
         try:
-            box.append(open_mirror(cfg.mirror, cfg.keep_last, run_id=cfg.run_id))
-            if not resuming:
-                refuse_a_mirror_of_other_runs(box[0])
+            box.append(open_mirror(cfg.mirror, cfg.keep_last, run_id=cfg.run_id, new_run=not resuming))
         except UserError as e:
             if not resuming:
                 raise
@@ -3579,22 +3598,6 @@ def start_mirror(env: DistEnv, cfg: TrainConfig, resuming: bool):
     if cfg.mirror:
         broadcast_from_main(env, open_it)
     return box[0] if box else None
-
-
-def refuse_a_mirror_of_other_runs(mirror) -> None:
-    """A new run on a mirror URL that holds other runs' checkpoints is refused, as a new run over a folder of
-    checkpoints is: their copies would be mixed (each run's resume and retention go by its own)."""
-    from mirror import MirrorError
-    try:
-        runs = mirror.runs()
-    except MirrorError as e:
-        raise UserError(str(e)) from None
-    if runs:
-        mirror.close()
-        held = "; ".join(f"run {run}, newest step {entry['step']}" for run, entry in runs.items())
-        raise UserError(f"the mirror {mirror.redacted_url()} already holds checkpoints of another run ({held}): give "
-                        "this run a --mirror URL of its own, or continue that run with --resume latest (--run_id ID "
-                        "when its local folder is gone)")
 
 
 def with_run_identity(env: DistEnv, cfg: TrainConfig, point: ResumePoint | None) -> TrainConfig:

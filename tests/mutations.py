@@ -45,7 +45,7 @@ class Row:
     """One promise: the edits that break it and the tests that must then fail."""
 
     name: str
-    edits: tuple[tuple[str, str], ...]  # (exact snippet, replacement), applied in order to `path`
+    edits: tuple[tuple[str, ...], ...]  # (exact snippet, replacement[, file]), in order; file defaults to `path`
     tests: tuple[str, ...]  # pytest node ids
     path: str = SCRIPT
 
@@ -220,7 +220,7 @@ ROWS = [
          "            mirror = open_mirror("),
     ), (MIRROR_UNIT + "test_a_node_fetches_only_into_a_folder_no_other_run_holds_and_leaves_no_temporaries",)),
     Row("the_backoff_holds_back_a_newer_checkpoint", (
-        ("self._cond.wait_for(lambda: self._closed or self._newest is not seen, timeout=delay)",
+        ("self._cond.wait_for(lambda: self._closed or queue.newest is not seen, timeout=delay)",
          "self._cond.wait_for(lambda: self._closed, timeout=delay)"),
     ), (MIRROR_UNIT + "test_a_newer_checkpoint_is_tried_at_once_after_a_failure_not_after_the_backoff",),
         path="src/mirror_upload.py"),
@@ -263,7 +263,7 @@ ROWS = [
     Row("a_redactor_that_stops_at_the_first_slash", (
         ("    clean = split_userinfo(url)[0]\n",
          "    clean = url if '/' in url.partition('://')[2].partition('@')[0] else split_userinfo(url)[0]\n"),
-    ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",), path="src/mirror_secrets.py"),
+    ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",), path="src/mirror_messages.py"),
     # issue 22: no silent hang, no silent death
     Row("reporting_a_stop_can_raise_on_a_broken_stderr", (
         ("    with contextlib.suppress(OSError):\n        os.write(2, text.encode())",
@@ -352,14 +352,17 @@ ROWS = [
          "self.orphan_grace_seconds}", "        return set(suspects)"),
     ), (MIRROR_UNIT + "test_a_lagging_listing_never_deletes_a_committed_copy",), path="src/mirror_store.py"),
     Row("a_short_download_is_not_tried_again", (
-        ('            if problem is not None and "bytes instead of" in problem:', "            if False:"),
-    ), (MIRROR_UNIT + "test_a_short_download_is_tried_again_before_falling_back",), path="src/mirror.py"),
+        ('        if problem is not None and "bytes instead of" in problem:', "        if False:"),
+    ), (MIRROR_UNIT + "test_a_short_download_is_tried_again_before_falling_back",), path="src/mirror_fetch.py"),
     Row("no_word_of_credentials_that_were_not_stored", (
         ('    if point.mirror_credentials_removed and "mirror" not in flags:', "    if False:"),
     ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",)),
     Row("a_new_run_mixes_into_another_runs_mirror", (
-        ("            if not resuming:\n                refuse_a_mirror_of_other_runs(box[0])\n", ""),
+        ("run_id=cfg.run_id, new_run=not resuming))", "run_id=cfg.run_id, new_run=False))"),
     ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",)),
+    Row("a_mirror_check_that_lets_a_new_run_in_among_others", (
+        ("        if new_run and (runs := self.runs()):", "        if False and (runs := self.runs()):"),
+    ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",), path="src/mirror.py"),
     Row("several_runs_on_a_url_and_one_is_taken_without_asking", (
         ("            if len(runs) > 1:", "            if False:"),
     ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",), path="src/mirror.py"),
@@ -393,7 +396,7 @@ ROWS = [
         ("self.watch = UnsavedWatch(state.step, cfg.max_unsaved_minutes)", "self.watch = UnsavedWatch(0, cfg.max_unsaved_minutes)"),
     ), (MIRROR + "test_a_resumed_run_with_nothing_new_to_save_finds_its_checkpoint_on_the_mirror",)),
     Row("a_best_upload_is_skipped_when_uploads_fall_behind", (
-        ("best=BEST in names)", "best=False)"),
+        ('best="best" in kinds)', "best=False)"),
     ), (MIRROR_UNIT + "test_uploads_that_fall_behind_skip_to_the_newest",), path="src/mirror_upload.py"),
     # issue 24: fast on the GPU you have (the parts CPU can check)
     Row("not_compiled_by_default_on_cuda", (
@@ -426,21 +429,37 @@ ROWS = [
     # issue 21.3: an outage never fills the disk
     Row("a_pending_best_is_never_superseded", (
         ("return not self.epoch and (not self.best or newer.best)", "return not self.epoch and not self.best"),
-    ), (MIRROR_UNIT + "test_an_outage_holds_back_only_the_newest_and_the_newest_best",), path="src/mirror_upload.py"),
+    ), (MIRROR_UNIT + "test_an_outage_holds_back_only_the_newest_and_the_newest_best",), path="src/mirror_queue.py"),
     Row("an_outage_holds_back_every_best_until_the_disk_is_full", (  # the uploader before issue 21.3
         ("return not self.epoch and (not self.best or newer.best)", "return not self.epoch and not self.best"),
-        ('            if job.state != "pending" or job is self._current:\n', "            if True:\n"),
+        ('            if job.state != "pending" or job is self._queue.current:\n', "            if True:\n",
+         "src/mirror_upload.py"),
     ), (DISK_FULL + "test_a_mirror_down_through_many_best_saves_never_fills_the_disk_and_the_newest_goes_up_first",),
-        path="src/mirror_upload.py"),
+        path="src/mirror_queue.py"),
     Row("the_oldest_pending_upload_goes_first", (
-        ("        return newest\n", "        return oldest\n"),
-    ), (MIRROR_UNIT + "test_an_outage_holds_back_only_the_newest_and_the_newest_best",), path="src/mirror_upload.py"),
+        ("        job = newest\n", "        job = oldest\n"),
+    ), (MIRROR_UNIT + "test_an_outage_holds_back_only_the_newest_and_the_newest_best",), path="src/mirror_queue.py"),
     Row("the_disk_guard_never_takes_back_a_file_held_for_the_mirror", (
         ('        held = self.held.unshared()\n', '        held = []\n'),
     ), (MIRROR_UNIT + "test_the_disk_guard_takes_back_a_file_held_only_for_the_mirror_before_any_checkpoint",)),
     Row("a_close_during_a_failing_upload_leaves_it_pending", (
-        ("                    for job in list(self._pending):\n                        self._finish(job, \"skipped\")\n", ""),
+        ("                    for job in list(queue.pending):\n                        queue.retire(job, \"skipped\")\n", ""),
     ), (MIRROR_UNIT + "test_closing_while_an_upload_is_failing_lets_go_of_every_held_file",), path="src/mirror_upload.py"),
+    # issue 20: checkpoint names are defined once, by the manager; the mirror asks it
+    Row("the_mirror_parses_checkpoint_names_itself", (
+        ('kinds = {c["manifest_key"]: self.kinds(c["names"]) for c in committed}',
+         'kinds = {c["manifest_key"]: frozenset({"epoch"} if any(n.startswith("epoch_") for n in c["names"]) else '
+         '{"rolling"}) for c in committed}'),
+    ), (MIRROR_UNIT + "test_the_mirror_keeps_copies_by_what_the_folders_owner_says_each_name_is_kept_for",),
+        path="src/mirror_store.py"),
+    Row("a_file_without_a_lasting_name_is_kept_for_nothing", (
+        ('        if any(cls.number_in(n, "rolling_step_") is not None for n in names) or not kinds:',
+         '        if any(cls.number_in(n, "rolling_step_") is not None for n in names):'),
+    ), ("tests/test_checkpoint_manager.py::test_kinds_say_what_each_save_is_kept_for_by_its_names",)),
+    Row("an_epoch_file_is_not_kept_for_good_on_the_mirror", (
+        ('        kinds = {"epoch"} if any(cls.number_in(n, "epoch_") is not None for n in names) else set()',
+         '        kinds = set()'),
+    ), (MIRROR_UNIT + "test_remote_retention_keeps_last_n_rolling_every_epoch_the_newest_best_and_always_the_newest",)),
     Row("a_node_sharing_upload_belongs_to_no_run", (
         ("    mirror = open_mirror(mirror_url, keep_last=keep_last, check=False, run_id=run_id)",
          "    mirror = open_mirror(mirror_url, keep_last=keep_last, check=False)"),
@@ -476,16 +495,19 @@ def copy_repository(dst: Path) -> None:
 
 
 def apply(row: Row, repo: Path) -> str | None:
-    """Apply the row's edits to the copy; the reason it cannot be applied, or None."""
-    path = repo / row.path
-    text = path.read_text()
-    for old, new in row.edits:
+    """Apply the row's edits to the copy; the reason it cannot be applied, or None. An edit with a third element
+    applies to that file instead of the row's path (a promise kept by two modules together)."""
+    texts: dict[str, str] = {}
+    for old, new, *where in row.edits:
+        name = where[0] if where else row.path
+        text = texts.get(name) or (repo / name).read_text()
         count = text.count(old)
         if count != 1:
             first_line = old.strip().splitlines()[0]
-            return f"snippet not found exactly once ({count} times) in {row.path}: {first_line!r}"
-        text = text.replace(old, new)
-    path.write_text(text)
+            return f"snippet not found exactly once ({count} times) in {name}: {first_line!r}"
+        texts[name] = text.replace(old, new)
+    for name, text in texts.items():
+        (repo / name).write_text(text)
     return None
 
 

@@ -63,6 +63,22 @@ def test_rng_state_round_trips():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
+def test_kinds_say_what_each_save_is_kept_for_by_its_names():
+    """The one definition of what a name is kept for, which the mirror's retention and uploader use too."""
+    kinds = T.CheckpointManager.kinds
+    assert kinds(["rolling_step_000010.pt", "latest.pt"]) == {"rolling"}
+    assert kinds(["rolling_step_000010.pt", "latest.pt", "best_model.pt"]) == {"rolling", "best"}
+    assert kinds(["epoch_00002.pt"]) == {"epoch"}
+    assert kinds(["best_model.pt"]) == {"best"}
+    assert kinds(["epoch_00002.pt", "best_model.pt"]) == {"epoch", "best"}
+    assert kinds(["latest.pt"]) == {"rolling"}  # a file with no lasting name counts as rolling
+    assert kinds(["epoch_x.pt", "rolling_step_.pt", "epoch_\u00b2.pt"]) == {"rolling"}  # not numbered: not ours
+    manager = T.CheckpointManager("ck")
+    assert manager.lasting_name(["rolling_step_000010.pt", "latest.pt", "best_model.pt"]).name == "best_model.pt"
+    assert manager.lasting_name(["epoch_00002.pt", "best_model.pt"]).name == "epoch_00002.pt"
+    assert manager.lasting_name(["rolling_step_000010.pt", "latest.pt"]).name == "rolling_step_000010.pt"
+
+
 def test_names_links_backup_epoch_best_and_retention(tmp_path, shard_dir):
     manager = T.CheckpointManager(tmp_path / "ck", keep_last=3)
     base = make_state(shard_dir)

@@ -69,7 +69,7 @@ def mirrors():
     made = []
 
     def make(url, **kwargs):
-        made.append(Mirror(url, **kwargs))
+        made.append(Mirror(url, **{"kinds": T.CheckpointManager.kinds, **kwargs}))
         return made[-1]
 
     yield make
@@ -259,6 +259,26 @@ def test_remote_retention_keeps_last_n_rolling_every_epoch_the_newest_best_and_a
         mirror.submit(*ck.save(step))
         assert mirror.wait(30)
     assert steps_on(mirror) == [9]
+
+
+def test_the_mirror_keeps_copies_by_what_the_folders_owner_says_each_name_is_kept_for(
+        mirrors, base_state, tmp_path):
+    """Checkpoint names are defined once, by the manager: the mirror's retention asks its kinds() and parses none."""
+    ck = Checkpoints(tmp_path / "ck", base_state)
+    as_epochs = mirrors(str(tmp_path / "as-epochs"), keep_last=1, kinds=lambda names: frozenset({"epoch"}))
+    for step in (1, 2, 3):
+        as_epochs.submit(*ck.save(step))
+        assert as_epochs.wait(30)
+    assert steps_on(as_epochs) == [3, 2, 1]  # every one an epoch checkpoint, by the owner's word: all kept
+    as_rolling = mirrors(str(tmp_path / "as-rolling"), keep_last=1, kinds=lambda names: frozenset({"rolling"}))
+    for step in (4, 5, 6):
+        as_rolling.submit(*ck.save(step, epoch=1 if step == 4 else None))
+        assert as_rolling.wait(30)
+    assert steps_on(as_rolling) == [6]  # an epoch file name, but the owner says rolling
+    reader = Mirror(str(tmp_path / "as-epochs"))  # reading needs no kinds; uploading does
+    assert steps_on(reader) == [3, 2, 1]
+    with pytest.raises(TypeError, match="kinds"):
+        reader.submit(*ck.save(7))
 
 
 def test_uploads_that_fall_behind_skip_to_the_newest(s3, mirrors, base_state, tmp_path, train_log):
@@ -490,7 +510,7 @@ def test_credentials_in_the_url_never_show_in_messages(s3, mirrors, base_state, 
 def mirrored_run(tmp_path, base_state, steps):
     """A plain-folder mirror holding a run's checkpoints of `steps` (saved and uploaded in order)."""
     url = str(tmp_path / "mirror")
-    mirror = Mirror(url)
+    mirror = Mirror(url, kinds=T.CheckpointManager.kinds)
     mirror.check()
     run = Checkpoints(tmp_path / "run", base_state)
     for step in steps:
@@ -628,7 +648,7 @@ def test_a_short_download_is_tried_again_before_falling_back(mirrors, base_state
         calls.append(entry["step"])
         problem = real(store, entry, tmp)
         return f"{entry['size'] // 2} bytes instead of the manifest's {entry['size']}" if len(calls) == 1 else problem
-    monkeypatch.setattr(__import__("mirror"), "download", cut_off_once)
+    monkeypatch.setattr(__import__("mirror_fetch"), "download", cut_off_once)
     path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh"))
     assert entry["step"] == 1 and calls == [1, 1]
     assert any("the download of step 1 was short" in m and "trying once more" in m for m in train_log)

@@ -23,7 +23,7 @@ def test_the_mirror_commits_keeps_and_fetches_back_and_catches_a_damaged_copy(ot
     for key, value in other_store.env.items():
         monkeypatch.setenv(key, value)
     url = other_store.url(f"run-{uuid.uuid4().hex[:8]}")
-    mirror = Mirror(url, keep_last=1)
+    mirror = Mirror(url, keep_last=1, kinds=T.CheckpointManager.kinds)
     try:
         mirror.check()
         ck = Checkpoints(tmp_path / "ck", base_state)

@@ -82,7 +82,7 @@ def test_nodes_without_shared_storage_each_fetch_the_checkpoint_from_the_mirror_
         shutil.copyfile(saved.rolling_path(s), here.rolling_path(s))
     os.link(here.rolling_path(step), ck / "latest.pt")
     mirror_url = str(tmp_path / "mirror")
-    mirror = Mirror(mirror_url)
+    mirror = Mirror(mirror_url, kinds=T.CheckpointManager.kinds)
     mirror.check()
     for s in (older, step):
         mirror.submit(here.rolling_path(s), s, [here.rolling_path(s).name])

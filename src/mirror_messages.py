@@ -1,11 +1,38 @@
-"""What of a mirror URL and its options must never be shown (see mirror.py): the one redactor for every message
-the trainer and the mirror print or write, and the list of secrets a message is scrubbed of."""
+"""What the mirror says (see mirror.py): the one redactor for every message the trainer and the mirror print or
+write, the secrets of a URL and its options that a message is scrubbed of, and each failure as one line that says
+what to do."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 from urllib.parse import unquote
+
+class MirrorError(Exception):
+    """A mirror that cannot be used: one line that says what to do (bad URL, no bucket, no permission)."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one short line: its type and message."""
+    text = " ".join(str(e).split()) or "no message"
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def what_to_do(e: BaseException, local: bool) -> str:
+    """The fix for a failed request to the mirror (local: a folder, not an object store)."""
+    text = f"{type(e).__name__} {e}".lower()
+    if local and isinstance(e, PermissionError):
+        return "no permission: fix the folder's permissions, or choose another --mirror"
+    if isinstance(e, PermissionError) or "accessdenied" in text or "access denied" in text \
+            or "invalidaccesskeyid" in text or "signaturedoesnotmatch" in text or "forbidden" in text:
+        return ("no permission: check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws) and "
+                "that they may list, write and delete under this prefix")
+    if "nocredentials" in text or "unable to locate credentials" in text:
+        return "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or configure ~/.aws"
+    if isinstance(e, FileNotFoundError) or "nosuchbucket" in text or "does not exist" in text:
+        return "the bucket (or folder) does not exist: create it, or fix --mirror"
+    return "the mirror is unreachable or refused the request: check the URL, AWS_ENDPOINT_URL and the network"
+
 
 SECRET_OPTIONS = ("secret", "password", "token", "account_key", "sas_token", "client_secret", "credential")
 

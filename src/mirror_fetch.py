@@ -1,0 +1,76 @@
+"""Fetching checkpoints back from the mirror (see mirror.py): one copy downloaded, checked against its manifest's
+size and sha256 and by the local folder owner's own verification, then named by that owner; the first usable of a
+run's copies, newest first; and the committed copy of a local file, found by its content."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from mirror_store import CHUNK_BYTES, RemoteStore, one_line
+from mirror_transfer import download
+
+log = logging.getLogger("train")
+
+
+def fetch(store: RemoteStore, entry: dict, target) -> Path | None:
+    """Download the checkpoint `entry` (from remote_checkpoints) for `target`, the local folder's owner (the
+    trainer's CheckpointManager): into target.incoming_path(), fsync'ed, checked against its manifest's size and
+    sha256 (a short download is tried once more) and by target.load(path) (which raises, or returns False, for an
+    invalid file), then named by target.adopt(path, names). Returns the adopted path, or None (the reason logged) if
+    the copy is not usable. Raises as download() does."""
+    tmp = target.incoming_path()
+    try:
+        problem = download(store, entry, tmp)
+        if problem is not None and "bytes instead of" in problem:  # cut off on the way: once more before giving up
+            log.warning("mirror: the download of step %d was short (%s); trying once more", entry["step"], problem)
+            problem = download(store, entry, tmp)
+        if problem is None:
+            try:
+                problem = "failed verification" if target.load(tmp) is False else None
+            except Exception as e:
+                problem = f"failed verification ({one_line(e)})"
+        if problem is not None:
+            log.error("mirror: the copy of step %d on %s (%s) is not usable: %s", entry["step"],
+                      store.redacted_url(), store.relative(entry["key"]), problem)
+            return None
+        path = target.adopt(tmp, entry["names"])
+        log.info("mirror: fetched step %d from %s (%.1f MB) into %s", entry["step"], store.redacted_url(),
+                 entry["size"] / 1e6, path.parent)
+        return path
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def first_usable(store: RemoteStore, candidates: list[dict], target, newer_than: int) -> tuple[Path, dict] | None:
+    """Fetch the first of `candidates` (newest first, all after step newer_than) that is usable, trying older ones
+    in turn and logging why each was skipped: (its local path, its entry), or None if none is."""
+    skipped = []
+    for entry in candidates:
+        path = fetch(store, entry, target)
+        if path is not None:
+            if skipped:
+                log.info("mirror: used step %d after skipping unusable step(s) %s", entry["step"], skipped)
+            return path, entry
+        skipped.append(entry["step"])
+        if entry is not candidates[-1]:
+            log.warning("mirror: trying the next older checkpoint")
+    if candidates:
+        log.error("mirror: none of the %d checkpoint(s) on %s%s is usable", len(candidates), store.redacted_url(),
+                  f" newer than step {newer_than}" if newer_than >= 0 else "")
+    return None
+
+
+def find_copy_of(store: RemoteStore, local_path: Path) -> dict | None:
+    """The committed checkpoint whose content is the local file's, byte for byte (its size, then the sha256 of its
+    upload), or None. The file is read only if a committed checkpoint has its size."""
+    size = Path(local_path).stat().st_size
+    same_size = [c for c in store.remote_checkpoints() if c["size"] == size]
+    if not same_size:
+        return None
+    digest = hashlib.sha256()
+    with open(local_path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return next((c for c in same_size if c["sha256"] == digest.hexdigest()), None)
