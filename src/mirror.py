@@ -123,8 +123,8 @@ class Mirror:
     # uploading --------------------------------------------------------------------------------------------
     def submit(self, local_path: Path, step: int, names: list[str], holder: Holder | None = None) -> None:
         """Queue a finished, durable, verified checkpoint file (known locally under `names`) for upload; returns at
-        once and never raises. holder: the folder's owner, which keeps the file on disk until it is uploaded (see
-        Uploader.submit)."""
+        once; a failed upload never raises (a Mirror opened without kinds, for reading only, raises TypeError here).
+        holder: the folder's owner, which keeps the file on disk until it is uploaded (see Uploader.submit)."""
         if self.store.kinds is None:
             raise TypeError("Mirror(kinds=...) is needed to upload: retention must know what each name is kept for")
         self.uploader.submit(local_path, step, names, holder)

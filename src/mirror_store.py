@@ -1,7 +1,7 @@
 """The mirror's remote side (see mirror.py): one fsspec filesystem under a root URL, the names of its objects, the
 manifests, what is committed, retention, and the start-up probe. Credentials are redacted from every message
-(mirror_messages.py). Neither thread nor queue here: the uploader (mirror_upload.py) and the fetch (mirror.py) use
-it."""
+(mirror_messages.py). Neither thread nor queue here: the uploader (mirror_upload.py) and the fetch (mirror_fetch.py)
+use it."""
 
 from __future__ import annotations
 
