@@ -43,7 +43,8 @@ The parts, one job each: mirror_store.py (the remote objects: names, manifests, 
 start-up probe), mirror_messages.py (the one redactor; each failure as one line that says what to do),
 mirror_transfer.py (bytes up and down, each request with a deadline; one file committed as blob then manifest),
 mirror_queue.py (what waits for the mirror, what goes next), mirror_upload.py (the background uploader: retries,
-retention, status) and this module (the seam the trainer calls, fetching back, the end-of-run report).
+retention, status), mirror_fetch.py (fetching a copy back, checked) and this module (the seam the trainer calls,
+the end-of-run report).
 """
 
 from __future__ import annotations
@@ -76,8 +77,7 @@ class Mirror:
     """Copies finished checkpoint files to an fsspec URL in the background and fetches the newest valid one back."""
 
     def __init__(self, url: str, keep_last: int = 10, *, run_id: str | None = None, kinds: Kinds | None = None,
-                 timeout_seconds: float = 60.0,
-                 retry_initial_seconds: float = 1.0, retry_max_seconds: float = 60.0,
+                 timeout_seconds: float = 60.0, retry_initial_seconds: float = 1.0, retry_max_seconds: float = 60.0,
                  failure_log_interval_seconds: float = 300.0, part_bytes: int = 64 << 20, parallel_parts: int = 4,
                  min_upload_rate_bytes_per_second: float = 1e6, storage_options: dict[str, Any] | None = None):
         """url: any fsspec URL (s3://bucket/prefix, gs://..., az://..., file:///path) or a plain local path.
