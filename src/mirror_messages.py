@@ -8,6 +8,7 @@ import os
 from typing import Any
 from urllib.parse import unquote
 
+
 class MirrorError(Exception):
     """A mirror that cannot be used: one line that says what to do (bad URL, no bucket, no permission)."""
 

@@ -79,9 +79,12 @@ class UploadQueue:
         self.current = job
         return job
 
-    def superseded(self, job: Job) -> bool:
-        """A job submitted after `job` supersedes it (after a failed attempt: not worth a retry)."""
-        return any(j.seq > job.seq and job.superseded_by(j) for j in self.pending)
+    def attempt_failed(self, job: Job) -> None:
+        """The current job's attempt failed: it waits for a retry, unless a job submitted since supersedes it (then
+        it is retired as skipped: not worth a retry)."""
+        self.current = None
+        if any(j.seq > job.seq and job.superseded_by(j) for j in self.pending):
+            self.retire(job, "skipped")
 
     def done(self, job: Job, state: str) -> None:
         """The current job's upload ended: committed, skipped (closing, or superseded) or failed."""

@@ -131,10 +131,8 @@ class Uploader:
             except Exception as e:
                 self._on_failure(job, e, delay)
                 with self._cond:
-                    queue.current = None  # it stays pending, for a retry
-                    if queue.superseded(job):
-                        queue.retire(job, "skipped")  # not worth a retry: a newer submission supersedes it
-                        self._cond.notify_all()
+                    queue.attempt_failed(job)  # pending again, for a retry, or skipped if a newer one supersedes it
+                    self._cond.notify_all()
                     # back off, but not past a checkpoint submitted since this attempt began (even during it): the
                     # one a graceful stop saves must not spend its --mirror_wait_seconds waiting out the backoff
                     self._cond.wait_for(lambda: self._closed or queue.newest is not seen, timeout=delay)

@@ -442,6 +442,11 @@ ROWS = [
     Row("the_disk_guard_never_takes_back_a_file_held_for_the_mirror", (
         ('        held = self.held.unshared()\n', '        held = []\n'),
     ), (MIRROR_UNIT + "test_the_disk_guard_takes_back_a_file_held_only_for_the_mirror_before_any_checkpoint",)),
+    Row("a_failed_upload_is_retried_though_a_newer_one_supersedes_it", (
+        ('        if any(j.seq > job.seq and job.superseded_by(j) for j in self.pending):\n'
+         '            self.retire(job, "skipped")\n', ""),
+    ), (MIRROR_UNIT + "test_uploads_that_fall_behind_skip_to_the_newest",
+        MIRROR_UNIT + "test_an_outage_holds_back_only_the_newest_and_the_newest_best"), path="src/mirror_queue.py"),
     Row("a_close_during_a_failing_upload_leaves_it_pending", (
         ("                    for job in list(queue.pending):\n                        queue.retire(job, \"skipped\")\n", ""),
     ), (MIRROR_UNIT + "test_closing_while_an_upload_is_failing_lets_go_of_every_held_file",), path="src/mirror_upload.py"),
