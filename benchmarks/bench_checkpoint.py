@@ -191,7 +191,7 @@ def main():
     # 4. resume: find and verify the checkpoint, load it, restore a fresh model, run the first step
     del model, optimizer, loader
     t0 = time.perf_counter()
-    path = manager.resolve("latest")
+    path = T.resolve_checkpoint(manager, "latest")
     ckpt = T.CheckpointManager.load(path, verify=False)
     model, optimizer, loader = build()
     T.restore_state(ckpt, raw_model=model, optimizer=optimizer, loader=loader, cfg=cfg, env=env)

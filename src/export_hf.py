@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
                         help="write only the weights and config.json")
     args = parser.parse_args(argv)
     try:
-        path, state = T.CheckpointManager(args.checkpoint_dir).load_named(args.checkpoint)
+        path, state = T.load_named(args.checkpoint_dir, args.checkpoint)
         try:
             out = export(state, Path(args.out_dir), tokenizer=args.tokenizer)
         except OSError as e:

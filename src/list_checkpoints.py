@@ -86,8 +86,9 @@ def _list_mirror(url: str, verify: bool) -> int:
                         problem = str(e)
                 status = "valid" if problem is None else f"INVALID: {problem}"
                 bad += problem is not None
+            parent = f" (branched from {entry['parent']})" if entry.get("parent") else ""
             print(f"{entry['step']:>8} {entry['run'] or '-':>12} {entry['size'] / 2**20:>8.1f}M {entry['written_at'][:19]:>20}  "
-                  f"{', '.join(mirror_names(entry, newest))} -> {status}")
+                  f"{', '.join(mirror_names(entry, newest))} -> {status}{parent}")
     return 1 if bad else 0
 
 
@@ -101,14 +102,14 @@ def mirror_names(entry: dict, newest: dict) -> list[str]:
 def _list_checkpoints(manager: T.CheckpointManager, folder: str, verify: bool) -> int:
     """One row per local checkpoint name (and per damaged file set aside); 1 if a usable name is invalid."""
     paths = manager.all_checkpoints()
-    aside = sorted(manager.dir.glob(f"*{manager.CORRUPT}")) if manager.dir.is_dir() else []
+    aside = manager.set_aside_files()
     if not paths and not aside:
         print(f"no checkpoints in {folder}/")
         return 0
     file_ids: dict[tuple[int, int], int] = {}  # (device, inode) -> a small number per file, in order of appearance
     print(f"{'name':<28} {'file':>4} {'step':>8} {'epoch':>5} {'train_loss':>10} {'val_loss':>14} {'size':>9} "
           f"{'age':>8}  status")
-    bad, earlier_val = 0, False
+    bad, earlier_val, runs = 0, False, {}
     for p in paths + aside:
         st = p.stat()
         file_id = file_ids.setdefault((st.st_dev, st.st_ino), len(file_ids) + 1)
@@ -121,6 +122,8 @@ def _list_checkpoints(manager: T.CheckpointManager, folder: str, verify: bool) -
             if s["val_loss"] is not None and val_step is not None and val_step != s["step"]:
                 val, earlier_val = f"{val}@{val_step}", True
             row = (s["step"], s["epoch"], T.fmt_loss(s["train_loss"]), val)
+            if p in paths:
+                runs.setdefault(s["args"].get("run_id"), s.get("parent"))
         except T.CheckpointInvalid as e:
             bad += p in paths
             status, row = f"INVALID: {e}", ("-", "-", "-", "-")
@@ -128,6 +131,8 @@ def _list_checkpoints(manager: T.CheckpointManager, folder: str, verify: bool) -
             status = f"SET ASIDE, never used ({status})"
         print(f"{p.name:<28} {file_id:>4} {row[0]:>8} {row[1]:>5} {row[2]:>10} {row[3]:>14} {size:>9} {age:>8}  "
               f"{status}")
+    for run, parent in runs.items():  # the lineage: which run wrote these, and the run it branched from
+        print(f"run {run or '(none recorded)'}" + (f", branched from {parent}" if parent else ""))
     if len(file_ids) < len(paths) + len(aside):
         print("names with the same file number are hard links to one file (one copy on disk, shared by its names)")
     if earlier_val:

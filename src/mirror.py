@@ -9,15 +9,17 @@ jobs (the checkpoint names are the folder owner's: the mirror only learns what e
     mirror.submit(manager.lasting_name(names), step, names, manager.held)  # after each durable save; never raises
     mirror.status()                                  # plain numbers for the step line, metrics.jsonl, TensorBoard
     mirror.finish(saved_step, wait_seconds)          # at the end of the run: waits, says where the last one is, closes
-    # 2. resume: the newest verified copy, if newer than the folder's, fetched and named by the manager
-    mirror.fetch_newest_valid(manager, newer_than=step)
+    # 2. resume: what it holds (the trainer's resume plan chooses), then the one copy chosen, fetched and checked
+    mirror.remote_checkpoints(); mirror.fetch(entry, manager)
+    mirror.resumed(step, holds)                      # a resumed launch: what the mirror held of the run at its start
     # 3. a node without rank 0's file: rank 0 finds (or uploads) its copy, the node fetches exactly that one
     mirror.fetch(mirror.copy_of(path, ...)[0], manager)
 
 Remote layout under the URL (s3://bucket/prefix):
 
     blobs/step_000010-<id>.pt          the checkpoint file, byte for byte; <id> is random, so no object is rewritten
-    manifests/step_000010-<id>.json    {format, step, names, size, sha256, blob, written_at}, written LAST
+    manifests/step_000010-<id>.json    {format, step, names, size, sha256, blob, run, parent, written_at},
+                                       written LAST
 
 A checkpoint is committed when its manifest exists and its blob exists with the manifest's size. An upload cut off
 at any instant leaves at most a blob without a manifest, which is never listed nor fetched (and later removed);
@@ -54,19 +56,15 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from mirror_fetch import fetch, find_copy_of, first_usable
+from mirror_fetch import fetch, find_copy_of
 from mirror_queue import Holder
 from mirror_store import Kinds, MirrorError, RemoteStore, redact_url
 from mirror_transfer import download
 from mirror_upload import Uploader
 
-__all__ = ["Mirror", "MirrorError", "OtherRuns", "SeveralRuns", "redact_url"]
+__all__ = ["Mirror", "MirrorError", "OtherRuns", "redact_url"]
 
 log = logging.getLogger("train")
-
-
-class SeveralRuns(MirrorError):
-    """A fetch that was to take the URL's only run found copies of several (the message lists them)."""
 
 
 class OtherRuns(MirrorError):
@@ -76,14 +74,16 @@ class OtherRuns(MirrorError):
 class Mirror:
     """Copies finished checkpoint files to an fsspec URL in the background and fetches the newest valid one back."""
 
-    def __init__(self, url: str, keep_last: int = 10, *, run_id: str | None = None, kinds: Kinds | None = None,
+    def __init__(self, url: str, keep_last: int = 10, *, run_id: str | None = None, parent: str | None = None,
+                 kinds: Kinds | None = None,
                  timeout_seconds: float = 60.0, retry_initial_seconds: float = 1.0, retry_max_seconds: float = 60.0,
                  failure_log_interval_seconds: float = 300.0, part_bytes: int = 64 << 20, parallel_parts: int = 4,
                  min_upload_rate_bytes_per_second: float = 1e6, storage_options: dict[str, Any] | None = None):
         """url: any fsspec URL (s3://bucket/prefix, gs://..., az://..., file:///path) or a plain local path.
 
         keep_last: rolling checkpoints kept on the mirror. run_id: the run whose copies this mirror uploads, keeps and
-        fetches (None: copies written without one; another run's copies are never touched). kinds: what a
+        fetches (None: copies written without one; another run's copies are never touched); parent: the run it
+        branched from ("run@step"), recorded in its manifests. kinds: what a
         checkpoint's names keep it for ("epoch", "best", "rolling"), as the folder's owner defines them
         (CheckpointManager.kinds); needed to upload (retention), not to read. timeout_seconds: to
         connect and to wait for an answer (S3). retry_*: backoff between failed attempts.
@@ -94,7 +94,7 @@ class Mirror:
         storage_options: extra fsspec options (they override the defaults chosen here)."""
         if keep_last < 0:
             raise MirrorError(f"the mirror's keep_last must be >= 0, not {keep_last}")
-        self.store = RemoteStore(url, run_id=run_id, kinds=kinds, timeout_seconds=timeout_seconds,
+        self.store = RemoteStore(url, run_id=run_id, parent=parent, kinds=kinds, timeout_seconds=timeout_seconds,
                                  part_bytes=part_bytes, parallel_parts=parallel_parts,
                                  min_upload_rate_bytes_per_second=min_upload_rate_bytes_per_second,
                                  storage_options=storage_options)
@@ -121,6 +121,12 @@ class Mirror:
             raise OtherRuns(f"the mirror {self.redacted_url()} already holds checkpoints of another run ({held})")
 
     # uploading --------------------------------------------------------------------------------------------
+    def resumed(self, step: int, holds: int | None, known: bool = True) -> None:
+        """A resumed launch: it continues its run from `step`, and the mirror held the run's steps up to `holds`
+        (None: none; known=False: that could not be seen, and is asked before the first upload). A mirror that holds
+        a newer step of the run than `step` gets no upload from this launch (see Uploader.resumed)."""
+        self.uploader.resumed(step, holds, known)
+
     def submit(self, local_path: Path, step: int, names: list[str], holder: Holder | None = None) -> None:
         """Queue a finished, durable, verified checkpoint file (known locally under `names`) for upload; returns at
         once; a failed upload never raises (a Mirror opened without kinds, for reading only, raises TypeError here).
@@ -148,18 +154,20 @@ class Mirror:
         whether it holds that step already. Returns whether it does."""
         made_it = self.wait(wait_seconds)
         status = self.status()
+        holds = status["holds"]
         if not status["submitted"]:  # nothing saved in this launch: the run's newest may be on the mirror already
             with contextlib.suppress(Exception):  # MirrorError: then it is reported as behind, below
                 held = [c["step"] for c in self.remote_checkpoints() if c["run"] == self.store.run_id]
                 made_it = saved_step in held
                 status = {**status, "committed_step": saved_step if made_it else max(held, default=None)}
+                holds = f"step {status['committed_step']}" if held else "no checkpoint of this run"
         made_it = made_it and status["committed_step"] == saved_step
         if made_it:
             log.info("mirror: the last checkpoint (step %d) is on %s", saved_step, self.redacted_url())
         else:
             log.error("MIRROR BEHIND: the last checkpoint (step %d) did not reach %s within %.0f s (the mirror holds "
-                      "step %s; last error: %s); it is on the local disk only", saved_step, self.redacted_url(),
-                      wait_seconds, status["committed_step"], status["last_error"])
+                      "%s; last error: %s); it is on the local disk only", saved_step, self.redacted_url(),
+                      wait_seconds, holds, status["last_error"])
         self.close()
         return made_it
 
@@ -179,23 +187,6 @@ class Mirror:
         """Copy the blob of `entry` to tmp and check its size and sha256: None if it matches, else the problem
         (list_checkpoints --verify)."""
         return download(self.store, entry, tmp)
-
-    def fetch_newest_valid(self, target, newer_than: int = -1, only_run: bool = False) -> tuple[Path, dict] | None:
-        """Fetch (as fetch() does) this run's newest committed checkpoint after step `newer_than` that passes its
-        manifest's size and sha256 and the target's verification, trying older ones in turn and logging why each was
-        skipped. only_run: the run is the URL's only one, whatever this mirror's run_id (SeveralRuns if it holds
-        several). Returns (its local path, manifest), or None if the mirror holds no valid checkpoint after that step.
-        Raises MirrorError if the mirror cannot be read, OSError if the local folder cannot be written: neither means
-        "nothing valid"."""
-        if only_run:
-            runs = self.runs()
-            if len(runs) > 1:
-                listing = "; ".join(f"run {run} (newest step {entry['step']}, written {entry['written_at'][:19]})"
-                                    for run, entry in runs.items())
-                raise SeveralRuns(f"the mirror {self.redacted_url()} holds checkpoints of several runs ({listing})")
-            self.store.run_id = next(iter(runs), None)
-        candidates = [c for c in self.remote_checkpoints() if c["step"] > newer_than and c["run"] == self.store.run_id]
-        return first_usable(self.store, candidates, target, newer_than)
 
     def copy_of(self, local_path: Path, step: int, names: list[str], wait_seconds: float,
                 before_upload: Callable[[], None] = lambda: None) -> tuple[dict | None, str | None]:

@@ -1,6 +1,6 @@
 """Fetching checkpoints back from the mirror (see mirror.py): one copy downloaded, checked against its manifest's
-size and sha256 and by the local folder owner's own verification, then named by that owner; the first usable of a
-run's copies, newest first; and the committed copy of a local file, found by its content."""
+size and sha256 and by the local folder owner's own verification, then named by that owner (which copy: the
+trainer's resume plan decides); and the committed copy of a local file, found by its content."""
 
 from __future__ import annotations
 
@@ -41,25 +41,6 @@ def fetch(store: RemoteStore, entry: dict, target) -> Path | None:
         return path
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def first_usable(store: RemoteStore, candidates: list[dict], target, newer_than: int) -> tuple[Path, dict] | None:
-    """Fetch the first of `candidates` (newest first, all after step newer_than) that is usable, trying older ones
-    in turn and logging why each was skipped: (its local path, its entry), or None if none is."""
-    skipped = []
-    for entry in candidates:
-        path = fetch(store, entry, target)
-        if path is not None:
-            if skipped:
-                log.info("mirror: used step %d after skipping unusable step(s) %s", entry["step"], skipped)
-            return path, entry
-        skipped.append(entry["step"])
-        if entry is not candidates[-1]:
-            log.warning("mirror: trying the next older checkpoint")
-    if candidates:
-        log.error("mirror: none of the %d checkpoint(s) on %s%s is usable", len(candidates), store.redacted_url(),
-                  f" newer than step {newer_than}" if newer_than >= 0 else "")
-    return None
 
 
 def find_copy_of(store: RemoteStore, local_path: Path) -> dict | None:

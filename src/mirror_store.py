@@ -34,12 +34,12 @@ class RemoteStore:
 
     orphan_grace_seconds = 60.0
 
-    def __init__(self, url: str, *, run_id: str | None = None, kinds: Kinds | None = None,
+    def __init__(self, url: str, *, run_id: str | None = None, parent: str | None = None, kinds: Kinds | None = None,
                  timeout_seconds: float = 60.0, part_bytes: int = 64 << 20, parallel_parts: int = 4,
                  min_upload_rate_bytes_per_second: float = 1e6, storage_options: dict[str, Any] | None = None):
         """See Mirror: the URL, the run whose checkpoints this store writes and keeps, what each checkpoint name is
         kept for, how long a request may take."""
-        self.run_id, self.kinds = run_id, kinds
+        self.run_id, self.parent, self.kinds = run_id, parent, kinds
         if part_bytes < 5 << 20:
             raise MirrorError(f"the mirror's part size must be at least 5 MiB (S3's smallest part), not {part_bytes}")
         self.timeout_seconds = timeout_seconds
@@ -180,14 +180,16 @@ class RemoteStore:
                 broken.append(key)  # its blob is missing or not whole: not committed
                 continue
             committed.append(dict(step=m["step"], names=list(m["names"]), size=m["size"], sha256=m["sha256"],
-                                  key=blob, manifest_key=key, written_at=m.get("written_at", ""), run=m.get("run")))
+                                  key=blob, manifest_key=key, written_at=m.get("written_at", ""), run=m.get("run"),
+                                  parent=m.get("parent")))
         committed.sort(key=lambda c: (c["step"], c["written_at"]), reverse=True)
         return committed, broken, blobs, understood
 
     def remote_checkpoints(self) -> list[dict]:
         """Committed checkpoints on the mirror, newest first: dict(step, names, size, sha256, key, manifest_key,
-        written_at, run); key is the blob's path on the mirror's filesystem; run is the identity of the run that wrote
-        it (None for copies from before runs had one). A one-line MirrorError if it cannot be read."""
+        written_at, run, parent); key is the blob's path on the mirror's filesystem; run is the identity of the run
+        that wrote it (None for copies from before runs had one), parent the run it branched from ("run@step"; None
+        for a run that did not). A one-line MirrorError if it cannot be read."""
         try:
             return self.scan()[0]
         except Exception as e:

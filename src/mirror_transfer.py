@@ -70,7 +70,7 @@ def commit_file(store: RemoteStore, file: BinaryIO, path: Path, identity: tuple[
     if remote_size != size:
         raise OSError(f"the mirror holds {remote_size} bytes of {blob_rel}, {size} were sent")
     manifest = dict(format=MANIFEST_FORMAT, step=step, names=names, size=size, sha256=digest.hexdigest(),
-                    blob=blob_rel, run=store.run_id,
+                    blob=blob_rel, run=store.run_id, parent=store.parent,
                     written_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"))
     write_small(store, store.key(manifest_rel), json.dumps(manifest, indent=1).encode())
     store.manifests[store.key(manifest_rel)] = manifest

@@ -55,6 +55,37 @@ class Uploader:
         self._rate = 0.0
         self._last_error: str | None = None
         self._first_commit_logged = False
+        self._start_step: int | None = None  # a resumed run: the step this launch started from
+        self._seen = True  # what the mirror holds of this run is known (see resumed)
+        self.off: str | None = None  # why this launch does not upload at all (see resumed)
+
+    def resumed(self, step: int, holds: int | None, known: bool = True) -> None:
+        """This launch continues its run from `step`; the mirror held its steps up to `holds` when the launch began
+        (None: none), or, with known=False, that could not be seen (the mirror was unreachable) and is asked before
+        the first upload. If the mirror holds a newer step of the run than `step` (the launch took an older local
+        checkpoint: the mirror unreachable at start, or its copy not fetched), this launch uploads nothing: its
+        copies would be mixed with the newer ones under one run."""
+        with self._cond:
+            self._start_step, self._seen = step, known
+            if known:
+                self._holding(holds)
+
+    def _holding(self, holds: int | None) -> None:
+        """The mirror holds steps up to `holds` of this run (under self._cond)."""
+        self._committed_step = holds if self._committed_step is None else max(holds or 0, self._committed_step)
+        if holds is not None and self._start_step is not None and holds > self._start_step and self.off is None:
+            self.off = (f"it holds step {holds} of this run, newer than step {self._start_step} this launch resumed "
+                        "from: this launch uploads nothing, so that the two histories are never mixed under one run. "
+                        f"Resume with --resume latest --mirror URL to continue from step {holds}")
+            log.error("MIRROR OFF: %s (%s)", self.off, self.store.redacted_url())
+
+    def _see_holdings(self) -> None:
+        """Before the first upload of a launch that could not see the mirror at start: what it holds of this run.
+        Raises as a failed attempt does when the mirror cannot be read."""
+        held = [c["step"] for c in self.store.remote_checkpoints() if c["run"] == self.store.run_id]
+        with self._cond:
+            self._seen = True
+            self._holding(max(held, default=None))
 
     def submit(self, local_path: Path, step: int, names: list[str], holder: Holder | None = None) -> None:
         """Queue a finished, durable, verified checkpoint file (known locally under `names`) for upload; returns at
@@ -66,6 +97,8 @@ class Uploader:
         with self._cond:
             if self._closed:
                 log.warning("mirror: step %d submitted after close(); not copied", step)
+                return
+            if self.off is not None:  # said once, when it was found; the step line says it meanwhile
                 return
             self._seq += 1
             seq = self._seq
@@ -109,7 +142,7 @@ class Uploader:
             with self._cond:
                 while not queue.pending and not self._closed:
                     self._cond.wait()
-                if self._closed:  # close() left the one in flight then; it may have ended in a failure since
+                if self._closed or self.off is not None:  # close() left the one in flight; it may have failed since
                     for job in list(queue.pending):
                         queue.retire(job, "skipped")
                     self._cond.notify_all()
@@ -118,6 +151,11 @@ class Uploader:
                 seen = queue.newest  # a checkpoint submitted after this moment ends a backoff (below)
             job.attempts += 1
             try:
+                if not self._seen:
+                    self._see_holdings()
+                    if self.off is not None:
+                        self._done(job, "skipped")
+                        continue
                 manifest, seconds = self._upload(job)
             except _Closing:
                 self._done(job, "skipped")
@@ -212,17 +250,23 @@ class Uploader:
 
     def status(self) -> dict[str, Any]:
         """Plain numbers for logs and TensorBoard: submitted (checkpoints submitted so far), committed_step (the
-        highest step this process committed; None before its first commit), lag_seconds (age of the newest
-        submission not yet committed; 0 if none), pending, skipped, uploaded_bytes,
-        upload_rate_bytes_per_second (the last upload's), last_error (None while uploads work),
-        consecutive_failures."""
+        highest step of the run on the mirror: committed by this process, or held when a resumed launch began; None
+        before either), holds (that as words), lag_seconds (age of the newest submission not yet committed; 0 if
+        none), pending, skipped, uploaded_bytes, upload_rate_bytes_per_second (the last upload's), last_error (None
+        while uploads work), consecutive_failures, off (why this launch uploads nothing, or None)."""
         with self._cond:
             waiting = self._queue.waiting()
             lag = time.monotonic() - waiting[-1].submitted_at if waiting else 0.0
             return dict(submitted=self._seq, committed_step=self._committed_step, lag_seconds=lag, pending=len(waiting),
                         skipped=self._queue.skipped, uploaded_bytes=self._uploaded_bytes,
-                        upload_rate_bytes_per_second=self._rate, last_error=self._last_error,
-                        consecutive_failures=self._failing.count)
+                        upload_rate_bytes_per_second=self._rate, last_error=self.off or self._last_error,
+                        consecutive_failures=self._failing.count, holds=self._holds_text(), off=self.off)
+
+    def _holds_text(self) -> str:
+        """What the mirror holds of this run, as a message says it (under self._cond)."""
+        if self._committed_step is not None:
+            return f"step {self._committed_step}"
+        return "no checkpoint of this run" if self._seen else "what it held at the start is not known (unreachable)"
 
     def close(self, timeout_seconds: float = 10.0) -> None:
         """Stop uploading (call wait() first to finish): an upload in progress is abandoned, pending ones dropped."""

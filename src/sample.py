@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_model(spec: str, checkpoint_dir: str, device: torch.device) -> tuple[T.GPT, Path, dict]:
     """The model of checkpoint `spec` (best, latest, latest_backup or a path), verified, in eval mode."""
-    path, state = T.CheckpointManager(checkpoint_dir).load_named(spec)
+    path, state = T.load_named(checkpoint_dir, spec)
     model = T.GPT(T.GPTConfig(**{**state["model_config"], "dropout": 0.0}))
     model.load_state_dict(state["model"])
     info = dict(step=state["step"], val_loss=state["val_loss"], train_loss=state["train_loss"])

@@ -66,6 +66,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import resume_plan
+from resume_plan import LocalFile
+
 log = logging.getLogger("train")
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -308,14 +311,16 @@ def run_settings(saved_args: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_config(flags: dict[str, Any], point: ResumePoint | None, world_size: int = 1) -> TrainConfig:
-    """The run's settings: those of the checkpoint resumed from, overridden by the flags given now. Architecture
-    must not change. On another world size, an inherited --batch_size that no longer divides the step's sequences
-    exactly gives way to the largest that does (the same tokens per step)."""
+    """The run's settings: those of the checkpoint resumed from (a fork does not inherit --mirror), overridden by the
+    flags given now. Architecture must not change. On another world size, an inherited --batch_size that no longer
+    divides the step's sequences exactly gives way to the largest that does (the same tokens per step)."""
     if point is None:
         return TrainConfig(**flags)
     saved_args, saved_shape = point.args, point.model_config
-    merged = {**run_settings(saved_args), **flags}
-    cfg = TrainConfig(**merged)
+    inherited = run_settings(saved_args)
+    if point.lineage == "fork":  # a new run: nothing its parent writes to (its --log_dir: the plan asks for one)
+        inherited.pop("mirror", None)
+    cfg = TrainConfig(**{**inherited, **flags})
     wanted = dataclasses.asdict(cfg.gpt_config())
     for name in ARCH_FIELDS:
         if wanted[name] != saved_shape[name] and (name in flags or "preset" in flags):
@@ -328,11 +333,7 @@ def resolve_config(flags: dict[str, Any], point: ResumePoint | None, world_size:
                if k not in LAUNCH_FIELDS and k in saved_args and shown_old[k] != shown_new[k]]
     if changed:
         log.warning("settings changed since the checkpoint (the new values apply): %s", "; ".join(changed))
-    saved_run = saved_args.get("run_id")
-    if "run_id" in flags and saved_run is not None and flags["run_id"] != saved_run:
-        raise UserError(f"the checkpoint belongs to run {saved_run}, not --run_id {flags['run_id']}: drop --run_id, or "
-                        "point --checkpoint_dir at that run's folder")
-    if point.mirror_credentials_removed and "mirror" not in flags:
+    if point.mirror_credentials_removed and cfg.mirror and "mirror" not in flags:
         log.warning("the run's --mirror URL carried credentials, which are never stored: give --mirror again with "
                     "them, or put them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws)")
     if "batch_size" not in flags and world_size != point.world_size and cfg.batch_size != "auto":
@@ -1146,6 +1147,7 @@ class TrainState:
     val_loss: float | None = None
     val_step: int | None = None  # the step val_loss was measured at (an earlier one for a save between evaluations)
     best_val_loss: float | None = None
+    parent: str | None = None  # the run this one branched from, as "run@step" (a rollback or a fork); None: a root
     elapsed_before_seconds: float = 0.0  # training time of the launches before this one
     started_at: float = field(default_factory=time.monotonic)  # this launch's clock (not saved)
 
@@ -1168,12 +1170,14 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         """Plain values, stored as top-level keys of the checkpoint."""
         return dict(step=self.step, train_loss=self.train_loss, val_loss=self.val_loss, val_step=self.val_step,
-                    best_val_loss=self.best_val_loss, elapsed_seconds=self.elapsed_seconds)
+                    best_val_loss=self.best_val_loss, elapsed_seconds=self.elapsed_seconds, parent=self.parent)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take the values a checkpoint holds (val_step is absent in checkpoints from before it was recorded)."""
+        """Take the values a checkpoint holds (val_step and parent are absent in checkpoints from before they were
+        recorded)."""
         self.step, self.train_loss, self.val_loss = state["step"], state["train_loss"], state["val_loss"]
-        self.val_step, self.best_val_loss = state.get("val_step"), state["best_val_loss"]
+        self.val_step, self.parent = state.get("val_step"), state.get("parent")
+        self.best_val_loss = state["best_val_loss"]
         self.elapsed_before_seconds = state["elapsed_seconds"]
         self.start_clock()
 
@@ -1231,21 +1235,23 @@ def restore_state(state: dict[str, Any], *, raw_model: nn.Module, optimizer: tor
 class HeldFiles:
     """Checkpoint files a reader in another thread still needs (the mirror's uploads), kept on disk by a hard link
     <dir>/.tmp-held-N.pt each: a save then never overwrites one in place (it reuses only a file no other name
-    shares), and CheckpointManager.make_room can ask for one back (the reader gives it up). The mirror's Holder.
-    Leftover links of a killed run are removed at start with the other .tmp-* files."""
+    shares), and the DiskGuard can ask for one back (the reader gives it up). The mirror's Holder. The writer holds
+    each finished save's file for the mirror at once (before a later save can take its name), until the mirror's
+    uploader holds it itself. Leftover links of a killed run are removed at start with the other .tmp-* files."""
 
     PREFIX = ".tmp-held-"
 
     def __init__(self, directory: Path):
         self.dir = directory
         self._lock = threading.Lock()  # hold()/let_go() come from the loop, release() from the writer thread
-        self._links: dict[Path, Callable[[], bool]] = {}  # link -> the reader's release(), oldest first
+        self._links: dict[Path, Callable[[], bool] | None] = {}  # link -> the reader's release(), oldest first
         self._count = 0
 
-    def hold(self, path: Path, release: Callable[[], bool]) -> Path | None:
+    def hold(self, path: Path, release: Callable[[], bool] | None = None) -> Path | None:
         """Keep the content of `path` until let_go(link); None where hard links are refused (the reader then
-        checks the file did not change). release() is called if make_room needs the space; it returns whether the
-        reader gave the file up (it keeps one it is reading)."""
+        checks the file did not change). release() is called if the DiskGuard needs the space; it returns whether the
+        reader gave the file up (it keeps one it is reading). Without release (no reader yet), the file is let go
+        whenever its space is needed."""
         with self._lock:
             self._count += 1
             link = self.dir / f"{self.PREFIX}{self._count}.pt"
@@ -1274,8 +1280,13 @@ class HeldFiles:
     def release(self, link: Path) -> bool:
         """Ask the reader of `link` to give it up (it calls let_go once its file is closed); whether it did."""
         with self._lock:
-            release = self._links.get(link)
-        return release is not None and release()  # outside the lock: the reader's let_go takes it
+            if link not in self._links:
+                return False
+            release = self._links[link]
+        if release is None:  # no reader yet: nothing to ask
+            self.let_go(link)
+            return True
+        return release()  # outside the lock: the reader's let_go takes it
 
     @staticmethod
     def _stat(path: Path) -> os.stat_result | None:
@@ -1299,9 +1310,9 @@ class CheckpointManager:
     .tmp-spare.pt, and the next save overwrites it in place instead of making a new file: the disk blocks and the
     page-cache pages are already there, so nothing has to be allocated (as PostgreSQL recycles WAL segments).
 
-    When the disk runs short, progress beats history (make_room): a save first gives up damaged files set aside,
-    then files held only for the mirror's pending uploads (HeldFiles), then older rolling checkpoints, then
-    latest_backup.pt; never latest.pt before its successor is durable, and never an epoch or best file.
+    When the disk runs short, progress beats history: the folder's DiskGuard gives up files set aside, files held
+    only for the mirror's pending uploads (HeldFiles), older rolling checkpoints, then latest_backup.pt; never
+    latest.pt before its successor is durable, and never an epoch or best file.
     """
 
     LATEST, BACKUP, BEST = "latest.pt", "latest_backup.pt", "best_model.pt"
@@ -1317,9 +1328,8 @@ class CheckpointManager:
     def __init__(self, directory: str | Path, keep_last: int = 10):
         self.dir = Path(directory)
         self.keep_last = keep_last
-        self.damaged: list[Path] = []  # files resolve() found invalid, in the order it met them
-        self._announced: set[str] = set()  # kinds of disk-space sacrifice already logged
         self.held = HeldFiles(self.dir)  # files the mirror's uploader still reads: hold() them through this
+        self.guard = DiskGuard(self)
 
     # names ------------------------------------------------------------------------------------------------
     def rolling_path(self, step: int) -> Path:
@@ -1332,7 +1342,7 @@ class CheckpointManager:
 
     def rolling(self) -> list[tuple[int, Path]]:
         """(step, path) of the rolling checkpoints on disk, oldest first."""
-        return self._numbered("rolling_step_")
+        return self.numbered("rolling_step_")
 
     @staticmethod
     def number_in(name: str, prefix: str) -> int | None:
@@ -1341,7 +1351,7 @@ class CheckpointManager:
         ours = name.startswith(prefix) and name.endswith(".pt") and digits.isascii() and digits.isdigit()
         return int(digits) if ours else None
 
-    def _numbered(self, prefix: str) -> list[tuple[int, Path]]:
+    def numbered(self, prefix: str) -> list[tuple[int, Path]]:
         """(number, path) of rolling or epoch files, oldest first."""
         paths = self.dir.glob(f"{prefix}*.pt") if self.dir.is_dir() else []
         found = [(self.number_in(p.name, prefix), p) for p in paths]
@@ -1362,9 +1372,40 @@ class CheckpointManager:
         """The checkpoints --resume latest may use, in the order it tries them: latest, latest_backup, rolling
         newest first, epoch newest first."""
         fixed = [self.dir / n for n in (self.LATEST, self.BACKUP) if (self.dir / n).exists()]
-        rolling = [p for _, p in reversed(self._numbered("rolling_step_"))]
-        epochs = [p for _, p in reversed(self._numbered("epoch_"))]
+        rolling = [p for _, p in reversed(self.numbered("rolling_step_"))]
+        epochs = [p for _, p in reversed(self.numbered("epoch_"))]
         return fixed + rolling + epochs
+
+    def set_aside_files(self) -> list[Path]:
+        """The files set aside earlier (damaged *.corrupt, a rollback's *.abandoned): kept, never resumed from."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(self.dir.glob(f"*{self.CORRUPT}")) + sorted(self.dir.glob(f"*{self.ABANDONED}"))
+
+    def examine(self, path: Path, verify: bool = True) -> LocalFile:
+        """`path` as the resume plan describes it: its step, run and log folder from its metadata and, with verify,
+        the verdict of its checksums (verify=False: the metadata only). A file whose metadata does not read is
+        damaged either way."""
+        try:
+            args = self.load(path, verify=False)
+        except CheckpointInvalid as e:
+            return LocalFile(path, problem=str(e))
+        step, args = args["step"], args.get("args") or {}
+        found = LocalFile(path, step=step, run=args.get("run_id"), checked=verify, log_dir=args.get("log_dir"))
+        if verify:
+            try:
+                self.load(path)
+            except CheckpointInvalid as e:
+                return dataclasses.replace(found, problem=str(e))
+        return found
+
+    def describe(self, verify: bool = True) -> list[LocalFile]:
+        """Every name --resume latest may use, in its fallback order, verified until the first valid one (the later
+        ones: metadata only, as they are not needed); verify=False: metadata only for all."""
+        files: list[LocalFile] = []
+        for path in self.fallback_order():
+            files.append(self.examine(path, verify=verify and not any(f.valid for f in files)))
+        return files
 
     def set_aside_later_than(self, step: int) -> list[str]:
         """After a resume from an older checkpoint than the newest (a rollback): give every latest, backup and rolling
@@ -1396,11 +1437,6 @@ class CheckpointManager:
             except CheckpointInvalid:
                 continue
         return None
-
-    def newest_step(self) -> int | None:
-        """The step of newest_metadata(), or None."""
-        meta = self.newest_metadata()
-        return None if meta is None else meta["step"]
 
     def all_checkpoints(self) -> list[Path]:
         """Every checkpoint name in the directory: the fallback order, then best_model.pt."""
@@ -1456,13 +1492,6 @@ class CheckpointManager:
             done.append(f"{path.name} -> {aside.name}")
         return done
 
-    def refuse_new_run(self) -> None:
-        """A new run (no --resume) must not overwrite another run's checkpoints: a UserError names the way out."""
-        existing = self.all_checkpoints()
-        if existing:
-            raise UserError(f"{self.dir}/ already holds checkpoints ({existing[0].name}, ...): continue that run with "
-                            "--resume latest, or start a new one with another --checkpoint_dir")
-
     # the divergence mark ----------------------------------------------------------------------------------
     def mark_diverged(self, reason: str) -> None:
         """Record that the run stopped because its loss diverged (see refuse_to_replay_divergence)."""
@@ -1505,7 +1534,7 @@ class CheckpointManager:
         else:
             spare.unlink(missing_ok=True)
         try:
-            self.make_room(size, reusable_bytes=tmp.stat().st_size if reuse else 0, step=step)
+            self.guard.make_room(size, reusable_bytes=tmp.stat().st_size if reuse else 0, step=step)
             with open(tmp, "r+b" if reuse else "wb") as f:  # r+b: overwrite in place, reusing blocks and pages
                 out = EarlyWriteback(f, pause_seconds=write_pause_for_tests(step))
                 try:
@@ -1529,7 +1558,7 @@ class CheckpointManager:
                 [self.dir / self.BEST] if is_best else [])
             for dst in own:  # the user's files: their own storage, never a hard link into the rolling chain
                 try:
-                    self.make_room(latest.stat().st_size, step=step)
+                    self.guard.make_room(latest.stat().st_size, step=step)
                 except InsufficientDiskSpace as e:
                     log.error("%s NOT WRITTEN at step %d: %s. latest.pt holds this step", dst.name, step, e)
                     continue
@@ -1541,72 +1570,6 @@ class CheckpointManager:
             tmp.unlink(missing_ok=True)
         self.prune()
         return [p.name for p in names]
-
-    def free_bytes(self) -> int:
-        """Free bytes on the folder's disk."""
-        return shutil.disk_usage(self.dir).free
-
-    def make_room(self, size_bytes: int, reusable_bytes: int = 0, step: int | None = None) -> None:
-        """Make sure a file of size_bytes fits (reusable_bytes of it overwrite a file in place and need no new
-        space), giving up, in this order and only as far as needed: damaged files set aside, the older rolling
-        checkpoints oldest first, then latest_backup.pt. Never latest.pt, the newest rolling file, an epoch file
-        or best_model.pt. Raises InsufficientDiskSpace if that is not enough; nothing is deleted then that did not
-        have to go."""
-        needed = size_bytes - reusable_bytes + self.SPACE_MARGIN_BYTES
-        free = self.free_bytes()
-        if free >= needed:
-            return
-        for kind, paths in self._sacrifices():
-            before = free
-            if kind == "held":  # its reader closes it and lets go; not the one being read right now
-                paths = [p for p in paths if self.held.release(p)]
-            else:
-                for p in paths:
-                    p.unlink()
-            free = self.free_bytes()
-            if paths and kind not in self._announced:
-                self._announced.add(kind)
-                log.warning("DISK NEARLY FULL: gave up %s (%s freed) to save step %s; %s free now, %s needed. %s",
-                            " + ".join(p.name for p in paths), format_bytes(free - before), step, format_bytes(free),
-                            format_bytes(needed), self.SACRIFICE_NOTES[kind])
-            if free >= needed:
-                return
-        keep = [p for _, p in self._numbered("epoch_")] + [p for p in [self.dir / self.BEST] if p.exists()]
-        kept_bytes = sum(p.stat().st_size for p in keep)
-        raise InsufficientDiskSpace(
-            f"not enough free space in {self.dir}/ for a checkpoint: need about {format_bytes(needed)}, "
-            f"{format_bytes(free)} free after giving up every older checkpoint; this save is skipped and the newest "
-            "checkpoint is kept."
-            + (f" The epoch and best files ({len(keep)}, {format_bytes(kept_bytes)}) are never deleted for space: "
-               "move some of them elsewhere, or free space on this disk" if keep else " Free space on this disk"))
-
-    SACRIFICE_NOTES = dict(
-        corrupt="Damaged (and abandoned) files set aside are the first to go.",
-        held="Files held only for the mirror's pending uploads go next: that upload is given up, and the newest "
-             "checkpoint is copied instead once the mirror answers (this message is not repeated).",
-        rolling="Older rolling checkpoints go first, oldest first, whenever space is short "
-                "(this message is not repeated).",
-        backup="From now on a save gives up latest_backup.pt whenever the disk cannot hold three checkpoints: only "
-               "latest.pt is kept between saves at times (this message is not repeated).",
-    )
-
-    def _sacrifices(self):
-        """What make_room may delete, in order, as (kind, names of one file), computed as it goes."""
-        corrupt = sorted(self.dir.glob(f"*{self.CORRUPT}")) + sorted(self.dir.glob(f"*{self.ABANDONED}"))
-        if corrupt:
-            yield "corrupt", corrupt
-        held = self.held.unshared()
-        if held:
-            yield "held", held
-        protected = [self.dir / n for n in (self.LATEST, self.BEST) if (self.dir / n).exists()]
-        protected += [p for _, p in self._numbered("epoch_")]
-        backup = self.dir / self.BACKUP
-        for _, path in self._numbered("rolling_step_")[:-1]:
-            if path.exists() and not any(path.samefile(q) for q in protected + [backup] if q.exists()):
-                yield "rolling", [path]
-        latest = self.dir / self.LATEST  # without it, the backup may be the newest valid checkpoint: keep it
-        if latest.exists() and backup.exists() and not any(backup.samefile(q) for q in protected):
-            yield "backup", [backup] + [p for _, p in self._numbered("rolling_step_") if p.samefile(backup)]
 
     def _place(self, src: Path, dst: Path, copy: bool = False) -> None:
         """Atomically make `dst` the same content as `src`: a hard link, or a durable copy (always with copy=True,
@@ -1639,7 +1602,7 @@ class CheckpointManager:
 
     def prune(self) -> list[str]:
         """Delete rolling checkpoints beyond the newest keep_last. latest/backup/epoch/best are never pruned."""
-        rolling = self._numbered("rolling_step_")
+        rolling = self.numbered("rolling_step_")
         doomed = [p for _, p in rolling[:-self.keep_last]] if len(rolling) > self.keep_last else []
         for p in doomed:
             self._keep_as_spare(p)
@@ -1678,52 +1641,127 @@ class CheckpointManager:
                 raise CheckpointInvalid(f"checksum mismatch in {bad}: the file is corrupted")
         return state
 
-    def load_named(self, spec: str) -> tuple[Path, dict[str, Any]]:
-        """For the tools that use a run's model (sample.py, export_hf.py): the checkpoint --checkpoint `spec` names
-        (best, latest, latest_backup or a path, with latest's fallback), verified, and its loaded state."""
-        if spec == "auto":
-            raise UserError("--checkpoint auto is for resuming; name a checkpoint: best, latest or a path")
-        path = self.resolve(spec, flag="--checkpoint")
-        return path, self.load(path, verify=False)  # resolve() verified its checksums
+    def named_path(self, spec: str) -> Path:
+        """The file a checkpoint name means: latest_backup, best, or a path."""
+        kept = {"latest_backup": self.BACKUP, "best": self.BEST}
+        return self.dir / kept[spec] if spec in kept else Path(spec)
 
-    def resolve(self, spec: str, flag: str = "--resume") -> Path | None:
-        """The checkpoint that --resume `spec` means, verified; None for `auto` in an empty directory.
 
-        latest and auto fall back, in order, to latest_backup.pt, the newest valid rolling checkpoint and the
-        newest valid epoch checkpoint, saying loudly why each skipped file was skipped; the skipped files are listed
-        in self.damaged (a resuming run sets them aside; the read-only tools leave them)."""
-        if spec in ("latest", "auto"):
-            present = self.fallback_order()
-            if not present:
-                if spec == "auto":
-                    return None
-                start_fresh = "start without --resume, or " if flag == "--resume" else ""
-                raise UserError(f"{flag} latest: no checkpoint in {self.dir}/; {start_fresh}point --checkpoint_dir at "
-                                "the run's checkpoint folder")
-            problems = []
-            for p in present:
-                try:
-                    self.load(p)
-                except CheckpointInvalid as e:
-                    problems.append(f"{p.name}: {e}")
-                    self.damaged.append(p)
-                    log.error("checkpoint %s is not usable (%s); falling back to the next one", p, e)
-                    continue
-                if problems:
-                    log.warning("resuming from %s after skipping %d unusable checkpoint(s)", p.name, len(problems))
-                return p
-            raise UserError(f"no valid checkpoint in {self.dir}/ ({'; '.join(problems)}); nothing was changed. "
-                            "Restore a copy of the folder, or start a new run in another --checkpoint_dir")
-        named = {"latest_backup": self.BACKUP, "best": self.BEST}
-        path = self.dir / named[spec] if spec in named else Path(spec)
+def resolve_checkpoint(manager: CheckpointManager, spec: str, flag: str = "--checkpoint") -> Path | None:
+    """For the tools that read a run's model (sample.py, export_hf.py) and the tests: the checkpoint `spec` names in
+    the manager's folder, verified; None for `auto` in an empty folder. latest and auto fall back, in order, to
+    latest_backup.pt, the newest valid rolling checkpoint and the newest valid epoch checkpoint, saying loudly why each
+    file was skipped, and change nothing in the folder (the trainer's resume is resume_plan's decision)."""
+    if spec not in ("latest", "auto"):
+        path = manager.named_path(spec)
         if not path.exists():
-            raise UserError(f"{flag} {spec}: {path} does not exist; run ./list_checkpoints.sh to see what there is")
-        try:
-            self.load(path)
-        except CheckpointInvalid as e:
-            raise UserError(f"{flag} {spec}: {path} is not usable ({e}); try {flag} latest, which falls back "
-                            "to the newest valid checkpoint") from None
+            raise UserError(f"{flag} {spec}: {path} does not exist; run ./list_checkpoints.sh --checkpoint_dir "
+                            f"{manager.dir} to see what there is")
+        named = manager.examine(path)
+        if not named.valid:
+            raise UserError(f"{flag} {spec}: {path} is not usable ({named.problem}); try {flag} latest, which falls "
+                            "back to the newest valid checkpoint")
         return path
+    files = manager.describe()
+    valid = next((f for f in files if f.valid), None)
+    for f in files[:files.index(valid)] if valid else files:
+        log.error("checkpoint %s is not usable (%s); falling back to the next one", f.path, f.problem)
+    if valid is not None:
+        return valid.path
+    if files:
+        problems = "; ".join(f"{f.path.name}: {f.problem}" for f in files)
+        raise UserError(f"no valid checkpoint in {manager.dir}/ ({problems}); nothing was changed. Restore a copy of "
+                        "the folder")
+    if spec == "auto":
+        return None
+    raise UserError(f"{flag} latest: no checkpoint in {manager.dir}/; point --checkpoint_dir at the run's folder")
+
+
+def load_named(directory: str | Path, spec: str) -> tuple[Path, dict[str, Any]]:
+    """For the tools that use a run's model (sample.py, export_hf.py): the checkpoint --checkpoint `spec` names
+    (best, latest, latest_backup or a path, with latest's fallback), verified, and its loaded state."""
+    if spec == "auto":
+        raise UserError("--checkpoint auto is for resuming; name a checkpoint: best, latest or a path")
+    path = resolve_checkpoint(CheckpointManager(directory), spec)
+    return path, CheckpointManager.load(path, verify=False)  # resolve_checkpoint verified its checksums
+
+
+class DiskGuard:
+    """The checkpoint folder's disk-space guard: before each file of a save is written, make sure it fits, giving up,
+    in this order and only as far as needed: damaged and abandoned files set aside, files held only for the mirror's
+    pending uploads, older rolling checkpoints oldest first, then latest_backup.pt. Never latest.pt, the newest
+    rolling file, an epoch file or best_model.pt. Files set aside are given up only once latest.pt exists: while no
+    valid checkpoint does, they may be all that is left of the run."""
+
+    SACRIFICE_NOTES = dict(
+        corrupt="Damaged (and abandoned) files set aside are the first to go.",
+        held="Files held only for the mirror's pending uploads go next: that upload is given up, and the newest "
+             "checkpoint is copied instead once the mirror answers (this message is not repeated).",
+        rolling="Older rolling checkpoints go first, oldest first, whenever space is short "
+                "(this message is not repeated).",
+        backup="From now on a save gives up latest_backup.pt whenever the disk cannot hold three checkpoints: only "
+               "latest.pt is kept between saves at times (this message is not repeated).",
+    )
+
+    def __init__(self, manager: CheckpointManager):
+        self.manager = manager
+        self._announced: set[str] = set()  # kinds of sacrifice already logged
+
+    def free_bytes(self) -> int:
+        """Free bytes on the folder's disk."""
+        return shutil.disk_usage(self.manager.dir).free
+
+    def make_room(self, size_bytes: int, reusable_bytes: int = 0, step: int | None = None) -> None:
+        """Make sure a file of size_bytes fits (reusable_bytes of it overwrite a file in place and need no new
+        space), giving up what the class docstring lists. Raises InsufficientDiskSpace if that is not enough;
+        nothing is deleted then that did not have to go."""
+        needed = size_bytes - reusable_bytes + CheckpointManager.SPACE_MARGIN_BYTES
+        free = self.free_bytes()
+        if free >= needed:
+            return
+        for kind, paths in self._sacrifices():
+            before = free
+            if kind == "held":  # its reader closes it and lets go; not the one being read right now
+                paths = [p for p in paths if self.manager.held.release(p)]
+            else:
+                for p in paths:
+                    p.unlink()
+            free = self.free_bytes()
+            if paths and kind not in self._announced:
+                self._announced.add(kind)
+                log.warning("DISK NEARLY FULL: gave up %s (%s freed) to save step %s; %s free now, %s needed. %s",
+                            " + ".join(p.name for p in paths), format_bytes(free - before), step, format_bytes(free),
+                            format_bytes(needed), self.SACRIFICE_NOTES[kind])
+            if free >= needed:
+                return
+        m = self.manager
+        keep = [p for _, p in m.numbered("epoch_")] + [p for p in [m.dir / m.BEST] if p.exists()]
+        kept_bytes = sum(p.stat().st_size for p in keep)
+        raise InsufficientDiskSpace(
+            f"not enough free space in {m.dir}/ for a checkpoint: need about {format_bytes(needed)}, "
+            f"{format_bytes(free)} free after giving up every older checkpoint; this save is skipped and the newest "
+            "checkpoint is kept."
+            + (f" The epoch and best files ({len(keep)}, {format_bytes(kept_bytes)}) are never deleted for space: "
+               "move some of them elsewhere, or free space on this disk" if keep else " Free space on this disk"))
+
+    def _sacrifices(self):
+        """What make_room may delete, in order, as (kind, names of one file), computed as it goes."""
+        m = self.manager
+        latest, backup = m.dir / m.LATEST, m.dir / m.BACKUP
+        aside = m.set_aside_files()
+        if aside and latest.exists():
+            yield "corrupt", aside
+        held = m.held.unshared()
+        if held:
+            yield "held", held
+        protected = [m.dir / n for n in (m.LATEST, m.BEST) if (m.dir / n).exists()]
+        protected += [p for _, p in m.numbered("epoch_")]
+        for _, path in m.numbered("rolling_step_")[:-1]:
+            if path.exists() and not any(path.samefile(q) for q in protected + [backup] if q.exists()):
+                yield "rolling", [path]
+        if latest.exists() and backup.exists() and not any(backup.samefile(q) for q in protected):
+            # without latest.pt, the backup may be the newest valid checkpoint: kept
+            yield "backup", [backup] + [p for _, p in m.numbered("rolling_step_") if p.samefile(backup)]
 
 
 class HostSlab:
@@ -1895,8 +1933,8 @@ class CheckpointWriter:
     the host buffers aside before training starts, in one slab (pinned on GPU: see HostSlab).
     """
 
-    def __init__(self, manager: CheckpointManager, asynchronous: bool = True):
-        self.manager, self.asynchronous = manager, asynchronous
+    def __init__(self, manager: CheckpointManager, asynchronous: bool = True, hold_for_upload: bool = False):
+        self.manager, self.asynchronous, self.hold_for_upload = manager, asynchronous, hold_for_upload
         self._buffers: dict[Any, torch.Tensor] = {}
         self._slab: HostSlab | None = None
         self._thread: threading.Thread | None = None
@@ -2036,9 +2074,11 @@ class CheckpointWriter:
         self._write(snapshot, epoch_completed, is_best, t0)
 
     def _write(self, snapshot: dict[str, Any], epoch_completed: int | None, is_best: bool, t0: float) -> None:
-        result = dict(step=snapshot["step"], names=[], error=None)
+        result = dict(step=snapshot["step"], names=[], error=None, held=None)
         try:
             result["names"] = self.manager.save(snapshot, epoch_completed=epoch_completed, is_best=is_best)
+            if self.hold_for_upload:  # the bytes of this step, before a later save can give its names to another file
+                result["held"] = self.manager.held.hold(self.manager.lasting_name(result["names"]))
         except Exception as e:  # reported by the training loop; the run goes on
             result["error"] = f"{type(e).__name__}: {e}"
         result["write_seconds"] = time.monotonic() - t0
@@ -2272,7 +2312,8 @@ class Checkpointer:
         self.manager = CheckpointManager(cfg.checkpoint_dir, cfg.keep_last)
         if env.is_main:
             self.manager.clean_stale_temporaries()
-        self.writer = CheckpointWriter(self.manager, asynchronous=cfg.async_checkpoint)
+        self.writer = CheckpointWriter(self.manager, asynchronous=cfg.async_checkpoint,
+                                       hold_for_upload=mirror is not None)
         self.policy = SavePolicy(cfg)
         self.watch = UnsavedWatch(state.step, cfg.max_unsaved_minutes)
         self.pending_reasons: dict[int, list[str]] = {}  # step -> why it is being saved, until its report
@@ -2373,7 +2414,7 @@ class Checkpointer:
         step, write_seconds, writer, policy = result["step"], result["write_seconds"], self.writer, self.policy
         self.watch.succeeded(step)
         if self.mirror is not None:  # durable and complete: copy it off the machine in the background
-            self.mirror.submit(self.manager.lasting_name(result["names"]), step, result["names"], self.manager.held)
+            self._hand_to_mirror(step, result["names"], result["held"])
         # the fence's wait happened inside a step, so the policy sees it as step slowdown already; a synchronous
         # write is all blocked time, and only a background write can overlap the next one
         cost = policy.record(writer.submit_seconds, write_seconds if self.cfg.async_checkpoint else 0.0)
@@ -2386,6 +2427,17 @@ class Checkpointer:
         self.tb.scalars(step, {"save/blocked_ms": writer.blocked_seconds * 1000, "save/cost_ms": cost * 1000,
                                "save/write_seconds": write_seconds, "save/interval_steps": policy.interval_steps,
                                "save/interval_seconds": policy.interval_seconds})
+
+    def _hand_to_mirror(self, step: int, names: list[str], held: Path | None) -> None:
+        """Submit a durable save to the mirror: the file the writer held when it finished (the bytes of this step,
+        whatever a later save did to its names since), or, where hard links are refused, its most lasting name."""
+        if held is not None and not held.exists():
+            log.warning("mirror: step %d will not be copied off the machine: its file's space was needed for a save "
+                        "before its upload began (a newer checkpoint goes instead)", step)
+            return
+        self.mirror.submit(held or self.manager.lasting_name(names), step, names, self.manager.held)
+        if held is not None:
+            self.manager.held.let_go(held)  # the uploader holds the file itself now
 
     def close(self) -> None:
         """Finish the save in flight (at most until it has taken --max_save_minutes) and report it; then give the
@@ -2419,9 +2471,11 @@ class Checkpointer:
         """The step line's warnings: steps not on disk while saves fail, and a failing mirror."""
         note = f" | UNSAVED {self.state.step - self.saved_step} steps (saves failing)" if self.failing else ""
         status = self.mirror.status() if self.mirror is not None else None
-        if status and status["consecutive_failures"]:  # the mirror logs the errors themselves, now and then
-            note += (f" | MIRROR FAILING ({status['consecutive_failures']} attempts; it holds step "
-                     f"{status['committed_step']}; {status['last_error']})")
+        if status and status["off"]:
+            note += " | MIRROR OFF (it holds a newer step of this run: nothing is uploaded; see the MIRROR OFF line)"
+        elif status and status["consecutive_failures"]:  # the mirror logs the errors themselves, now and then
+            note += (f" | MIRROR FAILING ({status['consecutive_failures']} attempts; it holds {status['holds']}; "
+                     f"{status['last_error']})")
         return note
 
     def curves(self) -> dict[str, float | None]:
@@ -2999,6 +3053,7 @@ def restore(point: ResumePoint, cfg: TrainConfig, env: DistEnv, raw_model: GPT, 
     what changed against the run that wrote it. The loaded state is dropped on return."""
     ckpt = CheckpointManager.load(point.path, verify=False)  # verified by find_resume_point
     state = restore_state(ckpt, raw_model=raw_model, optimizer=optimizer, loader=loader, cfg=cfg, env=env)
+    state.parent = point.parent  # the checkpoint's own, or for a rollback or a fork the run it branches from
     if bool(point.args.get("fp8")) != cfg.fp8:
         log.warning("this checkpoint was trained %s fp8 and continues %s it: the weights and optimizer state carry "
                     "over unchanged, but the numerics change, so the losses will not match a run that kept its "
@@ -3044,12 +3099,17 @@ def build_run(cfg: TrainConfig, env: DistEnv, point: ResumePoint | None) -> Run:
                num_train_shards=len(train_shards))
 
 
-def note_lost_steps(metrics: MetricsLog, step: int, resumed: bool) -> None:
+def note_lost_steps(metrics: MetricsLog, step: int, point: ResumePoint | None) -> None:
     """After a crash, metrics.jsonl may hold steps no checkpoint has: drop them, and say how much work was lost (a
-    torchrun restart always says so)."""
+    torchrun restart always says so). After a rollback the dropped steps are not lost but left behind, and said so."""
     last_logged_step = metrics.truncate_after(step)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # set by torchrun --max-restarts
-    if restart or (resumed and last_logged_step > step):
+    if point is not None and point.lineage == "rollback" and last_logged_step > step:
+        log.warning("rolled back to step %d: the records of steps %d-%d (run %s, left behind with its later "
+                    "checkpoints) are dropped from %s", step, step + 1, last_logged_step,
+                    point.parent.partition("@")[0], metrics.path)
+        metrics.write(step=step, resumed_from_step=step, rolled_back_steps=last_logged_step - step)
+    elif restart or (point is not None and last_logged_step > step):
         lost = max(0, last_logged_step - step)
         log.warning("%sresumed at step %d: %d step(s) of work lost%s",
                     f"torchrun restart {restart} after a worker failure: " if restart else "", step, lost,
@@ -3200,7 +3260,7 @@ def train(cfg: TrainConfig, env: DistEnv, point: ResumePoint | None, stop: StopS
     run = build_run(cfg, env, point)
     state, loader = run.state, run.loader
     metrics = MetricsLog(Path(cfg.log_dir) / "metrics.jsonl", env.is_main)
-    note_lost_steps(metrics, state.step, resumed=point is not None)
+    note_lost_steps(metrics, state.step, point)
     tb = TensorBoardLog(tensorboard_run_dir(cfg.log_dir), cfg.tensorboard and env.is_main, state.step)
     reporter = StepReporter(cfg, env, run, metrics, tb)
     checkpointer = Checkpointer(cfg, env, state, raw_model=run.raw_model, optimizer=run.optimizer, loader=loader,
@@ -3325,8 +3385,8 @@ def settle_ddp_buckets(model: nn.parallel.DistributedDataParallel, loader: Shard
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where a resumed run starts: a verified checkpoint file, and the metadata its settings and model shape come
-    from (read from the file's small metadata record; train() loads the tensors)."""
+    """Where a resumed run starts: a verified checkpoint file, the metadata its settings and model shape come from
+    (read from the file's small metadata record; train() loads the tensors), and the run it belongs to now."""
 
     path: Path
     step: int
@@ -3335,33 +3395,183 @@ class ResumePoint:
     world_size: int
     mirror_credentials_removed: bool = False  # its --mirror URL had credentials, which were not stored
     micro_batch: dict[str, Any] | None = None  # the micro-batch it trained with, and on which device model
-    branched: bool = False  # older than the folder's newest checkpoint: the run continues as a new one from here
+    lineage: str = "continue"  # continue its run; rollback (an older step, same folder) or fork: a new run
+    parent: str | None = None  # the run it continues branched from ("run@step"), or for a rollback/fork this one
+    run_id: str | None = None  # the run it belongs to: the one it continues, or a rollback's or fork's new one
+    mirror_holds: int | None = None  # the newest step of this run on --mirror when the launch began (None: none)
+    mirror_seen: bool = True  # False: the mirror could not be read, so what it holds of this run is not known
 
     @classmethod
-    def read(cls, path: Path) -> "ResumePoint":
-        """The resume point of a checkpoint already verified (memory-mapped: the tensors are not read)."""
+    def read(cls, path: Path, decision: resume_plan.Plan | None = None) -> "ResumePoint":
+        """The resume point of a checkpoint already verified (memory-mapped: the tensors are not read), belonging to
+        the run `decision` says."""
         meta = CheckpointManager.load(path, verify=False)
-        return cls(path=path, step=meta["step"], args=meta["args"], model_config=meta["model_config"],
-                   world_size=meta["world_size"],
-                   mirror_credentials_removed=meta.get("mirror_credentials_removed", False),
-                   micro_batch=meta.get("micro_batch"))
+        point = cls(path=path, step=meta["step"], args=meta["args"], model_config=meta["model_config"],
+                    world_size=meta["world_size"], mirror_credentials_removed=meta.get("mirror_credentials_removed",
+                                                                                        False),
+                    micro_batch=meta.get("micro_batch"), parent=meta.get("parent"), run_id=meta["args"].get("run_id"))
+        if decision is None:
+            return point
+        continuing = decision.lineage == "continue"  # else a new run: its identity is drawn here, on rank 0
+        return dataclasses.replace(point, lineage=decision.lineage,
+                                   run_id=decision.run if continuing else uuid.uuid4().hex[:12],
+                                   parent=point.parent if continuing else decision.parent,
+                                   mirror_holds=decision.mirror_holds, mirror_seen=decision.mirror_seen)
 
 
 def find_resume_point(env: DistEnv, flags: dict[str, Any], manager: CheckpointManager) -> ResumePoint | None:
-    """Where this launch starts: None for a new run (refused over a folder that holds checkpoints), else the
-    checkpoint --resume names, verified, from the local chain with its fallback or from the mirror, and on nodes
-    without shared storage each node's copy of it. Rank 0 chooses; every rank gets the same answer or the same
-    UserError. Each file is verified once."""
+    """Where this launch starts (None: a new run). Rank 0 describes every candidate (its folder, the file --resume
+    names, the mirror), every other node reports its checkpoints newer than rank 0's, resume_plan.plan decides, and
+    only then is anything set aside, fetched or named, as the plan says; on nodes without shared storage each node
+    then gets its copy of the chosen file. Every rank gets the same answer or the same UserError."""
     broadcast_from_main(env, lambda: refuse_to_replay_divergence(manager))
-    resume, mirror_url = flags.get("resume"), flags.get("mirror")
-    if resume is None:
-        broadcast_from_main(env, manager.refuse_new_run)
-        return None
-    point = broadcast_from_main(env, lambda: resolve_with_mirror(manager, resume, mirror_url, flags.get("run_id")))
+    resume, described = flags.get("resume"), {}
+
+    def look() -> int:
+        described["situation"] = situation = describe(manager, flags)
+        return max((f.step for f in situation.local if f.valid), default=-1)
+
+    newest_here = broadcast_from_main(env, look)
+    nodes = other_nodes_newer(env, manager, newest_here) if resume in resume_plan.CONTINUING else ()
+    point = broadcast_from_main(env, lambda: decide_and_act(
+        dataclasses.replace(described["situation"], nodes=nodes), manager, flags.get("mirror")))
     if point is None:
-        log.info("--resume auto: no checkpoint in %s/, starting a new run", manager.dir)
         return None
-    return share_checkpoint(env, manager, point, mirror_url)  # a rank on another machine may not see it
+    return share_checkpoint(env, manager, point, flags.get("mirror"))
+
+
+def describe(manager: CheckpointManager, flags: dict[str, Any]) -> resume_plan.Situation:
+    """Rank 0, before anything is decided: the folder's names (verified in --resume latest's order until the first
+    valid one), the files set aside earlier, the file --resume names, and what --mirror holds (listed once)."""
+    resume = flags.get("resume")
+    local = manager.describe(verify=resume is not None)
+    named = None
+    if resume not in (None, *resume_plan.CONTINUING):
+        path = manager.named_path(resume)
+        named = next((f for f in local if f.path == path and f.checked), None) or (
+            manager.examine(path) if path.exists() else LocalFile(path, problem=resume_plan.MISSING))
+    mirror_url = flags.get("mirror")
+    mirror = mirror_view(mirror_url) if mirror_url and resume is not None else None
+    return resume_plan.Situation(resume=resume, folder=manager.dir, local=tuple(local),
+                                 set_aside=tuple(manager.set_aside_files()), named=named, mirror=mirror,
+                                 run_id=flags.get("run_id"), log_dir=flags.get("log_dir"))
+
+
+def mirror_view(url: str) -> resume_plan.MirrorView:
+    """What the mirror holds (every run's committed copies, newest first), or why it cannot be read."""
+    from mirror import MirrorError
+    try:
+        mirror = open_mirror(url, keep_last=1, check=False)
+    except UserError as e:  # a URL that cannot even be used
+        return resume_plan.MirrorView(redact_url(url), error=str(e))
+    try:
+        copies = mirror.remote_checkpoints()
+    except MirrorError as e:
+        return resume_plan.MirrorView(mirror.redacted_url(), error=str(e))
+    finally:
+        mirror.close()
+    return resume_plan.MirrorView(mirror.redacted_url(), copies=tuple(
+        resume_plan.MirrorCopy(step=c["step"], run=c["run"], key=c["key"], entry=c) for c in copies))
+
+
+def other_nodes_newer(env: DistEnv, manager: CheckpointManager, newest_here: int) -> tuple:
+    """Every other node's newest valid checkpoint newer than step `newest_here` (rank 0's folder's newest valid), as
+    resume_plan.NodeCheckpoint: a node that held rank 0 in an earlier job may hold a newer one. Each node's first
+    local rank looks (verifying only files newer than that step); on storage every node shares, none is newer."""
+    mine = None
+    if env.distributed and env.local_rank == 0 and not env.is_main:
+        for f in manager.describe(verify=False):
+            if f.step is not None and f.step > newest_here and manager.examine(f.path).valid:
+                mine = resume_plan.NodeCheckpoint(rank=env.rank, host=socket.gethostname(), folder=str(manager.dir),
+                                                  step=f.step, run=f.run)
+                break
+    return tuple(n for n in gather_from_all(env, mine) if n is not None)
+
+
+def decide_and_act(situation: resume_plan.Situation, manager: CheckpointManager,
+                   mirror_url: str | None) -> ResumePoint | None:
+    """Rank 0: the plan, then what it says and nothing else. A mirror copy found unusable when fetched is marked so,
+    and a mirror that fails meanwhile unreachable, and the plan is made again; a fetch the folder cannot hold falls
+    back to the plan's local checkpoint, or refuses. Returns the resume point, or None for a new run."""
+    while True:
+        decision = resume_plan.plan(situation)
+        if decision.action == "refuse":
+            raise UserError(decision.message)
+        if decision.action == "new":
+            if decision.message != "new run":
+                log.info("%s", decision.message)
+            return None
+        if decision.action == "resume":
+            (log.warning if decision.set_aside or decision.lineage != "continue" or decision.rule == "U1"
+             else log.info)("%s", decision.message)
+            return resume_from(manager, decision, decision.local.path)
+        fetched, problem, unreachable = fetch_copy(manager, mirror_url, decision)
+        if fetched is not None:
+            log.warning("%s", decision.message)
+            return ResumePoint.read(fetched, decision)
+        if unreachable:
+            mirror = dataclasses.replace(situation.mirror, error=problem)
+            situation = dataclasses.replace(situation, mirror=mirror)
+        elif problem is None:  # the copy failed its checks (the reason is logged): decide again without it
+            log.warning("mirror: deciding again without step %d's copy (trying the next older checkpoint, here or on "
+                        "the mirror)", decision.copy.step)
+            situation = resume_plan.marked_damaged(situation, decision.copy, "failed its checks when fetched")
+        elif decision.local is None:
+            raise UserError(problem)
+        else:
+            log.error("%s; resuming from the local checkpoint %s (step %d) instead. The mirror holds step %d of this "
+                      "run, newer: this launch does not upload to it (the two would be mixed) until it is resumed "
+                      "from there", problem, decision.local.path, decision.local.step, decision.copy.step)
+            return resume_from(manager, dataclasses.replace(decision, rule="A2"), decision.local.path)
+
+
+def resume_from(manager: CheckpointManager, decision: resume_plan.Plan, path: Path) -> ResumePoint:
+    """Act on a decision to resume from a local file: set the damaged files aside and, for a rollback, the later
+    checkpoints; a folder that refuses the renames (read-only) is a UserError."""
+    try:
+        manager.set_aside(list(decision.set_aside))
+        if decision.lineage == "rollback":
+            manager.set_aside_later_than(decision.local.step)
+    except OSError as e:
+        raise UserError(f"cannot set the damaged or later checkpoints in {manager.dir}/ aside ({e.strerror or e}): "
+                        "the run could not save there either. Make the folder writable, then launch again") from None
+    return ResumePoint.read(path, decision)
+
+
+class _NamesAfterSettingAside:
+    """The local folder, as the mirror's fetch sees it: the plan's damaged files are set aside right before the
+    fetched file is named (after its download and checks), so that a fetch that fails changes nothing."""
+
+    def __init__(self, manager: CheckpointManager, damaged: tuple[Path, ...]):
+        self.manager, self.damaged = manager, damaged
+        self.incoming_path, self.load = manager.incoming_path, manager.load
+
+    def adopt(self, path: Path, names: list[str]) -> Path:
+        self.manager.set_aside(list(self.damaged))
+        return self.manager.adopt(path, names)
+
+
+def fetch_copy(manager: CheckpointManager, mirror_url: str, decision: resume_plan.Plan) -> tuple[Path | None,
+                                                                                                   str | None, bool]:
+    """Fetch the plan's mirror copy into the folder: (its path, None, False); (None, None, False) when the copy failed
+    its checks (logged); (None, problem, True) when the mirror could not be read; (None, problem, False) when the
+    folder could not take it (full, read-only), the problem naming the folder, the space needed and free."""
+    from mirror import MirrorError
+    entry = decision.copy.entry
+    try:
+        mirror = open_mirror(mirror_url, keep_last=1, check=False, run_id=decision.run)
+    except UserError as e:
+        return None, str(e), True
+    try:
+        return mirror.fetch(entry, _NamesAfterSettingAside(manager, decision.set_aside)), None, False
+    except MirrorError as e:
+        return None, str(e), True
+    except OSError as e:
+        free = shutil.disk_usage(manager.dir).free if manager.dir.is_dir() else 0
+        return None, (f"cannot write the mirror's step {entry['step']} into {manager.dir}/ ({e.strerror or e}): it "
+                      f"needs {format_bytes(entry['size'])}, {format_bytes(free)} are free"), False
+    finally:
+        mirror.close()
 
 
 def refuse_to_replay_divergence(manager: CheckpointManager) -> None:
@@ -3375,16 +3585,21 @@ def refuse_to_replay_divergence(manager: CheckpointManager) -> None:
                         + "\n(a restart with the same settings would diverge again at the same step)")
 
 
-def open_mirror(url: str, keep_last: int, check: bool = True, run_id: str | None = None, new_run: bool = False):
+def open_mirror(url: str, keep_last: int, check: bool = True, run_id: str | None = None, new_run: bool = False,
+                point: ResumePoint | None = None, parent: str | None = None):
     """The off-machine copy of the checkpoints (src/mirror.py, imported only when --mirror is given), told what the
-    manager's names are kept for. check=True (a run that will upload): a mirror that cannot be written, listed, read
-    and cleaned is a one-line UserError before training starts, and so, for a new run, is a URL that holds other
-    runs' copies (they would be mixed, as a new run over a folder of checkpoints would). check=False: only reading
-    is needed (a resume's fetch), so read-only credentials do."""
+    manager's names are kept for, the run's parent (recorded in its manifests) and, for a continued run, what the
+    mirror held of it when the launch began (`point`).
+    check=True (a run that will upload): a mirror that cannot be written, listed, read and cleaned is a one-line
+    UserError before training starts, and so, for a new run, is a URL that holds other runs' copies (they would be
+    mixed, as a new run over a folder of checkpoints would). check=False: only reading is needed (a resume's fetch),
+    so read-only credentials do."""
     from mirror import Mirror, MirrorError, OtherRuns
     mirror = None
     try:
-        mirror = Mirror(url, keep_last=keep_last, run_id=run_id, kinds=CheckpointManager.kinds)
+        mirror = Mirror(url, keep_last=keep_last, run_id=run_id, parent=parent, kinds=CheckpointManager.kinds)
+        if point is not None:
+            mirror.resumed(point.step, point.mirror_holds, known=point.mirror_seen)
         if check:
             mirror.check(new_run=new_run)
     except MirrorError as e:
@@ -3394,70 +3609,6 @@ def open_mirror(url: str, keep_last: int, check: bool = True, run_id: str | None
                "when its local folder is gone)") if isinstance(e, OtherRuns) else ""
         raise UserError(f"{e}{fix}") from None
     return mirror
-
-
-def resolve_with_mirror(manager: CheckpointManager, resume: str, mirror_url: str | None,
-                        run_id: str | None = None) -> ResumePoint | None:
-    """Rank 0: --resume's checkpoint, verified, with damaged local files set aside. For latest and auto with a
-    mirror, local and mirrored checkpoints are both considered: when the mirror holds a valid checkpoint newer than
-    every valid local one (the folder is missing or empty, every file fails verification, or this machine's disk
-    holds an older run state, as a node of an earlier job may), it is downloaded into the folder, checked against
-    the mirror's checksums and ours, and used; only the run's own copies count (its run_id, or with no local
-    checkpoint, --run_id or the URL's only run). None: --resume auto found nothing anywhere."""
-    try:
-        path = manager.resolve(resume)
-    except UserError:
-        if not (mirror_url and resume in ("latest", "auto")):
-            raise
-        path = None
-    manager.set_aside(manager.damaged)  # a damaged file never takes a name resume or rotation uses
-    local = ResumePoint.read(path) if path else None
-    if local is not None and resume not in ("latest", "auto"):
-        newest = manager.newest_step()
-        local = dataclasses.replace(local, branched=newest is not None and local.step < newest)
-        if local.branched:
-            manager.set_aside_later_than(local.step)
-    if not mirror_url or resume not in ("latest", "auto"):
-        return local
-    try:
-        fetched = fetch_from_mirror(manager, mirror_url, newer_than=local.step if local else -1,
-                                    run_id=local.args.get("run_id") if local else run_id, choose=local is None)
-    except UserError as e:  # the mirror could not be read at all: only a resume that needs it stops
-        if local is None:
-            raise
-        log.warning("MIRROR UNAVAILABLE: %s. Resuming from the local checkpoint %s (step %d), which may be older than "
-                    "the mirror's newest", e, local.path, local.step)
-        return local
-    if fetched is None:
-        if local is not None:
-            log.info("resuming from the local checkpoint %s (step %d; the mirror holds nothing newer)", local.path,
-                     local.step)
-            return local
-        if resume == "auto":
-            return None
-        raise UserError(f"--resume latest: no valid checkpoint in {manager.dir}/ nor on the mirror "
-                        f"{redact_url(mirror_url)}; start without --resume, or check --checkpoint_dir and --mirror")
-    log.warning("%s: resuming from the MIRROR's step %d (%s), downloaded and verified",
-                f"the mirror holds a newer checkpoint than {manager.dir}/ (step {local.step})" if local else
-                f"no valid local checkpoint in {manager.dir}/", fetched[1]["step"], redact_url(mirror_url))
-    return ResumePoint.read(fetched[0])
-
-
-def fetch_from_mirror(manager: CheckpointManager, mirror_url: str, newer_than: int = -1, run_id: str | None = None,
-                      choose: bool = False) -> tuple[Path, dict] | None:
-    """Run run_id's newest valid checkpoint on the mirror after step newer_than, fetched for `manager` (reading only:
-    read-only credentials do); None if it holds none. choose (no local checkpoint): without run_id, the URL's only
-    run, and a UserError that lists them when it holds several. A mirror that cannot be read is a UserError."""
-    from mirror import MirrorError, SeveralRuns
-    mirror = open_mirror(mirror_url, keep_last=1, check=False, run_id=run_id)
-    try:
-        return mirror.fetch_newest_valid(manager, newer_than=newer_than, only_run=choose and run_id is None)
-    except SeveralRuns as e:
-        raise UserError(f"{e}: choose one with --run_id ID") from None
-    except MirrorError as e:
-        raise UserError(str(e)) from None
-    finally:
-        mirror.close()
 
 
 def checkpoint_fingerprint(path: Path) -> tuple | None:
@@ -3472,8 +3623,8 @@ def checkpoint_fingerprint(path: Path) -> tuple | None:
 
 
 def checkpoint_for_every_node(manager: CheckpointManager, path: Path, mirror_url: str | None, blind: list[int],
-                              keep_last: int = 10, wait_seconds: float = 120.0,
-                              run_id: str | None = None) -> tuple[Path, tuple, dict]:
+                              keep_last: int = 10, wait_seconds: float = 120.0, run_id: str | None = None,
+                              parent: str | None = None) -> tuple[Path, tuple, dict]:
     """Rank 0, when ranks `blind` cannot see its checkpoint `path` (nodes without shared storage): the mirror's
     copy of it, for their nodes to fetch. If the mirror does not hold it (the run died before its upload ended),
     rank 0 uploads it now and waits up to wait_seconds: every node resumes rank 0's checkpoint or none does; no node
@@ -3484,7 +3635,7 @@ def checkpoint_for_every_node(manager: CheckpointManager, path: Path, mirror_url
         raise UserError(f"{where}: on several machines, put --checkpoint_dir on storage every node shares, or give "
                         "--mirror so that each node fetches the checkpoint it needs")
     from mirror import MirrorError
-    mirror = open_mirror(mirror_url, keep_last=keep_last, check=False, run_id=run_id)  # an upload is the run's own
+    mirror = open_mirror(mirror_url, keep_last=keep_last, check=False, run_id=run_id, parent=parent)  # the run's own
     try:
         rolling = manager.rolling_path(step)
         names = [rolling.name, manager.LATEST] if rolling.exists() and rolling.samefile(path) else [path.name]
@@ -3520,7 +3671,7 @@ def share_checkpoint(env: DistEnv, manager: CheckpointManager, point: ResumePoin
         return point
     keep_last = point.args.get("keep_last", 10)  # what the run's mirror keeps: an upload here applies its retention
     fingerprint, entry = broadcast_from_main(env, lambda: checkpoint_for_every_node(
-        manager, point.path, mirror_url, blind, keep_last, run_id=point.args.get("run_id"))[1:])
+        manager, point.path, mirror_url, blind, keep_last, run_id=point.run_id, parent=point.parent)[1:])
     sees = seen == fingerprint
     problem = None
     if not sees and env.local_rank == 0:
@@ -3578,22 +3729,28 @@ def write_torchrun_error_file(message: str) -> None:
             Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
 
 
-def start_mirror(env: DistEnv, cfg: TrainConfig, resuming: bool):
-    """Rank 0's mirror for uploads; None elsewhere. On a new run, a mirror it cannot write, list, read and clean is a
-    UserError on every rank (a wrong URL or bucket is best found before training). A resumed run goes on and warns
-    instead: an outage, expired or read-only credentials must never block a restart that has its checkpoint; the
-    uploads are retried in the background (the step line says MIRROR FAILING meanwhile)."""
+def start_mirror(env: DistEnv, cfg: TrainConfig, point: ResumePoint | None):
+    """Rank 0's mirror for uploads; None elsewhere. On a new run (a fork too), a mirror it cannot write, list, read and
+    clean is a UserError on every rank (a wrong URL or bucket is best found before training). A resumed run goes on
+    and warns instead: an outage, expired or read-only credentials must never block a restart that has its
+    checkpoint; the uploads are retried in the background (the step line says MIRROR FAILING meanwhile). A continued
+    run's mirror is told what it held of the run when the launch began."""
     box: list = []
+    new_run = point is None or point.lineage == "fork"
+    held = point if point is not None and point.lineage == "continue" else None
+    parent = point.parent if point is not None else None
 
     def open_it() -> None:
         try:
-            box.append(open_mirror(cfg.mirror, cfg.keep_last, run_id=cfg.run_id, new_run=not resuming))
+            box.append(open_mirror(cfg.mirror, cfg.keep_last, run_id=cfg.run_id, new_run=new_run, point=held,
+                                   parent=parent))
         except UserError as e:
-            if not resuming:
+            if new_run:
                 raise
             log.warning("MIRROR UNAVAILABLE at start: %s. Training goes on; uploads are retried in the background", e)
             with contextlib.suppress(UserError):  # a URL that cannot even be parsed: no uploads at all
-                box.append(open_mirror(cfg.mirror, cfg.keep_last, check=False, run_id=cfg.run_id))
+                box.append(open_mirror(cfg.mirror, cfg.keep_last, check=False, run_id=cfg.run_id, point=held,
+                                       parent=parent))
 
     if cfg.mirror:
         broadcast_from_main(env, open_it)
@@ -3601,16 +3758,14 @@ def start_mirror(env: DistEnv, cfg: TrainConfig, resuming: bool):
 
 
 def with_run_identity(env: DistEnv, cfg: TrainConfig, point: ResumePoint | None) -> TrainConfig:
-    """cfg with the run's identity: the checkpoint's, or a new one for a new run (or one whose checkpoint had none),
-    and for a resume from an older checkpoint than the folder's newest, which continues as a new run (so that no
-    resume ever takes the abandoned later checkpoints, here or on the mirror)."""
-    if cfg.run_id is not None and not (point and point.branched):
-        return cfg
-    run_id = broadcast_from_main(env, lambda: uuid.uuid4().hex[:12])
-    if point and point.branched:
-        log.warning("resuming from step %d, older than the newest checkpoint in %s/: this continues as run %s "
-                    "(branched from run %s), so that no resume takes the later checkpoints of the run it left",
-                    point.step, point.path.parent, run_id, cfg.run_id)
+    """cfg with the run's identity: the resume point's (the run it continues, or a rollback's or a fork's new one),
+    else --run_id, else a new one: a new run, or a checkpoint from before runs had one."""
+    run_id = cfg.run_id if point is None else point.run_id
+    if run_id is None:
+        run_id = broadcast_from_main(env, lambda: uuid.uuid4().hex[:12])
+    if point is not None and point.lineage != "continue":
+        log.warning("this continues as run %s, branched from run %s: its parent's later checkpoints, mirror copies "
+                    "and logs are never its own", run_id, point.parent)
     return dataclasses.replace(cfg, run_id=run_id)
 
 
@@ -3675,10 +3830,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if cfg.fp8:
             fp8_call("check_hardware", env.device, cfg.fp8_emulate)  # before anything is written
         attach_log_file(env, Path(cfg.log_dir))
-        mirror = start_mirror(env, cfg, resuming=point is not None)
-        log.info("train_improved.py at %s | torch %s | python %s | world size %d | %s", code_version(),
+        mirror = start_mirror(env, cfg, point)
+        log.info("train_improved.py at %s | torch %s | python %s | world size %d | %s | run %s%s", code_version(),
                  torch.__version__, sys.version.split()[0], env.world_size,
-                 f"resuming {point.path}" if point else "new run")
+                 f"resuming {point.path}" if point else "new run", cfg.run_id,
+                 f" (branched from {point.parent})" if point and point.parent else "")
         log.info("config: %s", json.dumps(settings_without_secrets(dataclasses.asdict(cfg))))
         summary = train(cfg, env, point, stop, mirror)
         failed = False

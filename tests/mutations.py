@@ -64,6 +64,9 @@ SIGNALS = "tests/test_signals_and_helpers.py::"
 MANAGER = "tests/test_checkpoint_manager.py::"
 SPEED = "tests/test_gpu_speed.py::"
 GPU_CHECK = "tests/test_gpu_check.py::"
+PLAN = "src/resume_plan.py"
+ACTS = "tests/test_resume_acts.py::"
+PLAN_TABLE = "tests/test_resume_plan.py::test_the_plan_decides_each_situation_as_its_rule_says"
 
 ROWS = [
     Row("fsyncs_removed", (
@@ -92,7 +95,7 @@ ROWS = [
          "            latest.unlink(missing_ok=True)\n            os.replace(tmp, latest)\n"),
     ), (CRASH,)),
     Row("damaged_file_not_set_aside", (
-        ("manager.set_aside(manager.damaged)", "None"),
+        ("        manager.set_aside(list(decision.set_aside))\n", "        pass\n"),
     ), (RECOVERY + "test_a_damaged_latest_is_set_aside_and_never_becomes_the_backup",)),
     Row("best_and_epoch_as_hard_links", (
         ("self._place(latest, dst, copy=True)", "self._place(latest, dst)"),
@@ -117,7 +120,7 @@ ROWS = [
     ), (RECOVERY + "test_list_checkpoints_marks_an_earlier_validation_loss_and_a_closed_pipe_is_quiet",),
         path="src/list_checkpoints.py"),
     Row("disk_full_gives_up_the_newest_rolling_file", (
-        ('self._numbered("rolling_step_")[:-1]', 'self._numbered("rolling_step_")'),
+        ('for _, path in m.numbered("rolling_step_")[:-1]:', 'for _, path in m.numbered("rolling_step_"):'),
     ), (ASYNC + "test_make_room_gives_up_damaged_then_older_rolling_then_the_backup_and_never_the_newest",)),
     Row("a_dishonest_space_estimate", (
         ("SPACE_MARGIN_BYTES = 1 << 20", "SPACE_MARGIN_BYTES = 16 << 20"),
@@ -190,15 +193,15 @@ ROWS = [
         ("            stop.watch_launcher()\n", "            pass\n"),
     ), (RESUME + "test_workers_stop_together_save_and_exit_when_torchrun_is_killed",)),
     Row("nothing_copied_to_the_mirror", (
-        ('            self.mirror.submit(self.manager.lasting_name(result["names"]), step, result["names"], self.manager.held)\n',
-         "            pass\n"),
+        ("        self.mirror.submit(held or self.manager.lasting_name(names), step, names, self.manager.held)\n",
+         "        pass\n"),
     ), (MIRROR + "test_plain_folder_mirror_kill_the_run_delete_the_folder_and_continue_bit_exact",)),
     Row("resume_ignores_the_mirror", (
-        ('    if not mirror_url or resume not in ("latest", "auto"):\n        return local\n', "    return local\n"),
+        ("    mirror = mirror_view(mirror_url) if mirror_url and resume is not None else None",
+         "    mirror = None"),
     ), (MIRROR + "test_plain_folder_mirror_kill_the_run_delete_the_folder_and_continue_bit_exact",)),
     Row("a_valid_local_checkpoint_hides_a_newer_mirrored_one", (
-        ('    if not mirror_url or resume not in ("latest", "auto"):\n        return local\n',
-         '    if path is not None or not mirror_url or resume not in ("latest", "auto"):\n        return local\n'),
+        ("    if valid and (not usable or usable[0].step <= valid.step):", "    if valid:", PLAN),
     ), (MIRROR_UNIT + "test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder",)),
     Row("a_node_without_the_checkpoint_does_not_fetch_it", (
         ("    if not sees and env.local_rank == 0:", "    if not sees and env.is_main:"),
@@ -238,13 +241,10 @@ ROWS = [
     ), (GPU_READY + "test_a_metrics_line_cut_short_by_a_crash_never_stops_the_resume",)),
     # issue 25: promises a mutation audit found unguarded
     Row("only_the_first_fallback_candidate_verified", (
-        ("""                    self.load(p)
-                except CheckpointInvalid as e:""", """                    self.load(p, verify=p == present[0])
-                except CheckpointInvalid as e:"""),
+        ("verify=verify and not any(f.valid for f in files)", "verify=verify and not files"),
     ), (RECOVERY + "test_every_fallback_candidate_is_verified_before_use",)),
     Row("the_best_validation_loss_forgotten_on_resume", (
-        ('self.val_step, self.best_val_loss = state.get("val_step"), state["best_val_loss"]',
-         'self.val_step, self.best_val_loss = state.get("val_step"), None'),
+        ('self.best_val_loss = state["best_val_loss"]', 'self.best_val_loss = None'),
     ), (RECOVERY + "test_the_best_validation_loss_of_the_whole_run_survives_a_resume",)),
     Row("a_changed_weight_decay_ignored_on_resume", (
         ('    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay\n', ""),
@@ -338,11 +338,10 @@ ROWS = [
     ), (MIRROR + "test_list_checkpoints_lists_the_mirror_and_verifies_it",), path="src/list_checkpoints.py"),
     # issue 21 (part): a mirror you can trust
     Row("a_mirror_outage_blocks_a_restart_with_a_local_checkpoint", (
-        ("        if local is None:\n            raise\n        log.warning(\"MIRROR UNAVAILABLE: %s. Resuming",
-         "        raise\n        log.warning(\"MIRROR UNAVAILABLE: %s. Resuming"),
+        ("    if s.mirror.error:\n        if valid:", "    if s.mirror.error:\n        if False:", PLAN),
     ), (MIRROR + "test_a_mirror_outage_never_blocks_a_restart_that_has_a_valid_local_checkpoint",)),
     Row("the_upload_probe_blocks_a_resume", (
-        ("            if not resuming:\n                raise\n", "            raise\n"),
+        ("            if new_run:\n                raise\n", "            raise\n"),
     ), (MIRROR + "test_read_only_credentials_can_resume_from_the_mirror",)),
     Row("the_mirror_url_stored_with_its_credentials", (
         ("args=settings_without_secrets(dataclasses.asdict(cfg)),", "args=dataclasses.asdict(cfg),"),
@@ -355,17 +354,17 @@ ROWS = [
         ('        if problem is not None and "bytes instead of" in problem:', "        if False:"),
     ), (MIRROR_UNIT + "test_a_short_download_is_tried_again_before_falling_back",), path="src/mirror_fetch.py"),
     Row("no_word_of_credentials_that_were_not_stored", (
-        ('    if point.mirror_credentials_removed and "mirror" not in flags:', "    if False:"),
+        ('    if point.mirror_credentials_removed and cfg.mirror and "mirror" not in flags:', "    if False:"),
     ), (MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line",)),
     Row("a_new_run_mixes_into_another_runs_mirror", (
-        ("run_id=cfg.run_id, new_run=not resuming))", "run_id=cfg.run_id, new_run=False))"),
+        ('    new_run = point is None or point.lineage == "fork"', "    new_run = False"),
     ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",)),
     Row("a_mirror_check_that_lets_a_new_run_in_among_others", (
         ("        if new_run and (runs := self.runs()):", "        if False and (runs := self.runs()):"),
     ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",), path="src/mirror.py"),
     Row("several_runs_on_a_url_and_one_is_taken_without_asking", (
-        ("            if len(runs) > 1:", "            if False:"),
-    ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",), path="src/mirror.py"),
+        ("        if len(runs) > 1:", "        if False:"),
+    ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",), path=PLAN),
     Row("retention_deletes_another_runs_copies", (
         ('        committed = [c for c in committed if c["run"] == self.run_id]  # another run\'s copies are never touched',
          "        pass"),
@@ -374,7 +373,8 @@ ROWS = [
         (' and c["run"] == self.store.run_id]', "]"),
     ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",), path="src/mirror.py"),
     Row("a_rollback_continues_as_the_same_run", (
-        ("branched=newest is not None and local.step < newest)", "branched=False)"),
+        ("run_id=decision.run if continuing else uuid.uuid4().hex[:12],",
+         "run_id=decision.run if continuing else point.run_id,"),
     ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",)),
     # a mutation pass over the code the seam restructuring moved (issue 25): the survivors, each with its test now
     Row("the_stop_for_failing_saves_never_tries_its_save", (
@@ -387,7 +387,8 @@ ROWS = [
         ('        self.elapsed_before_seconds = state["elapsed_seconds"]', "        self.elapsed_before_seconds = 0.0"),
     ), (RECOVERY + "test_the_best_validation_loss_of_the_whole_run_survives_a_resume",)),
     Row("the_mirror_is_handed_only_two_names", (
-        ('step, result["names"], self.manager.held)\n', 'step, result["names"][:2], self.manager.held)\n'),
+        ("lasting_name(names), step, names, self.manager.held)",
+         "lasting_name(names), step, names[:2], self.manager.held)"),
     ), (MIRROR + "test_list_checkpoints_lists_the_mirror_and_verifies_it",)),
     Row("a_restart_counts_no_lost_steps", (
         ("        lost = max(0, last_logged_step - step)", "        lost = 0"),
@@ -440,7 +441,7 @@ ROWS = [
         ("        job = newest\n", "        job = oldest\n"),
     ), (MIRROR_UNIT + "test_an_outage_holds_back_only_the_newest_and_the_newest_best",), path="src/mirror_queue.py"),
     Row("the_disk_guard_never_takes_back_a_file_held_for_the_mirror", (
-        ('        held = self.held.unshared()\n', '        held = []\n'),
+        ('        held = m.held.unshared()\n', '        held = []\n'),
     ), (MIRROR_UNIT + "test_the_disk_guard_takes_back_a_file_held_only_for_the_mirror_before_any_checkpoint",)),
     Row("a_failed_upload_is_retried_though_a_newer_one_supersedes_it", (
         ('        if any(j.seq > job.seq and job.superseded_by(j) for j in self.pending):\n'
@@ -466,8 +467,7 @@ ROWS = [
          '        kinds = set()'),
     ), (MIRROR_UNIT + "test_remote_retention_keeps_last_n_rolling_every_epoch_the_newest_best_and_always_the_newest",)),
     Row("a_node_sharing_upload_belongs_to_no_run", (
-        ("    mirror = open_mirror(mirror_url, keep_last=keep_last, check=False, run_id=run_id)",
-         "    mirror = open_mirror(mirror_url, keep_last=keep_last, check=False)"),
+        ("check=False, run_id=run_id, parent=parent)  # the run's own", "check=False, parent=parent)"),
     ), (MIRROR_UNIT + "test_when_the_mirror_lacks_rank_0s_checkpoint_rank_0_uploads_it_and_no_node_rolls_back",)),
     Row("uploads_held_through_the_rolling_name", (
         ('        return self.dir / (epoch[0] if epoch else self.BEST if self.BEST in names else names[0])',
@@ -483,8 +483,74 @@ ROWS = [
         ('c["step"] > newer_than and c["run"]', 'c["step"] >= newer_than and c["run"]'),
     ), (MIRROR_UNIT + "test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder",), path="src/mirror.py"),
     Row("a_rollback_keeps_the_abandoned_later_checkpoints_under_their_names", (
-        ("        if local.branched:\n            manager.set_aside_later_than(local.step)\n", ""),
+        ('        if decision.lineage == "rollback":\n            manager.set_aside_later_than(decision.local.step)\n',
+         ""),
     ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",)),
+    # issue 33: resume decides before it touches anything (each finding's end-to-end test, and the plan's table)
+    Row("a33_every_local_file_damaged_and_an_empty_mirror_start_over", (
+        ("    if s.local or s.set_aside:\n        return Plan(\"L2\"", "    if False:\n        return Plan(\"L2\""),
+    ), (ACTS + "test_every_local_checkpoint_damaged_is_refused_whatever_the_mirror_and_nothing_is_renamed",
+        PLAN_TABLE), path=PLAN),
+    Row("a33_damaged_files_renamed_before_the_decision", (
+        ("    while True:\n        decision = resume_plan.plan(situation)\n",
+         "    manager.set_aside([f.path for f in situation.local if f.damaged])\n"
+         "    while True:\n        decision = resume_plan.plan(situation)\n"),
+    ), (ACTS + "test_every_local_checkpoint_damaged_is_refused_whatever_the_mirror_and_nothing_is_renamed",)),
+    Row("a33_a_fork_continues_its_parents_run", (
+        ("    if os.path.realpath(f.path.parent) != os.path.realpath(s.folder):\n        return _fork(s, f)\n", ""),
+    ), (ACTS + "test_a_fork_is_a_new_run_that_leaves_its_parents_files_mirror_and_logs_untouched", PLAN_TABLE),
+        path=PLAN),
+    Row("a33_a_fork_inherits_its_parents_mirror", (
+        ('        inherited.pop("mirror", None)', "        pass"),
+    ), (ACTS + "test_a_fork_is_a_new_run_that_leaves_its_parents_files_mirror_and_logs_untouched",)),
+    Row("a33_a_fork_writes_into_its_parents_logs", (
+        ("    if s.log_dir is None or (f.log_dir", "    if False and (f.log_dir"),
+    ), (ACTS + "test_a_fork_is_a_new_run_that_leaves_its_parents_files_mirror_and_logs_untouched", PLAN_TABLE),
+        path=PLAN),
+    Row("a33_a_fork_uploads_among_its_parents_copies", (
+        ("    if s.mirror is not None and s.mirror.copies:", "    if False:"),
+    ), (ACTS + "test_a_fork_is_a_new_run_that_leaves_its_parents_files_mirror_and_logs_untouched", PLAN_TABLE),
+        path=PLAN),
+    Row("a33_the_lineage_not_listed", (
+        ("""        print(f"run {run or '(none recorded)'}" + (f", branched from {parent}" if parent else ""))""",
+         "        pass"),
+    ), (ACTS + "test_a_fork_is_a_new_run_that_leaves_its_parents_files_mirror_and_logs_untouched",),
+        path="src/list_checkpoints.py"),
+    Row("a33_a_newer_checkpoint_on_another_node_overwritten", (
+        ("    newer = [n for n in s.nodes if n.step > step]", "    newer = []"),
+    ), (ACTS + "test_a_node_with_a_newer_checkpoint_than_rank_0s_choice_is_named_and_never_overwritten",
+        PLAN_TABLE), path=PLAN),
+    Row("a33_other_nodes_never_asked", (
+        ("    if env.distributed and env.local_rank == 0 and not env.is_main:", "    if False:"),
+    ), (ACTS + "test_a_node_with_a_newer_checkpoint_than_rank_0s_choice_is_named_and_never_overwritten",)),
+    Row("a33_a_full_disk_during_a_fetch_is_a_crash", (
+        ("    except OSError as e:\n        free = shutil.disk_usage",
+         "    except ZeroDivisionError as e:\n        free = shutil.disk_usage"),
+    ), (ACTS + "test_a_full_disk_while_fetching_is_one_line_and_falls_back_to_the_local_checkpoint",)),
+    Row("a33_a_mirror_copy_read_from_a_name_a_later_save_took", (
+        ('                result["held"] = self.manager.held.hold(self.manager.lasting_name(result["names"]))',
+         "                pass"),
+    ), (ACTS + "test_each_mirror_copy_holds_the_step_it_is_labelled_with",)),
+    Row("a33_what_the_mirror_held_at_the_start_forgotten", (
+        ("            mirror.resumed(point.step, point.mirror_holds, known=point.mirror_seen)", "            pass"),
+    ), (ACTS + "test_after_a_resume_a_failing_mirror_is_said_to_hold_the_runs_earlier_copies",)),
+    Row("a33_the_mirror_lookup_takes_run_id_for_the_local_checkpoints_run", (
+        ("    run = valid.run if valid else", "    run = s.run_id if valid else"),
+    ), (ACTS + "test_resume_takes_the_mirrors_newer_copy_of_the_local_checkpoints_own_run", PLAN_TABLE), path=PLAN),
+    Row("a33_a_launch_behind_the_mirror_uploads_over_its_newer_copies", (
+        ("and holds > self._start_step and self.off is None:", "and False:"),
+    ), (MIRROR_UNIT + "test_a_launch_that_resumed_older_than_the_mirrors_newest_copy_of_its_run_uploads_nothing",),
+        path="src/mirror_upload.py"),
+    Row("a33_set_aside_files_given_up_while_no_valid_checkpoint_exists", (
+        ("        if aside and latest.exists():", "        if aside:"),
+    ), (ASYNC + "test_files_set_aside_are_never_given_up_for_space_while_no_valid_checkpoint_exists",)),
+    Row("a33_a_rollback_told_as_lost_work", (
+        ('    if point is not None and point.lineage == "rollback" and last_logged_step > step:', "    if False:"),
+    ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",)),
+    Row("a33_a_failing_rename_while_acting_is_a_crash", (
+        ("    except OSError as e:\n        raise UserError(f\"cannot set the damaged",
+         "    except ZeroDivisionError as e:\n        raise UserError(f\"cannot set the damaged"),
+    ), (ACTS + "test_a_folder_that_refuses_the_set_aside_is_one_line",)),
 ]
 
 

@@ -179,7 +179,7 @@ def disk_of(manager, capacity_bytes):
     def free_bytes():
         files = {(st.st_dev, st.st_ino): st.st_size for st in (p.stat() for p in manager.dir.iterdir())}
         return capacity_bytes - sum(files.values())
-    manager.free_bytes = free_bytes
+    manager.guard.free_bytes = free_bytes
 
 
 def test_make_room_gives_up_damaged_then_older_rolling_then_the_backup_and_never_the_newest(tmp_path, shard_dir,
@@ -194,23 +194,23 @@ def test_make_room_gives_up_damaged_then_older_rolling_then_the_backup_and_never
     names = lambda: sorted(p.name for p in ck.iterdir())  # noqa: E731
     # files: the set-aside 1, rolling 2, 3, 4 (= backup), 5 (= latest), epoch 1 and best (own files): 7 files
     disk_of(manager, 8 * size)  # room for 1 more file, not for 1 more plus the margin
-    manager.make_room(size, step=6)
+    manager.guard.make_room(size, step=6)
     assert "rolling_step_000001.pt.corrupt" not in names() and "rolling_step_000002.pt" in names()
     disk_of(manager, 7 * size)
-    manager.make_room(size, step=6)  # the damaged file is gone: the oldest rolling file goes next
+    manager.guard.make_room(size, step=6)  # the damaged file is gone: the oldest rolling file goes next
     assert "rolling_step_000002.pt" not in names() and "rolling_step_000003.pt" in names()
     disk_of(manager, 6 * size)
-    manager.make_room(size, step=6)
+    manager.guard.make_room(size, step=6)
     assert "rolling_step_000003.pt" not in names()
     assert "latest_backup.pt" in names() and "rolling_step_000004.pt" in names()
-    manager.make_room(size, step=6)  # enough now: nothing more goes
+    manager.guard.make_room(size, step=6)  # enough now: nothing more goes
     assert "latest_backup.pt" in names()
     disk_of(manager, 5 * size)  # only latest + backup + epoch + best fit: the backup goes, with its rolling name
-    manager.make_room(size, step=6)
+    manager.guard.make_room(size, step=6)
     assert names() == ["best_model.pt", "epoch_00001.pt", "latest.pt", "rolling_step_000005.pt"]
     disk_of(manager, 4 * size)  # latest, epoch and best fill it: nothing more may go
     with pytest.raises(T.InsufficientDiskSpace, match="this save is skipped") as refused:
-        manager.make_room(size, step=6)
+        manager.guard.make_room(size, step=6)
     assert "The epoch and best files (2," in str(refused.value)  # what fills the disk, said plainly
     assert names() == ["best_model.pt", "epoch_00001.pt", "latest.pt", "rolling_step_000005.pt"]
     for p in ck.iterdir():
@@ -220,13 +220,13 @@ def test_make_room_gives_up_damaged_then_older_rolling_then_the_backup_and_never
     assert len(warnings) == 3, warnings
     assert "gave up latest_backup.pt + rolling_step_000004.pt" in warnings[2] and " free now" in warnings[2]
     # a file overwritten in place needs no new space: the spare's size counts as free
-    manager.make_room(size, reusable_bytes=size, step=6)
+    manager.guard.make_room(size, reusable_bytes=size, step=6)
     # after a crash between naming rolling_step_000006.pt and latest.pt, the newest rolling file is a file of its
     # own, and the newest checkpoint: never given up, even when that leaves no room
     shutil.copyfile(ck / "latest.pt", ck / "rolling_step_000006.pt")
     disk_of(manager, 5 * size)
     with pytest.raises(T.InsufficientDiskSpace):
-        manager.make_room(size, step=7)
+        manager.guard.make_room(size, step=7)
     assert "rolling_step_000006.pt" in names()
 
 
@@ -239,8 +239,8 @@ def test_the_estimate_is_the_previous_checkpoint_plus_a_stated_margin(tmp_path, 
     assert manager.estimate_size(state) == real
     disk_of(manager, 0)
     needed = {}
-    manager.free_bytes = lambda: needed.setdefault("free", real + T.CheckpointManager.SPACE_MARGIN_BYTES)
-    manager.make_room(real)  # exactly the file plus 1 MiB fits, with nothing given up
+    manager.guard.free_bytes = lambda: needed.setdefault("free", real + T.CheckpointManager.SPACE_MARGIN_BYTES)
+    manager.guard.make_room(real)  # exactly the file plus 1 MiB fits, with nothing given up
     assert len(manager.all_checkpoints()) == 2
 
 
@@ -250,7 +250,7 @@ def test_when_the_final_save_fails_the_run_says_so_last_and_exits_4(tmp_path, sh
     def free_bytes(self):
         calls["n"] += 1
         return 10**12 if calls["n"] <= 2 else 0  # the disk fills up after two saves
-    monkeypatch.setattr(T.CheckpointManager, "free_bytes", free_bytes)
+    monkeypatch.setattr(T.DiskGuard, "free_bytes", free_bytes)
     args = [*TINY_ARGS, *EXACT_SAVES, "--data_dir", str(shard_dir), "--total_batch_size", "128", "--max_steps", "12",
             "--checkpoint_freq", "3", "--eval_freq", "0", "--checkpoint_dir", str(tmp_path / "ck"),
             "--log_dir", str(tmp_path / "logs")]
@@ -364,7 +364,7 @@ def test_when_saves_failed_too_long_the_stop_saves_and_still_exits_4(tmp_path, s
     def free_bytes(self):
         calls["n"] += 1
         return 0 if calls["n"] == 2 else 10**12  # the save of step 6 finds the disk full, the others do not
-    monkeypatch.setattr(T.CheckpointManager, "free_bytes", free_bytes)
+    monkeypatch.setattr(T.DiskGuard, "free_bytes", free_bytes)
     args = [*TINY_ARGS, *EXACT_SAVES, "--data_dir", str(shard_dir), "--total_batch_size", "128", "--max_steps", "12",
             "--checkpoint_freq", "3", "--eval_freq", "0", "--max_unsaved_minutes", "0.0001", "--checkpoint_dir",
             str(tmp_path / "ck"), "--log_dir", str(tmp_path / "logs")]
@@ -375,3 +375,23 @@ def test_when_saves_failed_too_long_the_stop_saves_and_still_exits_4(tmp_path, s
     assert "STOPPED at step 7 of 12 because checkpoints could not be written for too long; the stop's own " \
            "checkpoint was saved" in log_text
     assert T.CheckpointManager.load(tmp_path / "ck" / "latest.pt")["step"] == 7
+
+
+def test_files_set_aside_are_never_given_up_for_space_while_no_valid_checkpoint_exists(tmp_path, shard_dir):
+    """A folder whose every checkpoint was set aside as damaged (and nothing else): they may be all that is left of
+    the run, so a save that finds no room gives up none of them and fails instead; once latest.pt exists they go
+    first, as before."""
+    manager = T.CheckpointManager(tmp_path / "ck", keep_last=10)
+    manager.save(with_step(make_state(shard_dir), 1))
+    ck = tmp_path / "ck"
+    for p in list(ck.iterdir()):
+        if p.name.endswith(".pt") and not p.name.startswith("."):
+            p.rename(ck / (p.name + ".corrupt")) if p.name == "latest.pt" else p.unlink()
+    size = (ck / "latest.pt.corrupt").stat().st_size
+    disk_of(manager, 2 * size)
+    with pytest.raises(T.InsufficientDiskSpace):
+        manager.guard.make_room(size, step=2)
+    assert (ck / "latest.pt.corrupt").exists()
+    (ck / "latest.pt").write_bytes(b"")  # a valid checkpoint exists now (its content does not matter here)
+    manager.guard.make_room(size, step=2)
+    assert not (ck / "latest.pt.corrupt").exists()

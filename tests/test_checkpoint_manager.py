@@ -113,9 +113,9 @@ def test_the_next_save_overwrites_the_retired_file_but_never_one_a_checkpoint_na
     retired = spare.stat()
     assert retired.st_nlink == 1  # the pruned rolling_step_000001.pt: no checkpoint name uses it any more
     # 2 MB free: too little for a new file of this checkpoint (~10 MB), enough to overwrite the spare in place
-    manager.free_bytes = lambda: 2 << 20
+    manager.guard.free_bytes = lambda: 2 << 20
     manager.save(with_step(base, 4))
-    del manager.free_bytes
+    del manager.guard.free_bytes
     written = (ck / "rolling_step_000004.pt").stat()
     assert written.st_ino == retired.st_ino  # overwritten in place...
     assert written.st_size < retired.st_size  # ...and cut to the new checkpoint's size
@@ -202,35 +202,35 @@ def test_resolve_falls_back_in_order(tmp_path, shard_dir, caplog):
     for step in (2, 3, 4):
         manager.save(with_step(base, step))
     ck = tmp_path / "ck"
-    assert manager.resolve("latest") == ck / "latest.pt"
+    assert T.resolve_checkpoint(manager, "latest") == ck / "latest.pt"
     (ck / "latest.pt").write_bytes(b"garbage")  # in place: rolling_step_000004.pt is the same file, hit too
-    assert manager.resolve("latest") == ck / "latest_backup.pt"
+    assert T.resolve_checkpoint(manager, "latest") == ck / "latest_backup.pt"
     assert "latest.pt is not usable (truncated, or not a checkpoint" in caplog.text
     (ck / "latest_backup.pt").unlink()
-    assert manager.resolve("latest") == ck / "rolling_step_000003.pt"
+    assert T.resolve_checkpoint(manager, "latest") == ck / "rolling_step_000003.pt"
     for p in ck.glob("rolling_*"):  # replaced by cut-off copies (new files: epoch_00001.pt keeps its own)
         (tmp_path / "cut").write_bytes(p.read_bytes()[:-10])
         os.replace(tmp_path / "cut", p)
-    assert manager.resolve("auto") == ck / "epoch_00001.pt"
+    assert T.resolve_checkpoint(manager, "auto") == ck / "epoch_00001.pt"
     (ck / "epoch_00001.pt").unlink()
     with pytest.raises(T.UserError, match="no valid checkpoint"):
-        manager.resolve("latest")
+        T.resolve_checkpoint(manager, "latest")
     assert sorted(p.name for p in ck.iterdir())[:2] == ["latest.pt", "rolling_step_000001.pt"]  # nothing deleted
 
 
 def test_resolve_errors_for_named_and_missing_checkpoints(tmp_path, shard_dir):
     manager = T.CheckpointManager(tmp_path / "ck")
-    assert manager.resolve("auto") is None
+    assert T.resolve_checkpoint(manager, "auto") is None
     with pytest.raises(T.UserError, match="no checkpoint in"):
-        manager.resolve("latest")
+        T.resolve_checkpoint(manager, "latest")
     with pytest.raises(T.UserError, match="does not exist"):
-        manager.resolve(str(tmp_path / "nope.pt"))
+        T.resolve_checkpoint(manager, str(tmp_path / "nope.pt"))
     with pytest.raises(T.UserError, match="does not exist"):
-        manager.resolve("best")
+        T.resolve_checkpoint(manager, "best")
     not_ckpt = tmp_path / "notes.txt"
     not_ckpt.write_text("hello")
     with pytest.raises(T.UserError, match="is not usable"):
-        manager.resolve(str(not_ckpt))
+        T.resolve_checkpoint(manager, str(not_ckpt))
 
 
 def test_a_failed_save_leaves_the_previous_checkpoints_intact(tmp_path, shard_dir, monkeypatch):
@@ -275,7 +275,7 @@ def test_kill_9_at_any_instant_of_writing_leaves_a_valid_recent_checkpoint(tmp_p
         completed += [int(line) for line in proc.stdout.read().split()]
         proc.wait()
         manager = T.CheckpointManager(ck)
-        resumed = manager.resolve("latest")
+        resumed = T.resolve_checkpoint(manager, "latest")
         assert resumed == ck / "latest.pt"  # latest is always complete, even mid-write
         step = T.CheckpointManager.load(resumed)["step"]
         assert step >= completed[-1]  # nothing acknowledged as saved is lost
@@ -326,7 +326,7 @@ def test_a_best_copy_that_does_not_fit_still_counts_the_save_and_says_so(tmp_pat
     error reported), and the missing copy is said."""
     manager = T.CheckpointManager(tmp_path / "ck")
     room = iter([1 << 40])  # the first question (the checkpoint itself) finds room; every later one none
-    manager.free_bytes = lambda: next(room, 0)
+    manager.guard.free_bytes = lambda: next(room, 0)
     writer = T.CheckpointWriter(manager, asynchronous=False)
     writer.submit(with_step(make_state(shard_dir), 4), is_best=True)
     result = writer.results.get_nowait()

@@ -285,7 +285,7 @@ def problems_after_crash(folder: Path, before: dict[str, str], new: str, oldest_
         found.append(f"the save returned, yet {', '.join(lost)} lost the saved checkpoint")
     manager = T.CheckpointManager(folder)
     try:
-        resumed = manager.resolve("latest")
+        resumed = T.resolve_checkpoint(manager, "latest")
         step = T.CheckpointManager.load(resumed)["step"]
         if step < oldest_step:
             found.append(f"--resume latest gives {resumed.name} at step {step}, older than step {oldest_step}")

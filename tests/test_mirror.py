@@ -123,6 +123,11 @@ def until(condition, timeout_seconds=20.0, what="condition"):
         time.sleep(0.05)
 
 
+def resume_with(manager, resume, url):
+    """What the trainer's rank 0 does at start: describe every candidate, plan, act."""
+    return T.decide_and_act(T.describe(manager, dict(resume=resume, mirror=url)), manager, url)
+
+
 def steps_on(mirror):
     return [c["step"] for c in mirror.remote_checkpoints()]
 
@@ -163,12 +168,13 @@ def test_an_upload_commits_blob_then_manifest_and_fetch_brings_it_back(s3, mirro
     assert sum("MB/s" in m for m in train_log) == 1  # the measured rate, once, after the first commit
 
     fresh = tmp_path / "fresh"
-    path, entry = mirror.fetch_newest_valid(T.CheckpointManager(fresh))
-    assert path == fresh / "latest.pt" and entry["step"] == 2
+    point = resume_with(T.CheckpointManager(fresh), "auto", mirror.redacted_url())
+    path = point.path
+    assert path == fresh / "latest.pt" and point.step == 2
     assert path.read_bytes() == ck.manager.rolling_path(2).read_bytes()
     assert os.path.samefile(path, fresh / "rolling_step_000002.pt")  # the names resume uses, one file
     assert sorted(p.name for p in fresh.iterdir()) == ["latest.pt", "rolling_step_000002.pt"]  # no temporary left
-    assert T.CheckpointManager(fresh).resolve("latest") == path
+    assert T.resolve_checkpoint(T.CheckpointManager(fresh), "latest") == path
 
 
 def test_a_blob_without_a_whole_manifest_is_never_listed_or_fetched(s3, mirrors, base_state, tmp_path):
@@ -188,8 +194,8 @@ def test_a_blob_without_a_whole_manifest_is_never_listed_or_fetched(s3, mirrors,
     # a manifest this code does not understand (a later format): ignored, and never deleted
     fs.pipe_file(f"{root}/manifests/step_000099-0123456789ab.json", b'{"format": 2, "step": 99}')
     assert steps_on(mirror) == [1]
-    path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh"))
-    assert entry["step"] == 1 and T.CheckpointManager.load(path)["step"] == 1
+    point = resume_with(T.CheckpointManager(tmp_path / "fresh"), "auto", mirror.redacted_url())
+    assert point.step == 1 and T.CheckpointManager.load(point.path)["step"] == 1
     # the next commit's retention sees the manifest that is not committed (and its blob) for the first time: a
     # listing can lag behind a write, so it is only remembered; a later scan (here 0 s later) removes both
     mirror.store.orphan_grace_seconds = 0
@@ -228,16 +234,18 @@ def test_fetch_checks_sha256_and_crc_and_falls_back_to_an_older_commit(s3, mirro
     blob[len(blob) // 2] ^= 0x01
     fs.pipe_file(key, bytes(blob))
 
-    path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh"))
-    assert entry["step"] == 1 and T.CheckpointManager.load(path)["step"] == 1
+    point = resume_with(T.CheckpointManager(tmp_path / "fresh"), "auto", mirror.redacted_url())
+    assert point.step == 1 and T.CheckpointManager.load(point.path)["step"] == 1
     said = "\n".join(train_log)
     assert "step 3" in said and "failed verification (CheckpointInvalid: checksum mismatch" in said
     assert "step 2" in said and "sha256 mismatch" in said
-    assert "skipping unusable step(s) [3, 2]" in said
+    assert "deciding again without step 3's copy" in said and "deciding again without step 2's copy" in said
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["latest.pt", "rolling_step_000001.pt"]
-    # nothing valid at all: None, and a line that says so
-    assert mirror.fetch_newest_valid(Refusing(tmp_path / "none")) is None
-    assert "none of the 3 checkpoint(s)" in train_log[-1]
+    # nothing valid at all: a refusal that says so, and nothing in the folder
+    with pytest.raises(T.UserError, match="every copy of a run without an identity on the mirror .* failed its "
+                                          r"checks \(steps 3, 2, 1\)"):
+        resume_with(Refusing(tmp_path / "none"), "auto", mirror.redacted_url())
+    assert not (tmp_path / "none").exists() or not list((tmp_path / "none").iterdir())
 
 
 def test_remote_retention_keeps_last_n_rolling_every_epoch_the_newest_best_and_always_the_newest(
@@ -358,8 +366,8 @@ def test_the_disk_guard_takes_back_a_file_held_only_for_the_mirror_before_any_ch
         newer_best = ck.save(3, best=True)  # written; the loop has not handed it to the mirror yet
         assert waiting.stat().st_nlink == 1 and in_flight.stat().st_nlink == 1  # both held for the mirror only now
         rolling_before = sorted(p.name for p in ck.manager.dir.glob("rolling_step_*"))
-        ck.manager.free_bytes = lambda: 10 ** 12 if not waiting.exists() else 0
-        ck.manager.make_room(1 << 20, step=4)
+        ck.manager.guard.free_bytes = lambda: 10 ** 12 if not waiting.exists() else 0
+        ck.manager.guard.make_room(1 << 20, step=4)
         assert not waiting.exists() and in_flight.exists()  # given back at once; the upload being read keeps its own
         assert sorted(p.name for p in ck.manager.dir.glob("rolling_step_*")) == rolling_before  # nothing else went
         assert any("DISK NEARLY FULL: gave up .tmp-held-2.pt (" in m for m in train_log)
@@ -428,8 +436,8 @@ def test_a_local_folder_mirror_commits_and_fetches_the_same_way(scheme, mirrors,
     assert sorted(p.name.split("-")[0] for p in (folder / "manifests").iterdir()) == ["step_000001", "step_000003"]
     # a cut-off upload: a blob with no manifest
     (folder / "blobs" / "step_000004-0123456789ab.pt").write_bytes(b"PK\x03\x04 half")
-    path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh"))
-    assert entry["step"] == 3 and path.read_bytes() == ck.manager.rolling_path(3).read_bytes()
+    point = resume_with(T.CheckpointManager(tmp_path / "fresh"), "auto", mirror.redacted_url())
+    assert point.step == 3 and point.path.read_bytes() == ck.manager.rolling_path(3).read_bytes()
     assert mirror.remote_checkpoints()[1]["names"] == ["rolling_step_000001.pt", "latest.pt", "epoch_00001.pt"]
 
 
@@ -472,7 +480,7 @@ def test_check_is_one_line_on_a_missing_bucket_without_permission_or_unreachable
         unreachable.check()
     errors["unreachable"] = str(e.value)
     with pytest.raises(MirrorError) as e:  # a mirror that cannot be read is an error, never "nothing valid there"
-        unreachable.fetch_newest_valid(tmp_path / "fresh", T.CheckpointManager.load)
+        unreachable.remote_checkpoints()
     errors["fetch unreachable"] = str(e.value)
     assert all("\n" not in message for message in errors.values()), errors
     assert "does not exist: create it, or fix --mirror" in errors["missing"]
@@ -524,23 +532,23 @@ def test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder(base_sta
     url, run = mirrored_run(tmp_path, base_state, (5, 8))
     local = Checkpoints(tmp_path / "ck", base_state)  # this machine's disk holds an older state of the run
     local.save(5)
-    path = T.resolve_with_mirror(local.manager, "latest", url).path
+    path = resume_with(local.manager, "latest", url).path
     assert T.CheckpointManager.load(path)["step"] == 8 and path == local.manager.dir / "latest.pt"
     assert path.read_bytes() == run.manager.rolling_path(8).read_bytes()
-    assert any("the mirror holds a newer checkpoint than" in m and "(step 5): resuming from the MIRROR's step 8" in m
+    assert any("the mirror holds a newer checkpoint of" in m and "(step 5): resuming from the MIRROR's step 8" in m
                for m in train_log)
     # the same step on the mirror as here: the local file stays (nothing downloaded over it)
     inode = (local.manager.dir / "latest.pt").stat().st_ino
-    assert T.resolve_with_mirror(local.manager, "latest", url).path == local.manager.dir / "latest.pt"
+    assert resume_with(local.manager, "latest", url).path == local.manager.dir / "latest.pt"
     assert (local.manager.dir / "latest.pt").stat().st_ino == inode
-    assert any("step 8; the mirror holds nothing newer" in m for m in train_log)
+    assert any("(step 8; the mirror holds step 8, nothing newer" in m for m in train_log)
     # nothing newer on the mirror: the local file, and the mirror is only read (no probe object written)
     local.save(9)
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "mirror").rglob("*"))
-    assert T.resolve_with_mirror(local.manager, "auto", url).path == local.manager.dir / "latest.pt"
+    assert resume_with(local.manager, "auto", url).path == local.manager.dir / "latest.pt"
     assert T.CheckpointManager.load(local.manager.dir / "latest.pt")["step"] == 9
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "mirror").rglob("*")) == before
-    assert any("step 9; the mirror holds nothing newer" in m for m in train_log)
+    assert any("(step 9; the mirror holds step 8, nothing newer" in m for m in train_log)
 
 
 def test_a_node_that_cannot_see_rank_0s_checkpoint_gets_the_mirrors_copy_of_it(base_state, tmp_path, train_log):
@@ -632,8 +640,8 @@ def test_a_lagging_listing_never_deletes_a_committed_copy(mirrors, base_state, t
     store.retain(keep_last=10)
     assert steps_on(mirror) == [2, 1]  # every committed copy stays, the newest included
     assert not store.fs.exists(cut_off)  # the real orphan, seen on two scans, goes
-    path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh"))
-    assert entry["step"] == 2 and path.read_bytes() == ck.manager.rolling_path(2).read_bytes()
+    point = resume_with(T.CheckpointManager(tmp_path / "fresh"), "auto", mirror.redacted_url())
+    assert point.step == 2 and point.path.read_bytes() == ck.manager.rolling_path(2).read_bytes()
 
 
 def test_a_short_download_is_tried_again_before_falling_back(mirrors, base_state, tmp_path, train_log, monkeypatch):
@@ -649,6 +657,50 @@ def test_a_short_download_is_tried_again_before_falling_back(mirrors, base_state
         problem = real(store, entry, tmp)
         return f"{entry['size'] // 2} bytes instead of the manifest's {entry['size']}" if len(calls) == 1 else problem
     monkeypatch.setattr(__import__("mirror_fetch"), "download", cut_off_once)
-    path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh"))
-    assert entry["step"] == 1 and calls == [1, 1]
+    point = resume_with(T.CheckpointManager(tmp_path / "fresh"), "auto", mirror.redacted_url())
+    assert point.step == 1 and calls == [1, 1]
     assert any("the download of step 1 was short" in m and "trying once more" in m for m in train_log)
+
+
+def test_a_launch_that_resumed_older_than_the_mirrors_newest_copy_of_its_run_uploads_nothing(mirrors, base_state,
+                                                                                              tmp_path, train_log):
+    """A resumed launch that could not see the mirror at its start (or could not fetch its newer copy) took an older
+    local checkpoint. Before its first upload it looks: the mirror holds a newer step of the run, so this launch
+    uploads nothing (two histories would be mixed under one run), says so once, and every status says what the mirror
+    holds. A launch that saw the mirror hold nothing newer uploads as usual."""
+    url = str(tmp_path / "mirror")
+    ck = Checkpoints(tmp_path / "ck", base_state)
+    earlier = mirrors(url, run_id="run-a")
+    earlier.check()
+    earlier.submit(*ck.save(9))
+    assert earlier.wait(30)
+    before = sorted(p.name for p in (tmp_path / "mirror" / "blobs").iterdir())
+    behind = mirrors(url, run_id="run-a")
+    behind.resumed(6, None, known=False)  # the mirror was unreachable when this launch began at step 6
+    assert behind.status()["holds"] == "what it held at the start is not known (unreachable)"
+    behind.submit(*ck.save(7))
+    until(lambda: behind.status()["off"] is not None, what="the look before the first upload")
+    assert behind.wait(5) is False and sorted(p.name for p in (tmp_path / "mirror" / "blobs").iterdir()) == before
+    status = behind.status()
+    assert "it holds step 9 of this run, newer than step 6 this launch resumed from" in status["off"]
+    assert status["holds"] == "step 9" and status["last_error"] == status["off"]
+    behind.submit(*ck.save(8))  # nothing more is queued, nor said again
+    assert sum("MIRROR OFF" in m for m in train_log) == 1
+    assert not list(ck.manager.dir.glob(".tmp-held-*"))
+    known = mirrors(url, run_id="run-a")
+    known.resumed(9, 9)  # the plan saw step 9 there, and the launch starts from it
+    assert known.status()["holds"] == "step 9"
+    known.submit(*ck.save(10))
+    assert known.wait(30) and steps_on(known)[0] == 10
+
+
+def test_a_failing_mirror_after_a_resume_says_what_it_holds(mirrors, base_state, tmp_path, monkeypatch):
+    """The step line's MIRROR FAILING names the step the mirror held when the launch began, not 'step None'."""
+    mirror = mirrors(str(tmp_path / "mirror"), run_id="run-a", retry_initial_seconds=600)
+    mirror.resumed(6, 6)
+    monkeypatch.setattr(Uploader, "_upload", lambda self, job: (_ for _ in ()).throw(OSError("the disk is gone")))
+    mirror.submit(*Checkpoints(tmp_path / "ck", base_state).save(7))
+    until(lambda: mirror.status()["consecutive_failures"] >= 1, what="a failed attempt")
+    checkpointer = type("C", (), {"mirror": mirror, "failing": None, "state": T.TrainState(step=7)})()
+    note = T.Checkpointer.step_note(checkpointer)
+    assert "MIRROR FAILING (1 attempts; it holds step 6; OSError: the disk is gone)" in note

@@ -244,7 +244,8 @@ def test_a_mirror_outage_never_blocks_a_restart_that_has_a_valid_local_checkpoin
     proc = launch(run_args(tmp_path, data, *args, "--max_steps", "10"), nproc=None, extra_env=dead)
     out = finish(proc, 240)
     assert proc.returncode == 2, out[-3000:]
-    assert "error: mirror s3://test-bucket/outage: could not list the checkpoints" in out and "Traceback" not in out
+    assert "error: the mirror cannot be read (mirror s3://test-bucket/outage: could not list the checkpoints" in out
+    assert "nothing was changed" in out and "Traceback" not in out
 
 
 def test_read_only_credentials_can_resume_from_the_mirror(tmp_path, data, s3_server):
@@ -296,7 +297,8 @@ def test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints(tmp_path, data):
     assert T.CheckpointManager.load(tmp_path / "a" / "ck" / "latest_backup.pt")["step"] == 10
     back = run(run_args(tmp_path / "a", data, "--resume", "latest_backup", "--max_steps", "12"), nproc=None)
     assert back.returncode == 0, back.stdout[-3000:]
-    assert "this continues as run " in back.stdout and f"(branched from run {run_a})" in back.stdout
+    assert "this continues as run " in back.stdout and f"branched from run {run_a}@10" in back.stdout
+    assert f"rolled back to step 10: the records of steps 11-14 (run {run_a}, left behind" in back.stdout
     # the abandoned later checkpoints are set aside: the new branch's own files are kept and mirrored
     names = sorted(p.name for p in (tmp_path / "a" / "ck").iterdir())
     assert "rolling_step_000014.pt.abandoned" in names and "rolling_step_000014.pt" not in names

@@ -13,7 +13,8 @@ import pytest
 import train_improved as T
 from helpers import EXACT_SAVES, TINY_ARGS, launch, finish, read_metrics
 from mirror import Mirror
-from test_mirror import Checkpoints, base_state  # noqa: F401  (base_state is a fixture)
+from test_mirror import Checkpoints, resume_with
+from test_mirror import base_state  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.xdist_group("other_stores")  # one emulator of each for the whole session
 
@@ -32,18 +33,19 @@ def test_the_mirror_commits_keeps_and_fetches_back_and_catches_a_damaged_copy(ot
             assert mirror.wait(60), mirror.status()
         # retention as on local disk: the newest (one rolling kept) and the newest best; step 1 is gone
         assert [c["step"] for c in mirror.remote_checkpoints()] == [3, 2]
-        path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh"))
-        assert entry["step"] == 3 and path.name == "latest.pt"
-        assert path.read_bytes() == ck.manager.rolling_path(3).read_bytes()
+        point = resume_with(T.CheckpointManager(tmp_path / "fresh"), "auto", url)
+        entry = mirror.remote_checkpoints()[0]
+        assert point.step == entry["step"] == 3 and point.path.name == "latest.pt"
+        assert point.path.read_bytes() == ck.manager.rolling_path(3).read_bytes()
         # one flipped byte in the newest copy on the store: its sha256 catches it, and the one before it is used
         fs = other_store.filesystem()
         data = bytearray(fs.cat_file(entry["key"]))
         data[len(data) // 2] ^= 0xFF
         fs.pipe_file(entry["key"], bytes(data))
         with caplog.at_level(logging.INFO, logger="train"):
-            path, entry = mirror.fetch_newest_valid(T.CheckpointManager(tmp_path / "fresh2"))
-        assert entry["step"] == 2 and "sha256 mismatch" in caplog.text
-        assert T.CheckpointManager.load(path)["step"] == 2
+            point = resume_with(T.CheckpointManager(tmp_path / "fresh2"), "auto", url)
+        assert point.step == 2 and "sha256 mismatch" in caplog.text
+        assert T.CheckpointManager.load(point.path)["step"] == 2
     finally:
         mirror.close()
 

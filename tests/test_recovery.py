@@ -34,7 +34,7 @@ def test_a_damaged_latest_is_set_aside_and_never_becomes_the_backup(tmp_path, sh
     ck = tmp_path / "ck"
     flip_a_byte_in_the_middle(ck / "latest.pt")  # also rolling_step_000010.pt: one file, two names
     # the read-only tools fall back too, but leave the run's folder as it is
-    path, _ = T.CheckpointManager(ck).load_named("latest")
+    path, _ = T.load_named(ck, "latest")
     assert path.name == "latest_backup.pt" and (ck / "latest.pt").exists()
 
     summary = T.main(args_for(tmp_path, shard_dir, "--resume", "latest", "--max_steps", "15", "--checkpoint_freq",
@@ -78,7 +78,7 @@ def test_best_and_epoch_models_survive_a_bad_block_in_the_rolling_chain(tmp_path
         T.CheckpointManager.load(ck / "rolling_step_000003.pt")
     for name in ("epoch_00001.pt", "best_model.pt"):  # written and verified like any other checkpoint
         assert T.CheckpointManager.load(ck / name)["step"] == 3
-    assert T.CheckpointManager(ck).load_named("best")[0].name == "best_model.pt"
+    assert T.load_named(ck, "best")[0].name == "best_model.pt"
 
 
 def test_a_failed_start_leaves_no_folder_behind(tmp_path, shard_dir):
