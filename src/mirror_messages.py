@@ -38,16 +38,27 @@ def what_to_do(e: BaseException, local: bool) -> str:
 SECRET_OPTIONS = ("secret", "password", "token", "account_key", "sas_token", "client_secret", "credential")
 
 
+def userinfo_end(rest: str) -> int | None:
+    """In a URL's text after '://', the index of the '@' that ends user[:secret], or None if it has none. Read from the
+    right: a password may hold '@' (s3://KEY:p@ss@bucket/p), and an AWS secret '/' and '+', so the userinfo ends at
+    the LAST '@' whose left part is a user (no '/') with a secret, or a user alone without '/'. (A path that holds '@'
+    as well as credentials in the URL is ambiguous: it is then read as part of the secret, so the host is wrong and
+    the check at start fails, but nothing of the secret is ever shown. Percent-encode such an '@' as %40.)"""
+    for at in reversed([i for i, c in enumerate(rest) if c == "@"]):
+        user, colon, _ = rest[:at].partition(":")
+        if user and "/" not in user and (colon or "/" not in rest[:at]):
+            return at
+    return None
+
+
 def split_userinfo(url: str) -> tuple[str, str | None, str | None]:
-    """(url without user:secret@, user, secret). A secret may hold an unescaped '/', as AWS secret keys do."""
+    """(url without user:secret@, user, secret), the user and secret percent-decoded (%40 is '@')."""
     scheme, sep, rest = url.partition("://")
-    if not sep:
+    at = userinfo_end(rest) if sep else None
+    if at is None:
         return url, None, None
-    userinfo, at, host_path = rest.partition("@")
-    user, colon, secret = userinfo.partition(":")
-    if not at or "/" in user or (not colon and "/" in userinfo):
-        return url, None, None
-    return f"{scheme}://{host_path}", unquote(user), unquote(secret) if colon else None
+    user, colon, secret = rest[:at].partition(":")
+    return f"{scheme}://{rest[at + 1:]}", unquote(user), unquote(secret) if colon else None
 
 
 def redact_url(url: str) -> str:
@@ -63,8 +74,10 @@ def secrets_in(url: str, options: dict[str, Any]) -> list[str]:
     """Every string a message must never show: the URL's user:secret and its query values, the AWS secret
     variables, secret storage options, and an access key id (not secret by itself, but nobody's business)."""
     clean_url, user, secret = split_userinfo(url)
-    found = [secret, url.partition("://")[2].partition("@")[0] if user else None,
-             os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")]
+    rest = url.partition("://")[2]
+    raw = rest[:userinfo_end(rest)] if user else ""  # user:secret as written (percent-encoded, maybe)
+    found = [secret, raw, raw.partition(":")[2], os.environ.get("AWS_SECRET_ACCESS_KEY"),
+             os.environ.get("AWS_SESSION_TOKEN")]
     found += [str(v) for k, v in options.items() if k in SECRET_OPTIONS and v]
     if user and len(user) >= 8:
         found.append(user)

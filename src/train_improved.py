@@ -149,7 +149,8 @@ class TrainConfig:
     dropout: float = opt(0.0, "dropout probability (0 for pretraining)", "model")
     # batch
     batch_size: int | str = opt("auto", "sequences per rank per micro-step, or auto: on a GPU the largest that fits "
-                                "(a memory probe at start, again on resume on another GPU), on CPU 16; either way "
+                                "(a memory probe at start, again on resume on another GPU), on CPU the largest up to "
+                                "16; either way one that splits a step's sequences over the ranks exactly, so "
                                 "--total_batch_size stays exact", "batch", type=micro_batch_arg)
     total_batch_size: int = opt(524288, "tokens per optimizer step, over all ranks and micro-steps", "batch")
     # optimization
@@ -220,7 +221,8 @@ class TrainConfig:
     # off the machine
     mirror: str | None = opt(None, "also copy every checkpoint, in the background, to this fsspec URL (s3://bucket/"
                              "prefix, gs://..., az://..., or a path on another disk); --resume latest/auto fetch from "
-                             "it when no local checkpoint is valid (needs fsspec, and s3fs for S3)", "mirror", type=str)
+                             "it when it holds a newer valid checkpoint of the run than the local folder (no valid "
+                             "local one included; needs fsspec, and s3fs for S3)", "mirror", type=str)
     mirror_wait_seconds: float = opt(120.0, "at the end of a run or a graceful stop, wait this long for the last "
                                      "checkpoint to reach the mirror", "mirror")
 
@@ -279,9 +281,17 @@ class TrainConfig:
 LAUNCH_FIELDS = ("resume", "checkpoint_dir", "device")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`error: argument --max_steps: invalid int value: '8o'`) that says where
+    the flags are listed, not the whole usage block first."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (python src/train_improved.py --help lists every flag)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line, generated from TrainConfig. Unset flags stay absent, so we know what the user typed."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="train_improved.py", argument_default=argparse.SUPPRESS,
         description="Train GPT-2 on token shards with exact, crash-safe checkpointing. "
                     "Run under torchrun for several processes.")
@@ -466,13 +476,31 @@ def agree(env: DistEnv, problem: str | None) -> None:
 # 3. logging
 # ---------------------------------------------------------------------------------------------------------------
 
+class ConsoleHandler(logging.StreamHandler):
+    """The log lines on stdout (rank 0) or stderr (the others). When that stream can no longer be written (the pipe's
+    reader is gone: `... | head`, a dead ssh session, a CI runner killed), logging would print a `--- Logging error
+    ---` traceback to stderr for every record, about 1 KB a step; this handler stands down instead, once, with one
+    note in train.log, and the stream is pointed at /dev/null so that nothing else writing to it fails."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            return super().handleError(record)
+        log.removeHandler(self)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        log.warning("the console (%s) can no longer be written (%s): the log goes on in train.log only",
+                    getattr(self.stream, "name", "stdout"), error.strerror or error)
+
+
 def setup_logging(env: DistEnv) -> None:
     """Rank 0 logs INFO to stdout, and holds every line in memory until attach_log_file opens train.log, so the file
     has the run's whole story from its first line. The other ranks log errors only (to stderr, tagged with their
-    rank): what every rank would say alike (a setting changed, a resume on another world size) is said once."""
+    rank): what every rank would say alike (a setting changed, a resume on another world size) is said once. A console
+    that can no longer be written is given up with one note (ConsoleHandler)."""
     log.handlers.clear()
     log.propagate = False
-    handler = logging.StreamHandler(sys.stdout if env.is_main else sys.stderr)
+    handler = ConsoleHandler(sys.stdout if env.is_main else sys.stderr)
     prefix = "" if env.is_main else f"[rank {env.rank}] "
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
@@ -907,12 +935,17 @@ def load_shard(path: Path) -> np.ndarray:
 
 
 def find_shards(data_dir: str, split: str) -> list[Path]:
-    """The shards of one split, sorted by name: files whose names contain the split name."""
+    """The shards of one split, sorted by name: files whose names contain the split name. For "train", none is a
+    UserError that says what to do."""
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"--data_dir {data_dir} does not exist; run src/prepare_data.py first "
                         "(or point --data_dir at a folder of .npy/.bin shards)")
-    return sorted(p for p in root.iterdir() if split in p.name and p.suffix in (".npy", ".bin"))
+    shards = sorted(p for p in root.iterdir() if split in p.name and p.suffix in (".npy", ".bin"))
+    if split == "train" and not shards:
+        raise UserError(f"no training shards in {data_dir}/ (names containing 'train', ending in .npy or .bin); "
+                        "run src/prepare_data.py first or point --data_dir at your shards")
+    return shards
 
 
 class ShardedLoader:
@@ -1310,9 +1343,8 @@ class CheckpointManager:
     .tmp-spare.pt, and the next save overwrites it in place instead of making a new file: the disk blocks and the
     page-cache pages are already there, so nothing has to be allocated (as PostgreSQL recycles WAL segments).
 
-    When the disk runs short, progress beats history: the folder's DiskGuard gives up files set aside, files held
-    only for the mirror's pending uploads (HeldFiles), older rolling checkpoints, then latest_backup.pt; never
-    latest.pt before its successor is durable, and never an epoch or best file.
+    When the disk runs short, progress beats history: the folder's DiskGuard says what is given up, and never latest.pt
+    before its successor is durable, nor an epoch or best file.
     """
 
     LATEST, BACKUP, BEST = "latest.pt", "latest_backup.pt", "best_model.pt"
@@ -1320,10 +1352,6 @@ class CheckpointManager:
     DIVERGED = "DIVERGED.txt"  # written when the loss diverged; stops torchrun's restarts from replaying it
     CORRUPT = ".corrupt"  # suffix of a file that failed verification, kept aside for inspection
     ABANDONED = ".abandoned"  # suffix of a later checkpoint a resume from an older one left behind
-    # The next file's size is the previous one's plus this margin: the pickled metadata (settings, RNG states,
-    # losses) varies by a few KB between saves, and the filesystem rounds each file up to whole blocks and adds
-    # its own metadata (extents, inodes): 1 MiB covers both with room to spare at any model size.
-    SPACE_MARGIN_BYTES = 1 << 20
 
     def __init__(self, directory: str | Path, keep_last: int = 10):
         self.dir = Path(directory)
@@ -1428,16 +1456,6 @@ class CheckpointManager:
                         ", ".join(moved), self.ABANDONED)
         return moved
 
-    def newest_metadata(self) -> dict[str, Any] | None:
-        """The state of the newest checkpoint whose metadata reads, in --resume latest's order (memory-mapped, not
-        verified); None if there is none."""
-        for path in self.fallback_order():
-            try:
-                return self.load(path, verify=False)
-            except CheckpointInvalid:
-                continue
-        return None
-
     def all_checkpoints(self) -> list[Path]:
         """Every checkpoint name in the directory: the fallback order, then best_model.pt."""
         best = self.dir / self.BEST
@@ -1459,14 +1477,18 @@ class CheckpointManager:
 
     def adopt(self, path: Path, names: list[str]) -> Path:
         """Make a verified checkpoint file fetched into incoming_path() the newest: latest.pt and the rolling name
-        its origin gave it (a hard link), each by an atomic rename. Not its epoch or best name: those are files of
-        their own here (never hard links into the rolling chain), written again by the run when due."""
+        its origin gave it (a hard link), each by an atomic rename; then the epoch and best names it held there, as
+        files of their own (as a save makes them), where this folder has none (for best_model.pt: none as new)."""
         for step in [self.number_in(name, "rolling_step_") for name in names]:
             if step is not None:
                 self._place(path, self.rolling_path(step))
         latest = self.dir / self.LATEST
         os.replace(path, latest)
         fsync_path(self.dir)
+        step = self.load(latest, verify=False)["step"]
+        own = [self.dir / n for n in names if ("epoch" in self.kinds([n]) or n == self.BEST)
+               and (self.examine(self.dir / n, verify=False).step or -1) < step]  # none there (-1), or older
+        self._own_copies(latest, own, step)
         return latest
 
     def set_aside(self, damaged: list[Path]) -> list[str]:
@@ -1556,20 +1578,28 @@ class CheckpointManager:
             fsync_path(self.dir)  # the rolling chain is durable before anything else is attempted
             own = ([self.epoch_path(epoch_completed)] if epoch_completed is not None else []) + (
                 [self.dir / self.BEST] if is_best else [])
-            for dst in own:  # the user's files: their own storage, never a hard link into the rolling chain
-                try:
-                    self.guard.make_room(latest.stat().st_size, step=step)
-                except InsufficientDiskSpace as e:
-                    log.error("%s NOT WRITTEN at step %d: %s. latest.pt holds this step", dst.name, step, e)
-                    continue
-                self._place(latest, dst, copy=True)
-                names.append(dst)
-            if own:
-                fsync_path(self.dir)
+            names += self._own_copies(latest, own, step)
         finally:
             tmp.unlink(missing_ok=True)
         self.prune()
         return [p.name for p in names]
+
+    def _own_copies(self, latest: Path, names: list[Path], step: int) -> list[Path]:
+        """Give latest.pt's content each of `names` (epoch and best files) as a file of its own, never a hard link into
+        the rolling chain: one bad block then never takes the user's model with the newest checkpoint. One the disk
+        cannot hold is said and left out. Returns the names written."""
+        written = []
+        for dst in names:
+            try:
+                self.guard.make_room(latest.stat().st_size, step=step)
+            except InsufficientDiskSpace as e:
+                log.error("%s NOT WRITTEN at step %d: %s. latest.pt holds this step", dst.name, step, e)
+                continue
+            self._place(latest, dst, copy=True)
+            written.append(dst)
+        if written:
+            fsync_path(self.dir)
+        return written
 
     def _place(self, src: Path, dst: Path, copy: bool = False) -> None:
         """Atomically make `dst` the same content as `src`: a hard link, or a durable copy (always with copy=True,
@@ -1703,6 +1733,11 @@ class DiskGuard:
                "latest.pt is kept between saves at times (this message is not repeated).",
     )
 
+    # The next file's size is the previous one's plus this margin: the pickled metadata (settings, RNG states,
+    # losses) varies by a few KB between saves, and the filesystem rounds each file up to whole blocks and adds
+    # its own metadata (extents, inodes): 1 MiB covers both with room to spare at any model size.
+    SPACE_MARGIN_BYTES = 1 << 20
+
     def __init__(self, manager: CheckpointManager):
         self.manager = manager
         self._announced: set[str] = set()  # kinds of sacrifice already logged
@@ -1715,7 +1750,7 @@ class DiskGuard:
         """Make sure a file of size_bytes fits (reusable_bytes of it overwrite a file in place and need no new
         space), giving up what the class docstring lists. Raises InsufficientDiskSpace if that is not enough;
         nothing is deleted then that did not have to go."""
-        needed = size_bytes - reusable_bytes + CheckpointManager.SPACE_MARGIN_BYTES
+        needed = size_bytes - reusable_bytes + self.SPACE_MARGIN_BYTES
         free = self.free_bytes()
         if free >= needed:
             return
@@ -1809,11 +1844,24 @@ def snapshot_bytes(raw_model: nn.Module) -> int:
     return 3 * aligned + len(params) * HostSlab.ALIGN
 
 
+def process_identity(pid: int) -> str | None:
+    """What tells process `pid` of this machine apart from any other that had or will have its number: the kernel's
+    boot id and the process's start time (clock ticks since boot), as "BOOT/TICKS"; None if there is no such process
+    now, or no /proc to ask (then only the pid is compared)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ticks = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22: starttime
+    except (OSError, IndexError):
+        return None
+    return f"{boot}/{ticks}"
+
+
 class FolderLock:
     """One run per checkpoint folder: an exclusive flock(2) on <folder>/.lock, taken by global rank 0 before anything
     in the folder is touched and held for the whole run. The kernel releases it when the process dies (kill -9
     included), so a crash never leaves a stale lock on a local disk. The file names its holder (host, pid, start
-    time) for the message a second launch gets.
+    time, and the kernel's boot id with the process's start ticks, which no other process shares) for the message a
+    second launch gets.
 
     The file is held open read-only where that works: a descriptor open for writing for the whole run would keep the
     file system from being remounted read-only (EBUSY), which a run must survive. On NFS, Linux turns flock into a
@@ -1852,7 +1900,14 @@ class FolderLock:
             self.release(failed=True)
             raise
         started = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
-        (self.dir / self.NAME).write_text(f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n")
+        try:
+            identity = process_identity(os.getpid())
+            (self.dir / self.NAME).write_text(f"host {socket.gethostname()}, pid {os.getpid()}, started {started}"
+                                              + (f", process {identity}" if identity else "") + "\n")
+        except OSError as e:
+            self.release(failed=True)
+            raise UserError(f"--checkpoint_dir {self.dir} is not writable ({e.strerror or e}); rank 0 writes every "
+                            "checkpoint there: pick a folder you can write") from None
 
     def _lock(self, fd: int) -> int:
         """flock `fd` (or, on NFS, a read-write descriptor of the same file), waiting (bounded) while the holder may
@@ -1897,12 +1952,17 @@ class FolderLock:
     @staticmethod
     def _holder_alive(holder: str) -> bool:
         """Whether the holder the lock file names is a live process on this machine (False: another machine, or gone;
-        a holder on another machine cannot be checked from here)."""
-        found = re.fullmatch(r"host (\S+), pid (\d+), started .*", holder)
+        a holder on another machine cannot be checked from here). A hostname and a pid can both repeat (a pod
+        rescheduled under its old name, pid 1 in every container): the holder is this machine's live process only if
+        the boot and the process's start time recorded with it are this kernel's and that process's."""
+        found = re.fullmatch(r"host (\S+), pid (\d+), started [^,]*(?:, process (\S+))?", holder)
         if found is None or found.group(1) != socket.gethostname():
             return False
+        pid, recorded = int(found.group(2)), found.group(3)
+        if recorded is not None:
+            return recorded == process_identity(pid)  # None (gone) or another boot or process: not the holder
         try:
-            os.kill(int(found.group(2)), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:  # someone else's live process
@@ -2263,15 +2323,17 @@ class UnsavedWatch:
     run must stop rather than train on with nothing to come back to (rank 0 watches; the step's all-reduce
     hands the verdict to every rank). The clock runs from the newest successful save, or the start of this launch."""
 
+    clock = staticmethod(time.monotonic)  # seconds; a test may drive the watch with a clock of its own
+
     def __init__(self, step: int, limit_minutes: float | None):
         self.saved_step = step  # newest step on disk: the one resumed from, 0 for a new run
-        self.saved_at = time.monotonic()
+        self.saved_at = self.clock()
         self.failing: str | None = None  # the latest save error, while saves fail
         self.limit_minutes = limit_minutes
 
     def succeeded(self, step: int) -> None:
         """A save of `step` reached the disk."""
-        self.saved_step, self.saved_at, self.failing = max(self.saved_step, step), time.monotonic(), None
+        self.saved_step, self.saved_at, self.failing = max(self.saved_step, step), self.clock(), None
 
     def failed(self, error: str) -> None:
         """A save failed with `error`."""
@@ -2283,9 +2345,13 @@ class UnsavedWatch:
             return self.limit_minutes * 60
         return max(30 * 60.0, 3 * (interval_seconds or 0.0))
 
+    def seconds_left(self, interval_seconds: float | None) -> float:
+        """How long until nothing has been saved for longer than the limit (negative: that long past it)."""
+        return self.limit_seconds(interval_seconds) - (self.clock() - self.saved_at)
+
     def exceeded(self, interval_seconds: float | None) -> bool:
         """Saves have failed, and nothing was saved for longer than the limit."""
-        return self.failing is not None and time.monotonic() - self.saved_at > self.limit_seconds(interval_seconds)
+        return self.failing is not None and self.seconds_left(interval_seconds) < 0
 
 
 class Checkpointer:
@@ -2319,6 +2385,7 @@ class Checkpointer:
         self.pending_reasons: dict[int, list[str]] = {}  # step -> why it is being saved, until its report
         self.max_save_seconds = cfg.max_save_minutes * 60
         self.stuck_step: int | None = None  # the step whose write was found stuck (reported once)
+        self.last_write_seconds = 0.0  # how long the latest successful write took
         self.failures_in_a_row = 0
         if env.is_main and env.device.type == "cuda" and cfg.async_checkpoint:
             self.writer.reserve(snapshot_bytes(raw_model), pin=True)
@@ -2355,9 +2422,9 @@ class Checkpointer:
         rng_states = gather_rng_states(self.env)  # collective: every rank takes part
         if not self.env.is_main:
             return
-        if not self.writer.wait(self._wait_left_seconds()):  # never two writes in flight; never an endless wait
-            self._report_failure(self.state.step, f"{self._stuck_problem()}, so this one could not be started",
-                                 reasons)
+        problem = self._wait_for_writer(reasons)  # never two writes in flight; never an endless or silent wait
+        if problem is not None:
+            self._report_failure(self.state.step, problem, reasons)
             return
         state = build_state(self.state, raw_model=self.raw_model, optimizer=self.optimizer, loader=self.loader,
                             cfg=self.cfg, rng_states=rng_states, world_size=self.env.world_size)
@@ -2377,7 +2444,7 @@ class Checkpointer:
             else:
                 self._report_success(result, ", ".join(reasons))
         in_flight = self.writer.in_flight
-        if in_flight and in_flight[1] > self.max_save_seconds and self.stuck_step != in_flight[0]:
+        if in_flight and self.stuck_step != in_flight[0] and self._wait_left_seconds() <= 0:
             self.stuck_step = in_flight[0]  # a write stuck in the kernel never reports: it counts as failing
             self.watch.failed(self._stuck_problem())
             log.error("CHECKPOINT WRITE STUCK: %s. It counts as a failed save: the run stops if nothing can be saved "
@@ -2386,12 +2453,43 @@ class Checkpointer:
     def _stuck_problem(self) -> str:
         step, seconds = self.writer.in_flight or (0, 0.0)
         return (f"the write of step {step} has not finished after {format_age(seconds)} (a hung disk or network file "
-                "system? --max_save_minutes)")
+                "system? --max_save_minutes, --max_unsaved_minutes)")
 
     def _wait_left_seconds(self) -> float:
-        """How long to wait for the write in flight: until it has been going on for --max_save_minutes."""
+        """How long a save may still wait for the write in flight: until that write has taken --max_save_minutes, or
+        nothing has been saved for longer than --max_unsaved_minutes, whichever comes first."""
         in_flight = self.writer.in_flight
-        return max(0.0, self.max_save_seconds - in_flight[1]) if in_flight else 0.0
+        if not in_flight:
+            return 0.0
+        return max(0.0, min(self.max_save_seconds - in_flight[1],
+                            self.watch.seconds_left(self.policy.interval_seconds)))
+
+    STUCK_AFTER_SECONDS = 30.0  # a best or epoch save waits this long, or 3 writes' time, for the write in flight
+    NARRATE_EVERY_SECONDS = 30.0  # a wait for the write in flight says so at least this often
+
+    def _wait_for_writer(self, reasons: list[str]) -> str | None:
+        """Wait for the write in flight, within _wait_left_seconds, saying at least every NARRATE_EVERY_SECONDS which
+        step's write it waits for, for how long, and when it will give up. A save only for a new best or an epoch end
+        does not wait for a write that is stuck (going on for longer than STUCK_AFTER_SECONDS, or three times the last
+        write's time). None once no write is in flight; else why this save cannot be started."""
+        quiet = True  # the first few seconds of a wait are the normal end of a background write: nothing to say
+        while (in_flight := self.writer.in_flight) is not None:
+            step, age = in_flight
+            left = self._wait_left_seconds()
+            if set(reasons) <= {"best val", "epoch end"} and age > max(self.STUCK_AFTER_SECONDS,
+                                                                      3 * self.last_write_seconds):
+                return f"{self._stuck_problem()}; a best or epoch save does not wait for it"
+            if left <= 0:
+                return f"{self._stuck_problem()}, so this one could not be started"
+            if not quiet:
+                log.warning("waiting for the write of step %d to finish before saving step %d (%s): it has been going "
+                            "on for %s; this save gives up in %s (--max_save_minutes %g, --max_unsaved_minutes)", step,
+                            self.state.step, ", ".join(reasons), format_age(age), format_age(left),
+                            self.cfg.max_save_minutes)
+            if self.writer.wait(min(left, 5.0 if quiet else self.NARRATE_EVERY_SECONDS)):
+                return None
+            quiet = False
+        return None
 
     def _report_failure(self, step: int, error: str, reasons: list[str]) -> None:
         """Say why a save failed: in full the first time, then, while the same error repeats, one short line."""
@@ -2418,6 +2516,7 @@ class Checkpointer:
         # the fence's wait happened inside a step, so the policy sees it as step slowdown already; a synchronous
         # write is all blocked time, and only a background write can overlap the next one
         cost = policy.record(writer.submit_seconds, write_seconds if self.cfg.async_checkpoint else 0.0)
+        self.last_write_seconds = write_seconds
         log.info("checkpoint step %d (%s) -> %s | blocked %.1f ms, cost %.1f ms, written in %.2f s", step, reasons,
                  ", ".join(result["names"]), writer.blocked_seconds * 1000, cost * 1000, write_seconds)
         self.metrics.write(step=step, checkpoint_blocked_seconds=writer.blocked_seconds,
@@ -2440,13 +2539,17 @@ class Checkpointer:
             self.manager.held.let_go(held)  # the uploader holds the file itself now
 
     def close(self) -> None:
-        """Finish the save in flight (at most until it has taken --max_save_minutes) and report it; then give the
-        mirror --mirror_wait_seconds for the last one."""
-        if not self.writer.close(self._wait_left_seconds()):
-            self.stuck_step = self.writer.in_flight[0]
-            self.watch.failed(self._stuck_problem())
+        """Finish the save in flight (waiting as a save does: bounded by --max_save_minutes and --max_unsaved_minutes,
+        and said) and report it; then give the mirror --mirror_wait_seconds for the last one."""
+        problem = self._wait_for_writer(["final"])
+        in_flight = self.writer.in_flight
+        if problem is not None and in_flight is not None:
+            self.stuck_step = in_flight[0]
+            self.watch.failed(problem)
             log.error("CHECKPOINT WRITE STUCK: %s; not waiting for it any longer. The newest checkpoint on disk is "
-                      "step %d", self._stuck_problem(), self.watch.saved_step)
+                      "step %d", problem, self.watch.saved_step)
+        else:
+            self.writer.close(0)
         self.report()
         if self.mirror is not None:  # up to --mirror_wait_seconds for the last checkpoint, said either way
             self.mirror.finish(self.watch.saved_step, self.cfg.mirror_wait_seconds)
@@ -2649,7 +2752,10 @@ def choose_micro_batch(cfg: TrainConfig, env: DistEnv, raw_model: GPT, optimizer
     limit = AllocationLimit.for_tests()
     if env.device.type != "cuda" and limit is None:
         chosen = max(b for b in candidates if b <= CPU_MICRO_BATCH)
-        log.info("batch_size auto: %d sequences per micro-step on CPU", chosen)
+        why = "" if chosen == CPU_MICRO_BATCH else (
+            f": {CPU_MICRO_BATCH} at most on CPU, and {chosen} is the largest that splits a step's "
+            f"{cfg.total_batch_size // block} sequences over {env.world_size} rank(s) exactly")
+        log.info("batch_size auto: %d sequences per micro-step on CPU%s", chosen, why)
         return chosen
     t0 = time.monotonic()
     recorded = (point.micro_batch or {}) if point is not None else {}
@@ -3052,9 +3158,6 @@ def build_run(cfg: TrainConfig, env: DistEnv, point: ResumePoint | None) -> Run:
     model_config = GPTConfig(**{**point.model_config, "dropout": cfg.dropout}) if point else cfg.gpt_config()
     dtype, autocast = setup_numerics(cfg, env)
     train_shards, val_shards = find_shards(cfg.data_dir, "train"), find_shards(cfg.data_dir, "val")
-    if not train_shards:
-        raise UserError(f"no training shards in {cfg.data_dir}/ (names containing 'train', ending in .npy or .bin); "
-                        "run src/prepare_data.py first or point --data_dir at your shards")
     raw_model, optimizer = build_model(cfg, env, model_config)
     micro_batch = choose_micro_batch(cfg, env, raw_model, optimizer, autocast, point)
     loader = ShardedLoader(train_shards, model_config.block_size, cfg.total_batch_size, micro_batch,
@@ -3806,6 +3909,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = with_run_identity(env, resolve_config(flags, point, env.world_size), point)
         if cfg.fp8:
             fp8_call("check_hardware", env.device, cfg.fp8_emulate)  # before anything is written
+        broadcast_from_main(env, lambda: find_shards(cfg.data_dir, "train"))  # so is a --data_dir without shards
         attach_log_file(env, Path(cfg.log_dir))
         mirror = start_mirror(env, cfg, point)
         log.info("train_improved.py at %s | torch %s | python %s | world size %d | %s | run %s%s", code_version(),

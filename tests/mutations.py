@@ -65,6 +65,7 @@ MANAGER = "tests/test_checkpoint_manager.py::"
 SPEED = "tests/test_gpu_speed.py::"
 GPU_CHECK = "tests/test_gpu_check.py::"
 PLAN = "src/resume_plan.py"
+BOUNDS = "tests/test_bounds_and_words.py::"
 ACTS = "tests/test_resume_acts.py::"
 PLAN_TABLE = "tests/test_resume_plan.py::test_the_plan_decides_each_situation_as_its_rule_says"
 
@@ -250,8 +251,8 @@ ROWS = [
         ('    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay\n', ""),
     ), ("tests/test_checkpoint_manager.py::test_optimizer_settings_changed_on_resume_are_what_the_resumed_steps_use",)),
     Row("a_best_copy_that_does_not_fit_fails_the_save", (
-        ("""                    log.error("%s NOT WRITTEN at step %d: %s. latest.pt holds this step", dst.name, step, e)
-                    continue""", """                    raise"""),
+        ("""                log.error("%s NOT WRITTEN at step %d: %s. latest.pt holds this step", dst.name, step, e)
+                continue""", """                raise"""),
     ), ("tests/test_checkpoint_manager.py::test_a_best_copy_that_does_not_fit_still_counts_the_save_and_says_so",)),
     Row("the_trainer_logs_the_credentials_in_the_mirror_url", (
         ('    return {k: redact_url(v) if k == "mirror" else v for k, v in settings.items()}',
@@ -281,12 +282,12 @@ ROWS = [
         ("if self._holder_alive(holder) or (deadline is not None and now >= deadline):", "if True:"),
     ), (MANAGER + "test_a_lock_kept_for_a_dead_holder_is_waited_for_with_a_bound",)),
     Row("a_stuck_write_never_counts_as_failing", (
-        ("        if in_flight and in_flight[1] > self.max_save_seconds and self.stuck_step != in_flight[0]:",
+        ("        if in_flight and self.stuck_step != in_flight[0] and self._wait_left_seconds() <= 0:",
          "        if False:"),
     ), (ASYNC + "test_a_write_stuck_in_the_kernel_counts_as_failing_and_never_hangs_the_run",)),
     Row("a_save_waits_for_a_stuck_write_without_bound", (
-        ("        if not self.writer.wait(self._wait_left_seconds()):  # never two",
-         "        if not self.writer.wait():  # never two"),
+        ("            if self.writer.wait(min(left, 5.0 if quiet else self.NARRATE_EVERY_SECONDS)):",
+         "            if self.writer.wait():"),
     ), (ASYNC + "test_a_write_stuck_in_the_kernel_counts_as_failing_and_never_hangs_the_run",)),
     Row("a_failed_log_write_stops_no_rank", (
         ("bool(metrics.error or tb.error)", "False"),
@@ -376,8 +377,8 @@ ROWS = [
          "        pass"),
     ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",), path="src/mirror_store.py"),
     Row("a_resume_takes_another_runs_newer_copy", (
-        (' and c["run"] == self.store.run_id]', "]"),
-    ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",), path="src/mirror.py"),
+        ("    mine = [c for c in copies if c.run == run]", "    mine = list(copies)"),
+    ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints", PLAN_TABLE), path=PLAN),
     Row("a_rollback_continues_as_the_same_run", (
         ("run_id=decision.run if continuing else uuid.uuid4().hex[:12],",
          "run_id=decision.run if continuing else point.run_id,"),
@@ -486,8 +487,8 @@ ROWS = [
         ('        made_it = made_it and status["committed_step"] == saved_step', "        made_it = True"),
     ), (MIRROR + "test_a_mirror_outage_never_blocks_a_restart_that_has_a_valid_local_checkpoint",), path="src/mirror.py"),
     Row("a_mirror_copy_of_the_same_step_downloaded_over_the_local_one", (
-        ('c["step"] > newer_than and c["run"]', 'c["step"] >= newer_than and c["run"]'),
-    ), (MIRROR_UNIT + "test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder",), path="src/mirror.py"),
+        ("usable[0].step <= valid.step", "usable[0].step < valid.step"),
+    ), (MIRROR_UNIT + "test_resume_takes_the_mirror_when_it_is_newer_than_the_local_folder", PLAN_TABLE), path=PLAN),
     Row("a_rollback_keeps_the_abandoned_later_checkpoints_under_their_names", (
         ('        if decision.lineage == "rollback":\n            manager.set_aside_later_than(decision.local.step)\n',
          ""),
@@ -557,6 +558,57 @@ ROWS = [
         ("    except OSError as e:\n        raise UserError(f\"cannot set the damaged",
          "    except ZeroDivisionError as e:\n        raise UserError(f\"cannot set the damaged"),
     ), (ACTS + "test_a_folder_that_refuses_the_set_aside_is_one_line",)),
+    # issue 31: bounds that hold and words that are true
+    Row("a31_a_stuck_write_waited_for_past_the_unsaved_limit", (
+        ("""        return max(0.0, min(self.max_save_seconds - in_flight[1],
+                            self.watch.seconds_left(self.policy.interval_seconds)))""",
+         "        return max(0.0, self.max_save_seconds - in_flight[1])"),
+    ), (ASYNC + "test_a_stuck_write_is_waited_for_within_the_unsaved_limit_and_said_and_the_run_exits_naming_the_"
+                "unsaved_steps",)),
+    Row("a31_a_silent_wait_for_a_stuck_write", (
+        ("            if not quiet:\n                log.warning(\"waiting for the write",
+         "            if False:\n                log.warning(\"waiting for the write"),
+    ), (ASYNC + "test_a_stuck_write_is_waited_for_within_the_unsaved_limit_and_said_and_the_run_exits_naming_the_"
+                "unsaved_steps",)),
+    Row("a31_a_best_save_waits_for_a_stuck_write", (
+        ('            if set(reasons) <= {"best val", "epoch end"} and', "            if False and"),
+    ), (ASYNC + "test_a_best_or_epoch_save_does_not_wait_for_a_stuck_write",)),
+    Row("a31_max_unsaved_minutes_read_as_seconds", (
+        ("            return self.limit_minutes * 60", "            return self.limit_minutes"),
+    ), (ASYNC + "test_max_unsaved_minutes_are_minutes",)),
+    Row("a31_a_closed_console_floods_stderr", (
+        ("        if not isinstance(error, OSError):\n            return super().handleError(record)",
+         "        if True:\n            return super().handleError(record)"),
+    ), (BOUNDS + "test_a_console_nobody_reads_is_one_note_in_train_log_not_a_flood_on_stderr",)),
+    Row("a31_the_redactor_cuts_at_the_first_at_sign", (
+        ('    for at in reversed([i for i, c in enumerate(rest) if c == "@"]):',
+         '    for at in [i for i, c in enumerate(rest) if c == "@"][:1]:'),
+    ), (BOUNDS + "test_no_form_of_a_secret_in_a_url_is_ever_shown",
+        MIRROR + "test_credentials_in_the_mirror_url_never_reach_a_log_line"), path="src/mirror_messages.py"),
+    Row("a31_a_reused_pid_is_a_live_lock_holder", (
+        ("            return recorded == process_identity(pid)", "            pass"),
+    ), (BOUNDS + "test_a_reused_hostname_and_pid_is_not_a_live_lock_holder",)),
+    Row("a31_rank_0s_start_up_error_not_broadcast", (
+        ("        box = [(result, None if error is None else str(error))]", "        box = [(result, None)]"),
+    ), (BOUNDS + "test_a_start_up_error_found_on_rank_0_is_one_line_under_two_processes",)),
+    Row("a31_the_mirrors_own_error_text_not_redacted", (
+        ("        cause = self.redact(one_line(e))", "        cause = one_line(e)"),
+    ), (BOUNDS + "test_the_mirrors_own_error_text_is_redacted",), path="src/mirror_store.py"),
+    Row("a31_a_missing_data_dir_found_after_the_log_opened", (
+        ('        broadcast_from_main(env, lambda: find_shards(cfg.data_dir, "train"))  # so is a --data_dir without '
+         'shards\n', ""),
+    ), (BOUNDS + "test_a_bad_input_is_one_line_and_nothing_is_written",)),
+    Row("a31_a_usage_error_prints_the_whole_usage", (
+        ('        self.exit(2, f"error: {message} (python src/train_improved.py --help lists every flag)\\n")',
+         "        super().error(message)"),
+    ), (BOUNDS + "test_a_bad_input_is_one_line_and_nothing_is_written",)),
+    Row("a31_batch_size_auto_gives_no_reason", (
+        ('        log.info("batch_size auto: %d sequences per micro-step on CPU%s", chosen, why)',
+         '        log.info("batch_size auto: %d sequences per micro-step on CPU", chosen)'),
+    ), (BOUNDS + "test_batch_size_auto_says_why_it_took_less_than_16_on_cpu",)),
+    Row("a31_a_resume_from_the_mirror_brings_back_no_best_model", (
+        ("        self._own_copies(latest, own, step)\n        return latest", "        return latest"),
+    ), (BOUNDS + "test_a_resume_from_the_mirror_brings_back_every_name_the_copy_held",)),
 ]
 
 

@@ -36,8 +36,9 @@ HOST = "127.0.0.1"
 ACCESS_KEY, SECRET_KEY = "mirror-test-key", "mirror-test-secret"
 READ_KEY, READ_SECRET = "mirror-read-key", "mirror-read-secret"
 # may do everything too; for credentials written into the --mirror URL. Its secret holds '/' and '+', as AWS secret
-# keys often do (a redactor that stops at the first '/' would leak it)
-URL_KEY, URL_SECRET = "mirror-url-key", "mirror/url+secret"
+# keys often do (a redactor that stops at the first '/' would leak it), and '@', as passwords may (one that stops at
+# the first '@' would leak the rest)
+URL_KEY, URL_SECRET = "mirror-url-key", "mirror@url/secret+x"
 REGION = "us-east-1"
 START_TIMEOUT_SECONDS = 60.0
 # SIGTERM makes the filer wait up to 15 s for its gRPC streams to close; a test server's data is thrown away, so

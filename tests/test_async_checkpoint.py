@@ -239,7 +239,7 @@ def test_the_estimate_is_the_previous_checkpoint_plus_a_stated_margin(tmp_path, 
     assert manager.estimate_size(state) == real
     disk_of(manager, 0)
     needed = {}
-    manager.guard.free_bytes = lambda: needed.setdefault("free", real + T.CheckpointManager.SPACE_MARGIN_BYTES)
+    manager.guard.free_bytes = lambda: needed.setdefault("free", real + T.DiskGuard.SPACE_MARGIN_BYTES)
     manager.guard.make_room(real)  # exactly the file plus 1 MiB fits, with nothing given up
     assert len(manager.all_checkpoints()) == 2
 
@@ -395,3 +395,69 @@ def test_files_set_aside_are_never_given_up_for_space_while_no_valid_checkpoint_
     (ck / "latest.pt").write_bytes(b"")  # a valid checkpoint exists now (its content does not matter here)
     manager.guard.make_room(size, step=2)
     assert not (ck / "latest.pt.corrupt").exists()
+
+
+def test_a_stuck_write_is_waited_for_within_the_unsaved_limit_and_said_and_the_run_exits_naming_the_unsaved_steps(
+        tmp_path, shard_dir):
+    """The issue's run: a write held (15 min; the first from step 4 on, whichever step that is on this machine),
+    saves every 2 steps, --max_unsaved_minutes 0.5, 2 processes. The final save at step 10 waits for that write no
+    longer than what is left of the 30 s since the last save that reached the disk (step 2; not --max_save_minutes'
+    10 minutes), says which write it waits for, for how long and when it gives up, then the run exits non-zero
+    naming the steps that are not saved."""
+    args = [*TINY_ARGS, "--data_dir", str(shard_dir), "--total_batch_size", "128", "--checkpoint_dir",
+            str(tmp_path / "ck"), "--log_dir", str(tmp_path / "logs"), "--eval_freq", "0", "--sample_freq", "0",
+            "--checkpoint_freq", "2", "--max_checkpoint_overhead", "1", "--max_steps", "10",
+            "--max_unsaved_minutes", "0.5"]
+    started = time.monotonic()
+    proc = launch(args, extra_env={"TRAIN_IMPROVED_TEST_WRITE_PAUSE": "4+:900"})
+    out = finish(proc, 180)
+    assert proc.returncode != 0 and time.monotonic() - started < 120, out[-3000:]
+    waiting = re.findall(r"waiting for the write of step \d+ to finish before saving step 10 \(final\): it has been "
+                         r"going on for (\d+)s; this save gives up in (\d+)s", out)
+    assert waiting and all(int(left) <= 30 for _, left in waiting), out[-3000:]
+    assert "NOT SAVED: the run finished at step 10" in out and "8 step(s) of training are not saved" in out
+    assert "The newest checkpoint on disk is step 2:" in out
+
+
+def test_a_best_or_epoch_save_does_not_wait_for_a_stuck_write(tmp_path, shard_dir, monkeypatch):
+    """A save only for a new best (or an epoch end) that finds the write in flight stuck counts as failed at once,
+    with its reason; a final save waits (bounded)."""
+    cfg = T.TrainConfig(preset="tiny", n_layer=1, n_head=2, n_embd=16, block_size=32, batch_size=2,
+                        total_batch_size=64, data_dir=str(shard_dir), checkpoint_dir=str(tmp_path / "ck"),
+                        tensorboard=False, max_save_minutes=0.02)
+    env = T.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    model = T.GPT(cfg.gpt_config())
+    optimizer = T.configure_optimizer(model, cfg, env.device)
+    loader = T.ShardedLoader(T.find_shards(str(shard_dir), "train"), 32, 64, 2, 0, 1, 0, env.device)
+    state = T.TrainState(step=4)
+    checkpointer = T.Checkpointer(cfg, env, state, raw_model=model, optimizer=optimizer, loader=loader,
+                                  metrics=T.MetricsLog(tmp_path / "metrics.jsonl", False),
+                                  tb=T.TensorBoardLog(tmp_path, False, 0))
+    monkeypatch.setattr(T.Checkpointer, "STUCK_AFTER_SECONDS", 0.2)
+    monkeypatch.setenv("TRAIN_IMPROVED_TEST_WRITE_PAUSE", "4:5")
+    checkpointer.save(["periodic"], None, False)  # its write is held 5 s
+    time.sleep(0.3)
+    state.step = 5
+    t0 = time.monotonic()
+    checkpointer.save(["best val"], None, True)
+    assert time.monotonic() - t0 < 0.2 and checkpointer.failing is not None
+    assert "a best or epoch save does not wait for it" in checkpointer.failing
+    assert not (tmp_path / "ck" / "best_model.pt").exists()
+    checkpointer.close()  # waits for the held write (1.2 s of --max_save_minutes left, then gives up), said
+    assert checkpointer.stuck_step == 4
+
+
+def test_max_unsaved_minutes_are_minutes():
+    """--max_unsaved_minutes 1 with saves failing: after 59 s the run trains on, after 61 s it stops (a value read as
+    seconds would stop it after 1 s). The default is the longer of 3 save intervals and 30 minutes."""
+    now = [1000.0]
+    watch = T.UnsavedWatch(0, 1.0)
+    watch.clock = lambda: now[0]
+    watch.saved_at = now[0]
+    watch.failed("disk full")
+    now[0] += 59
+    assert not watch.exceeded(None) and 0 < watch.seconds_left(None) <= 1
+    now[0] += 2
+    assert watch.exceeded(None)
+    default = T.UnsavedWatch(0, None)
+    assert default.limit_seconds(60.0) == 1800.0 and default.limit_seconds(1200.0) == 3600.0

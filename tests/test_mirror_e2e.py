@@ -170,9 +170,10 @@ def test_list_checkpoints_lists_the_mirror_and_verifies_it(tmp_path, data, capsy
 
 
 def test_credentials_in_the_mirror_url_never_reach_a_log_line(tmp_path, data, s3_server):
-    """--mirror s3://KEY:SECRET@bucket/prefix, with a secret holding '/' and '+' as AWS secrets do, and no
-    credentials in the environment: the run uploads with them, and neither the secret nor the key appears in what
-    it prints or in train.log (the trainer's config line and the mirror's own messages both redact)."""
+    """--mirror s3://KEY:SECRET@bucket/prefix, with a secret holding '/' and '+' as AWS secrets do and '@' as
+    passwords may (raw, and later percent-encoded as %40), and no credentials in the environment: the run uploads
+    with them, and neither the secret, any part of it, nor the key appears in what it prints or in train.log (the
+    trainer's config line and the mirror's own messages both redact)."""
     from s3_server import REGION, URL_KEY, URL_SECRET
     url = f"s3://{URL_KEY}:{URL_SECRET}@{s3_server.bucket}/run-{uuid.uuid4().hex[:8]}"
     proc = launch(run_args(tmp_path, data, "--mirror", url, "--max_steps", "6"),
@@ -183,7 +184,8 @@ def test_credentials_in_the_mirror_url_never_reach_a_log_line(tmp_path, data, s3
     assert "mirror: the last checkpoint (step 6) is on s3://" in out  # the URL's credentials did work
     assert committed(s3_server, url.replace(f"{URL_KEY}:{URL_SECRET}@", ""))[0] == 6
     said = out + (tmp_path / "logs" / "train.log").read_text()
-    secrets = (URL_SECRET, URL_KEY, URL_SECRET.partition("/")[2])  # the tail: what a cut at the first '/' leaves
+    # and the tails: what a cut at the first '/' or the first '@' would leave
+    secrets = (URL_SECRET, URL_KEY, URL_SECRET.partition("/")[2], URL_SECRET.partition("@")[2])
     for secret in secrets:
         assert secret not in said, secret
     assert '"mirror": "s3://' + s3_server.bucket in said  # the config line names the mirror, redacted
@@ -191,7 +193,7 @@ def test_credentials_in_the_mirror_url_never_reach_a_log_line(tmp_path, data, s3
     # on the bucket
     written = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     fs = s3_server.filesystem()
-    prefix = url.partition("@")[2]
+    prefix = url.rpartition("@")[2]
     written |= {key: fs.cat_file(key) for key in fs.find(prefix)}
     assert any(name.endswith("latest.pt") for name in written) and any("/blobs/" in name for name in written)
     assert any("tfevents" in name for name in written) and any(name.endswith("metrics.jsonl") for name in written)
@@ -205,14 +207,21 @@ def test_credentials_in_the_mirror_url_never_reach_a_log_line(tmp_path, data, s3
     out = finish(again, 240)
     assert again.returncode == 0, out[-3000:]
     assert "the run's --mirror URL carried credentials, which are never stored: give --mirror again" in out
-    # given again with them, the URL is no change of settings (the saved one has none: they compare as shown)
-    again = launch(run_args(tmp_path, data, "--resume", "latest", "--max_steps", "8", "--mirror", url),
+    # given again with them (the '@' percent-encoded now), the URL is no change of settings (the saved one has none:
+    # they compare as shown); --mirror_wait_seconds given again too: the launch before saved 1 s, too short to count
+    # on an upload's end on a busy machine
+    from urllib.parse import quote
+    encoded = url.replace(URL_SECRET, quote(URL_SECRET, safe="/+"))
+    assert "%40" in encoded
+    again = launch(run_args(tmp_path, data, "--resume", "latest", "--max_steps", "8", "--mirror", encoded,
+                            "--mirror_wait_seconds", "120"),
                    extra_env={"AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_DEFAULT_REGION": REGION},
                    unset_env=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
     out = finish(again, 240)
     assert again.returncode == 0, out[-3000:]
     assert "mirror:" not in out.partition("settings changed since the checkpoint")[2].partition("\n")[0]
-    assert "mirror: the last checkpoint (step 8) is on" in out and URL_SECRET not in out
+    assert "mirror: the last checkpoint (step 8) is on" in out
+    assert not [s for s in (*secrets, quote(URL_SECRET, safe="/+")) if s in out]
 
 
 def test_a_resumed_run_with_nothing_new_to_save_finds_its_checkpoint_on_the_mirror(tmp_path, data):

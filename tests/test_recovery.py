@@ -98,12 +98,13 @@ def test_an_error_before_the_log_file_opens_still_reaches_an_existing_train_log(
     assert "ERROR error: --resume best:" in (tmp_path / "logs" / "train.log").read_text()
 
 
-def test_empty_data_error_names_the_folder(tmp_path):
+def test_empty_data_error_names_the_folder_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
         T.main([*TINY_ARGS, "--data_dir", str(tmp_path / "empty"), "--checkpoint_dir", str(tmp_path / "ck"),
                 "--log_dir", str(tmp_path / "logs")])
-    assert f"no training shards in {tmp_path / 'empty'}/" in (tmp_path / "logs" / "train.log").read_text()
+    assert f"error: no training shards in {tmp_path / 'empty'}/" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "ck").exists()  # found before anything is written
 
 
 def test_list_checkpoints_marks_an_earlier_validation_loss_and_a_closed_pipe_is_quiet(tmp_path, shard_dir, capsys):
