@@ -15,16 +15,18 @@ Sections, in dependency order:
   1. config            TrainConfig (all run settings, argparse generated from it), GPTConfig (model shape),
                        resolve_config (a resumed run's settings: the checkpoint's, overridden by the flags)
   2. distributed       DistEnv, setup / cleanup, the small collectives (broadcast_from_main, gather_from_all, agree)
-  3. logging           rank 0 narrates to stdout and <log_dir>/train.log; metrics.jsonl; TensorBoard; GPU stats
+  3. logging           rank 0 narrates to stdout and <log_dir>/train.log; metrics.jsonl; TensorBoard (GPU numbers:
+                       src/device_stats.py)
   4. model             GPT-2, generate()
   5. data              shard readers (.npy and llm.c .bin), ShardedLoader with a rank-independent position
   6. checkpointing     TrainState, build_state / restore_state, CheckpointManager (files, atomic writes, retention,
-                       fallback), CheckpointWriter (background writes), SavePolicy, UnsavedWatch, and Checkpointer:
-                       the one object the loop saves through
+                       verification), DiskGuard (what a short disk gives up), CheckpointWriter (background writes),
+                       SavePolicy, UnsavedWatch, and Checkpointer: the one object the loop saves through
   7. optimization      AdamW groups, learning-rate schedule, train_step
   8. evaluation        validation loss, text samples
   9. training loop     StopSignal, DivergenceGuard, build_run, StepReporter, train()
- 10. resume            find_resume_point -> ResumePoint: local chain and fallback, mirror, nodes without shared storage
+ 10. resume            find_resume_point -> ResumePoint: every candidate described (the folder, the mirror, other
+                       nodes), resume_plan.plan decides (src/resume_plan.py), then only that is done
  11. entry point       main(argv) -> summary dict
 
 Importing this file defines things and does nothing else.
@@ -67,6 +69,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import resume_plan
+from device_stats import DeviceStats, nvml_device_keys  # noqa: F401 (GPU numbers for the curves)
 from resume_plan import LocalFile
 
 log = logging.getLogger("train")
@@ -669,74 +672,6 @@ def data_sample_prompt(data_dir: str) -> str:
     except (OSError, ValueError, AttributeError):
         prompt = None
     return prompt if isinstance(prompt, str) else "Hello, I'm a language model,"
-
-
-class DeviceStats:
-    """GPU numbers for the curves: an MFU estimate, memory in use and, where nvidia-ml-py is installed,
-    utilization. Everything is None on CPU."""
-
-    # dense bf16 tensor-core peaks from the vendor datasheets, TFLOP/s per GPU; --peak_tflops covers the rest
-    # (the first key the GPU's name contains wins: the NVL and PCIe variants before the SXM parts)
-    PEAK_TFLOPS = (("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0),
-                   ("B200", 2250.0), ("A100", 312.0))
-
-    def __init__(self, device: torch.device, peak_tflops: float, flops_per_token: float):
-        self.device, self.flops_per_token = device, flops_per_token
-        self.peak_flops = peak_tflops * 1e12 if peak_tflops else None
-        self.nvml_handle = None
-        if device.type != "cuda":
-            return
-        name = torch.cuda.get_device_name(device)
-        if self.peak_flops is None:
-            known = next((tflops for key, tflops in self.PEAK_TFLOPS if key in name), None)
-            self.peak_flops = known * 1e12 if known else None
-            if known is None:
-                log.info("no peak TFLOP/s known for %s: pass --peak_tflops to get an MFU estimate", name)
-        try:
-            import pynvml  # the nvidia-ml-py package
-            pynvml.nvmlInit()
-        except Exception:  # not installed, or no NVML on this machine: utilization is simply not logged
-            return
-        # NVML numbers every GPU of the machine, CUDA only the visible ones (CUDA_VISIBLE_DEVICES=4,5,6,7 makes
-        # GPU 4 CUDA's device 0): find our GPU by its UUID, else its PCI bus id, never by the CUDA index
-        for lookup, key in nvml_device_keys(torch.cuda.get_device_properties(device)):
-            try:
-                self.nvml_handle = getattr(pynvml, lookup)(key)
-                break
-            except Exception:
-                continue
-
-    def mfu(self, tokens_per_second: float, world_size: int) -> float | None:
-        """Model FLOPs utilization: achieved training FLOP/s per GPU over its peak (PaLM appendix B)."""
-        if self.peak_flops is None:
-            return None
-        return self.flops_per_token * tokens_per_second / world_size / self.peak_flops
-
-    def memory_gb(self) -> float | None:
-        """Peak GPU memory allocated so far, in GB (None on CPU)."""
-        if self.device.type != "cuda":
-            return None
-        return torch.cuda.max_memory_allocated(self.device) / 1e9
-
-    def utilization(self) -> float | None:
-        """GPU utilization in percent from NVML (None where unavailable)."""
-        if self.nvml_handle is None:
-            return None
-        import pynvml
-        return float(pynvml.nvmlDeviceGetUtilizationRates(self.nvml_handle).gpu)
-
-
-def nvml_device_keys(props: Any) -> list[tuple[str, str]]:
-    """(pynvml lookup function, key) pairs that name the GPU whose torch properties are `props`, best first: its UUID
-    as NVML writes it (GPU-...), then its PCI bus id (domain:bus:device.function)."""
-    keys = []
-    uuid = str(getattr(props, "uuid", "") or "")
-    if uuid:
-        keys.append(("nvmlDeviceGetHandleByUUID", uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"))
-    if all(hasattr(props, f"pci_{part}_id") for part in ("domain", "bus", "device")):
-        keys.append(("nvmlDeviceGetHandleByPciBusId",
-                     f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"))
-    return keys
 
 
 def redact_url(url: Any) -> Any:
@@ -3584,7 +3519,7 @@ def decide_and_act(situation: resume_plan.Situation, manager: CheckpointManager,
         if decision.action == "resume":
             (log.warning if decision.set_aside or decision.lineage != "continue" or decision.rule == "U1"
              else log.info)("%s", decision.message)
-            return resume_from(manager, decision, decision.local.path)
+            return resume_from(manager, decision)
         fetched, problem, unreachable = fetch_copy(manager, mirror_url, decision)
         if fetched is not None:
             log.warning("%s", decision.message)
@@ -3602,11 +3537,11 @@ def decide_and_act(situation: resume_plan.Situation, manager: CheckpointManager,
             log.error("%s; resuming from the local checkpoint %s (step %d) instead. The mirror holds step %d of this "
                       "run, newer: this launch does not upload to it (the two would be mixed) until it is resumed "
                       "from there", problem, decision.local.path, decision.local.step, decision.copy.step)
-            return resume_from(manager, dataclasses.replace(decision, rule="A2"), decision.local.path)
+            return resume_from(manager, dataclasses.replace(decision, rule="A2"))
 
 
-def resume_from(manager: CheckpointManager, decision: resume_plan.Plan, path: Path) -> ResumePoint:
-    """Act on a decision to resume from a local file: set the damaged files aside and, for a rollback, the later
+def resume_from(manager: CheckpointManager, decision: resume_plan.Plan) -> ResumePoint:
+    """Act on a decision to resume from its local file: set the damaged files aside and, for a rollback, the later
     checkpoints; a folder that refuses the renames (read-only) is a UserError."""
     try:
         manager.set_aside(list(decision.set_aside))
@@ -3615,7 +3550,7 @@ def resume_from(manager: CheckpointManager, decision: resume_plan.Plan, path: Pa
     except OSError as e:
         raise UserError(f"cannot set the damaged or later checkpoints in {manager.dir}/ aside ({e.strerror or e}): "
                         "the run could not save there either. Make the folder writable, then launch again") from None
-    return ResumePoint.read(path, decision)
+    return ResumePoint.read(decision.local.path, decision)
 
 
 class _NamesAfterSettingAside:
