@@ -288,7 +288,9 @@ ROWS = [
     Row("a_save_waits_for_a_stuck_write_without_bound", (
         ("            if self.writer.wait(min(left, 5.0 if quiet else self.NARRATE_EVERY_SECONDS)):",
          "            if self.writer.wait():"),
-    ), (ASYNC + "test_a_write_stuck_in_the_kernel_counts_as_failing_and_never_hangs_the_run",)),
+    ), (ASYNC + "test_a_write_stuck_in_the_kernel_counts_as_failing_and_never_hangs_the_run",
+        ASYNC + "test_a_stuck_write_is_waited_for_within_the_unsaved_limit_and_said_and_the_run_exits_naming_the_"
+                "unsaved_steps")),
     Row("a_failed_log_write_stops_no_rank", (
         ("bool(metrics.error or tb.error)", "False"),
     ), (RECOVERY + "test_a_log_write_failing_on_rank_0_stops_every_rank_at_once_with_a_checkpoint",)),
