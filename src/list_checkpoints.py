@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 def _print_world_size(manager: T.CheckpointManager) -> int:
     """The world size of the first checkpoint in --resume latest's order whose metadata reads (not verified: the
     resume does that)."""
-    readable = next((f for f in manager.describe(verify=False) if f.step is not None), None)
+    readable = next((f for f in manager.describe("none") if f.step is not None), None)
     if readable is None:
         return 1
     print(manager.load(readable.path, verify=False)["world_size"])

@@ -88,6 +88,7 @@ class Situation:
     resume: str | None  # --resume: None, latest, auto, latest_backup, best, or a path
     folder: Path  # --checkpoint_dir
     local: tuple[LocalFile, ...] = ()  # the folder's checkpoint names, in --resume latest's fallback order
+    extra: tuple[LocalFile, ...] = ()  # names taken only when asked for by name (best_model.pt), verified too
     set_aside: tuple[Path, ...] = ()  # files set aside earlier (*.corrupt, *.abandoned): kept, never resumed from
     named: LocalFile | None = None  # the file --resume names (latest_backup, best, a path; problem MISSING if none)
     mirror: MirrorView | None = None  # None: no --mirror given
@@ -152,13 +153,12 @@ def _continue(s: Situation) -> Plan:
     """--resume latest / auto: the run's newest valid checkpoint, from the folder, the mirror or another node."""
     valid = next((f for f in s.local if f.valid), None)
     damaged = tuple(f for f in s.local if f.damaged)
-    aside = tuple(f.path for f in damaged)
+    aside = tuple(f.path for f in (*damaged, *s.extra) if f.damaged)
     run = valid.run if valid else (next((f.run for f in damaged if f.run), None) or s.run_id)
     if s.run_id and run and run != s.run_id:
         return Plan("I1", "refuse", f"the checkpoints in {s.folder}/ belong to run {run}, not --run_id {s.run_id}: "
                                     "drop --run_id, or point --checkpoint_dir at that run's folder")
-    skipped = "" if not damaged else (f" after skipping {len(damaged)} unusable checkpoint(s), falling back past "
-                                      f"each and setting it aside ({_problems(damaged)})")
+    skipped = _skipped(s, valid)
     if s.mirror is None:
         if valid:
             return _resume_local(s, "L1", valid, f"resuming from {valid.path.name}{skipped} (step {valid.step} in "
@@ -206,6 +206,18 @@ def _continue(s: Situation) -> Plan:
     others = sorted({_run(c.run) for c in copies})
     return _nothing(s, damaged, f" nor on the mirror {s.mirror.url}"
                                 + (f" (it holds checkpoints of {', '.join(others)} only)" if others else ""))
+
+
+def _skipped(s: Situation, valid: LocalFile | None) -> str:
+    """What a resume from `valid` sets aside, as the message says it: the damaged names it fell back past, and those
+    found damaged after it (a resume verifies every name, so that every name a later resume could pick verifies)."""
+    before = s.local[:s.local.index(valid)] if valid else s.local
+    later = [f for f in (*s.local, *s.extra) if f.damaged and f not in before]
+    said = "" if not any(f.damaged for f in before) else (
+        f" after skipping {sum(f.damaged for f in before)} unusable checkpoint(s), falling back past each and "
+        f"setting it aside ({_problems([f for f in before if f.damaged])})")
+    return said + ("" if not later else f"; {len(later)} other damaged checkpoint(s) set aside too "
+                                       f"({_problems(later)})")
 
 
 def _found(s: Situation, damaged: tuple[LocalFile, ...]) -> str:
@@ -262,7 +274,7 @@ def _named(s: Situation) -> Plan:
         return _fork(s, f)
     if s.run_id and f.run and f.run != s.run_id:
         return Plan("I1", "refuse", f"{f.path} belongs to run {f.run}, not --run_id {s.run_id}: drop --run_id")
-    damaged = tuple(g.path for g in s.local if g.damaged)
+    damaged = tuple(g.path for g in (*s.local, *s.extra) if g.damaged)
     on_mirror = [c.step for c in (s.mirror.copies if s.mirror else ()) if c.run == f.run and c.problem is None]
     newest = max([g.step for g in s.local if g.valid] + on_mirror, default=None)
     if newest is None or f.step >= newest:

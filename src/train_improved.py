@@ -1345,10 +1345,11 @@ class CheckpointManager:
             return []
         return sorted(self.dir.glob(f"*{self.CORRUPT}")) + sorted(self.dir.glob(f"*{self.ABANDONED}"))
 
-    def examine(self, path: Path, verify: bool = True) -> LocalFile:
+    def examine(self, path: Path, verify: bool = True, verdicts: dict | None = None) -> LocalFile:
         """`path` as the resume plan describes it: its step, run and log folder from its metadata and, with verify,
         the verdict of its checksums (verify=False: the metadata only). A file whose metadata does not read is
-        damaged either way."""
+        damaged either way. verdicts: the checksums' verdicts so far by file ((device, inode): problem or None), so
+        that a file with several names is read once."""
         try:
             args = self.load(path, verify=False)
         except CheckpointInvalid as e:
@@ -1356,18 +1357,26 @@ class CheckpointManager:
         step, args = args["step"], args.get("args") or {}
         found = LocalFile(path, step=step, run=args.get("run_id"), checked=verify, log_dir=args.get("log_dir"))
         if verify:
-            try:
-                self.load(path)
-            except CheckpointInvalid as e:
-                return dataclasses.replace(found, problem=str(e))
+            verdicts = {} if verdicts is None else verdicts
+            st = path.stat()
+            if (st.st_dev, st.st_ino) not in verdicts:
+                try:
+                    self.load(path)
+                    verdicts[st.st_dev, st.st_ino] = None
+                except CheckpointInvalid as e:
+                    verdicts[st.st_dev, st.st_ino] = str(e)
+            found = dataclasses.replace(found, problem=verdicts[st.st_dev, st.st_ino])
         return found
 
-    def describe(self, verify: bool = True) -> list[LocalFile]:
-        """Every name --resume latest may use, in its fallback order, verified until the first valid one (the later
-        ones: metadata only, as they are not needed); verify=False: metadata only for all."""
+    def describe(self, verify: str = "all") -> list[LocalFile]:
+        """Every name --resume latest may use, in its fallback order, verified: "all" (each file once, however many
+        names it has: a resume sets every damaged one aside), "first" (until the first valid one: enough to choose,
+        for the tools), or "none" (metadata only)."""
         files: list[LocalFile] = []
+        verdicts: dict = {}
         for path in self.fallback_order():
-            files.append(self.examine(path, verify=verify and not any(f.valid for f in files)))
+            wanted = verify == "all" or (verify == "first" and not any(f.valid for f in files))
+            files.append(self.examine(path, verify=wanted, verdicts=verdicts))
         return files
 
     def set_aside_later_than(self, step: int) -> list[str]:
@@ -1627,7 +1636,7 @@ def resolve_checkpoint(manager: CheckpointManager, spec: str, flag: str = "--che
             raise UserError(f"{flag} {spec}: {path} is not usable ({named.problem}); try {flag} latest, which falls "
                             "back to the newest valid checkpoint")
         return path
-    files = manager.describe()
+    files = manager.describe("first")
     valid = next((f for f in files if f.valid), None)
     for f in files[:files.index(valid)] if valid else files:
         log.error("checkpoint %s is not usable (%s); falling back to the next one", f.path, f.problem)
@@ -3459,7 +3468,9 @@ def describe(manager: CheckpointManager, flags: dict[str, Any]) -> resume_plan.S
     """Rank 0, before anything is decided: the folder's names (verified in --resume latest's order until the first
     valid one), the files set aside earlier, the file --resume names, and what --mirror holds (listed once)."""
     resume = flags.get("resume")
-    local = manager.describe(verify=resume is not None)
+    local = manager.describe("all" if resume is not None else "none")
+    best = manager.dir / manager.BEST
+    extra = (manager.examine(best),) if resume is not None and best.exists() else ()
     named = None
     if resume not in (None, *resume_plan.CONTINUING):
         path = manager.named_path(resume)
@@ -3467,7 +3478,7 @@ def describe(manager: CheckpointManager, flags: dict[str, Any]) -> resume_plan.S
             manager.examine(path) if path.exists() else LocalFile(path, problem=resume_plan.MISSING))
     mirror_url = flags.get("mirror")
     mirror = mirror_view(mirror_url) if mirror_url and resume is not None else None
-    return resume_plan.Situation(resume=resume, folder=manager.dir, local=tuple(local),
+    return resume_plan.Situation(resume=resume, folder=manager.dir, local=tuple(local), extra=extra,
                                  set_aside=tuple(manager.set_aside_files()), named=named, mirror=mirror,
                                  run_id=flags.get("run_id"), log_dir=flags.get("log_dir"))
 
@@ -3495,7 +3506,7 @@ def other_nodes_newer(env: DistEnv, manager: CheckpointManager, newest_here: int
     local rank looks (verifying only files newer than that step); on storage every node shares, none is newer."""
     mine = None
     if env.distributed and env.local_rank == 0 and not env.is_main:
-        for f in manager.describe(verify=False):
+        for f in manager.describe("none"):
             if f.step is not None and f.step > newest_here and manager.examine(f.path).valid:
                 mine = resume_plan.NodeCheckpoint(rank=env.rank, host=socket.gethostname(), folder=str(manager.dir),
                                                   step=f.step, run=f.run)

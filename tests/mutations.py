@@ -556,6 +556,10 @@ ROWS = [
     Row("a33_a_rollback_told_as_lost_work", (
         ('    if point is not None and point.lineage == "rollback" and last_logged_step > step:', "    if False:"),
     ), (MIRROR + "test_each_run_on_a_mirror_url_keeps_to_its_own_checkpoints",)),
+    Row("a30_a_resume_verifies_only_until_the_first_valid_name", (
+        ('            wanted = verify == "all" or (verify == "first" and not any(f.valid for f in files))',
+         "            wanted = not any(f.valid for f in files)"),
+    ), (ACTS + "test_after_a_resume_every_name_a_later_resume_could_pick_verifies",)),
     Row("a33_a_failing_rename_while_acting_is_a_crash", (
         ("    except OSError as e:\n        raise UserError(f\"cannot set the damaged",
          "    except ZeroDivisionError as e:\n        raise UserError(f\"cannot set the damaged"),

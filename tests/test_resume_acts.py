@@ -291,3 +291,23 @@ def test_a_folder_that_refuses_the_set_aside_is_one_line(tmp_path, run_a, monkey
     with pytest.raises(T.UserError, match=f"cannot set the damaged or later checkpoints in {ck}/ aside "
                                           r"\(Read-only file system\): the run could not save there either"):
         T.decide_and_act(T.describe(manager, dict(resume="latest")), manager, None)
+
+
+def test_after_a_resume_every_name_a_later_resume_could_pick_verifies(tmp_path, run_a):
+    """Found by the fault campaign (tests/chaos.py, seed 108): a flipped byte in latest_backup.pt (and the rolling
+    file it shares) while latest.pt is valid. The resume from latest.pt verifies every name, not only until the first
+    valid one, and sets the damaged one aside too, so that list_checkpoints --verify passes after the recovery."""
+    copy_run(run_a, tmp_path)
+    ck = tmp_path / "ck"
+    with open(ck / "latest_backup.pt", "r+b") as f:
+        f.seek(f.seek(0, 2) // 2)
+        f.write(b"\xde\xad\xbe\xef" * 16)
+    result = run(args(tmp_path, run_a / "data", "--resume", "latest", "--max_steps", "9", "--mirror",
+                      str(tmp_path / "mirror")), nproc=None)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "; 2 other damaged checkpoint(s) set aside too (latest_backup.pt is not usable" in result.stdout
+    assert f"resumed from {ck / 'latest.pt'}: step 9," in result.stdout
+    assert (ck / "latest_backup.pt.corrupt").exists() and not (ck / "rolling_step_000006.pt").exists()
+    listing = subprocess.run([sys.executable, str(ROOT / "src" / "list_checkpoints.py"), "--checkpoint_dir", str(ck),
+                              "--verify"], capture_output=True, text=True, cwd=ROOT)
+    assert listing.returncode == 0, listing.stdout
