@@ -6,7 +6,7 @@ jobs (the checkpoint names are the folder owner's: the mirror only learns what e
     mirror = Mirror(url, keep_last=cfg.keep_last, run_id=cfg.run_id, kinds=CheckpointManager.kinds)
     mirror.check(new_run=True)  # at start: a one-line MirrorError if it cannot be used (OtherRuns: others' copies)
     # 1. copy each save off the machine (the loop's Checkpointer)
-    mirror.submit(manager.lasting_name(names), step, names, manager.held)  # after each durable save; never raises
+    mirror.submit(held_file, step, names, manager.held)  # after each durable save (its bytes); never raises
     mirror.status()                                  # plain numbers for the step line, metrics.jsonl, TensorBoard
     mirror.finish(saved_step, wait_seconds)          # at the end of the run: waits, says where the last one is, closes
     # 2. resume: what it holds (the trainer's resume plan chooses), then the one copy chosen, fetched and checked

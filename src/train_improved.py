@@ -1351,11 +1351,13 @@ class CheckpointManager:
         damaged either way. verdicts: the checksums' verdicts so far by file ((device, inode): problem or None), so
         that a file with several names is read once."""
         try:
-            args = self.load(path, verify=False)
+            meta = self.load(path, verify=False)
         except CheckpointInvalid as e:
             return LocalFile(path, problem=str(e))
-        step, args = args["step"], args.get("args") or {}
-        found = LocalFile(path, step=step, run=args.get("run_id"), checked=verify, log_dir=args.get("log_dir"))
+        settings = meta.get("args") or {}
+        found = LocalFile(path, step=meta["step"], run=settings.get("run_id"), checked=verify,
+                          log_dir=settings.get("log_dir"))
+        del meta  # its tensors are memory-mapped views of the file: not kept open
         if verify:
             verdicts = {} if verdicts is None else verdicts
             st = path.stat()
