@@ -68,7 +68,7 @@ DISK_BYTES = 512 << 20  # the tmpfs of a schedule with a disk_full fault
 # resume met before the one it took.
 STRICT_VERIFY = True
 # the URL's key and secret, and the tails of the secret a redactor that cut at its first '@' or '/' would leave
-SECRETS = (URL_KEY, URL_SECRET, URL_SECRET.partition("@")[2], URL_SECRET.partition("/")[2])
+SECRETS = tuple(s for s in (URL_KEY, URL_SECRET, URL_SECRET.partition("@")[2], URL_SECRET.partition("/")[2]) if s)
 STEP_LINE = re.compile(r" INFO step\s+(\d+)/(\d+) \|")
 SAVED_LINE = re.compile(r"INFO checkpoint step (\d+) \(([^)]*)\) -> ")
 FAILED_LINE = re.compile(r"CHECKPOINT SAVE FAILED at step (\d+)")
