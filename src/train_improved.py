@@ -1284,7 +1284,6 @@ class CheckpointManager:
 
     LATEST, BACKUP, BEST = "latest.pt", "latest_backup.pt", "best_model.pt"
     SPARE = ".tmp-spare.pt"  # a pruned checkpoint file, kept for the next save to overwrite
-    DIVERGED = "DIVERGED.txt"  # written when the loss diverged; stops torchrun's restarts from replaying it
     CORRUPT = ".corrupt"  # suffix of a file that failed verification, kept aside for inspection
     ABANDONED = ".abandoned"  # suffix of a later checkpoint a resume from an older one left behind
 
@@ -1459,20 +1458,6 @@ class CheckpointManager:
                         "it when you no longer need it for inspection", path.name, shared, aside.name)
             done.append(f"{path.name} -> {aside.name}")
         return done
-
-    # the divergence mark ----------------------------------------------------------------------------------
-    def mark_diverged(self, reason: str) -> None:
-        """Record that the run stopped because its loss diverged (see refuse_to_replay_divergence)."""
-        (self.dir / self.DIVERGED).write_text(reason + "\n")
-
-    def divergence_mark(self) -> str | None:
-        """Why the run was marked diverged, or None."""
-        marker = self.dir / self.DIVERGED
-        return marker.read_text().strip() if marker.exists() else None
-
-    def clear_divergence_mark(self) -> None:
-        """Forget the divergence mark (a launch by hand)."""
-        (self.dir / self.DIVERGED).unlink(missing_ok=True)
 
     # writing ------------------------------------------------------------------------------------------------
     def clean_stale_temporaries(self) -> None:
@@ -3364,7 +3349,7 @@ def announce_end(cfg: TrainConfig, env: DistEnv, run: Run, checkpointer: Checkpo
         log.error("TRAINING STOPPED: %d consecutive steps (%d-%d) had a non-finite loss or gradient norm. Their "
                   "updates were skipped and nothing was saved after them, so the checkpoints in %s/ are untouched. "
                   "%s", guard.consecutive_skips, guard.first_skipped_step, step, cfg.checkpoint_dir, advice)
-        checkpointer.manager.mark_diverged(f"the loss diverged at step {guard.first_skipped_step}. {advice}")
+        DivergenceMark(cfg.checkpoint_dir).set(f"the loss diverged at step {guard.first_skipped_step}. {advice}")
     elif unsaved_steps:
         log.error("NOT SAVED: the run %s at step %d but its checkpoint could not be written (%s). The newest checkpoint "
                   "on disk is step %d: %d step(s) of training are not saved. Fix the cause, then resume with:\n  %s",
@@ -3602,13 +3587,36 @@ def fetch_copy(manager: CheckpointManager, mirror_url: str, decision: resume_pla
         mirror.close()
 
 
+class DivergenceMark:
+    """DIVERGED.txt in the checkpoint folder: written when the run stopped because its loss diverged, so that
+    torchrun's restarts do not replay the divergence (refuse_to_replay_divergence)."""
+
+    NAME = "DIVERGED.txt"
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / self.NAME
+
+    def set(self, reason: str) -> None:
+        """Record why the run stopped."""
+        self.path.write_text(reason + "\n")
+
+    def reason(self) -> str | None:
+        """Why the run was marked diverged, or None."""
+        return self.path.read_text().strip() if self.path.exists() else None
+
+    def clear(self) -> None:
+        """Forget the mark (a launch by hand)."""
+        self.path.unlink(missing_ok=True)
+
+
 def refuse_to_replay_divergence(manager: CheckpointManager) -> None:
     """Under torchrun --max-restarts, a run that stopped because its loss diverged would be restarted from the same
     checkpoint with the same settings and, resume being exact, diverge again at the same step. A restart refuses
     to start while the divergence marker is there; a launch by hand (restart 0) clears it and starts."""
+    mark = DivergenceMark(manager.dir)
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
-        manager.clear_divergence_mark()
-    elif (reason := manager.divergence_mark()) is not None:
+        mark.clear()
+    elif (reason := mark.reason()) is not None:
         raise UserError("not restarting: the previous attempt of this run stopped because " + reason
                         + "\n(a restart with the same settings would diverge again at the same step)")
 

@@ -173,10 +173,10 @@ ROWS = [
     ), (GPU_READY + "test_after_loading_a_cpu_checkpoint_the_optimizer_uses_the_devices_implementation",)),
     Row("nvml_by_cuda_index", (
         ('uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"', "str(getattr(props, 'index', 0))"),
-    ), (GPU_READY + "test_nvml_finds_the_gpu_by_uuid_then_pci_bus_id_never_by_cuda_index",)),
+    ), (GPU_READY + "test_nvml_finds_the_gpu_by_uuid_then_pci_bus_id_never_by_cuda_index",), path="src/device_stats.py"),
     Row("nvl_parts_matched_as_sxm", (
         ('("H100 NVL", 835.0), ("H200 NVL", 835.0), ', ""),
-    ), (GPU_READY + "test_peak_tflops_tell_the_nvl_and_pcie_parts_from_sxm",)),
+    ), (GPU_READY + "test_peak_tflops_tell_the_nvl_and_pcie_parts_from_sxm",), path="src/device_stats.py"),
     Row("deterministic_mode_nan_fills_again", (
         ("        torch.utils.deterministic.fill_uninitialized_memory = False\n", ""),
     ), (GPU_READY + "test_deterministic_mode_does_not_nan_fill_every_allocation",)),
@@ -242,7 +242,8 @@ ROWS = [
     ), (GPU_READY + "test_a_metrics_line_cut_short_by_a_crash_never_stops_the_resume",)),
     # issue 25: promises a mutation audit found unguarded
     Row("only_the_first_fallback_candidate_verified", (
-        ("verify=verify and not any(f.valid for f in files)", "verify=verify and not files"),
+        ('            wanted = verify == "all" or (verify == "first" and not any(f.valid for f in files))',
+         "            wanted = not files"),
     ), (RECOVERY + "test_every_fallback_candidate_is_verified_before_use",)),
     Row("the_best_validation_loss_forgotten_on_resume", (
         ('self.best_val_loss = state["best_val_loss"]', 'self.best_val_loss = None'),
