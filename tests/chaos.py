@@ -284,6 +284,11 @@ class Hang(Exception):
     """A process did not do what it had to within its bound."""
 
 
+class Destroyed(Exception):
+    """Every checkpoint of the run is damaged and the mirror holds none: the relaunch refused, as it must (never a new
+    run while the run has a checkpoint anywhere); the schedule ends there."""
+
+
 class Abort(Exception):
     """The schedule cannot go on (a recovery failed); its violation is recorded already."""
 
@@ -723,6 +728,8 @@ class Runner:
             self.finish()
         except Abort:
             pass
+        except Destroyed:
+            self.check_secrets()
         except Hang as e:
             self.violation("hang", str(e))
         except Exception as e:  # noqa: BLE001  a harness error must not pass for success
@@ -1405,6 +1412,7 @@ class Runner:
         """Relaunch the main line (--resume auto --mirror URL, on the world size in force) and check the resume."""
         self.settle_windows()
         expected = self.expected_resume()
+        damaged = {p.name: file_digest(p) for p in sorted(self.ck.glob("*.pt*")) if p.is_file()}
         run_id = self.main_id if expected["local"] is None else None  # as the docs say when the folder is gone
         self.launch(start_step=expected["step"] or 0, run_id=run_id)
         t_first, first = self.wait_first_step(expected["step"] or 0)
@@ -1416,6 +1424,9 @@ class Runner:
                 self.outputs.append(self.job.text())
                 self.job.close()
                 self.job = None
+                if expected["step"] is None and damaged:  # nothing usable anywhere, but the run's files are here
+                    self.check_refused_untouched(damaged, out)
+                    raise Destroyed()
                 self.blame_pending("recovery", f"the relaunch (--resume auto --mirror) failed with exit {code}",
                                    detail=out)
                 raise Abort()
@@ -1434,6 +1445,21 @@ class Runner:
         self.base = first if first is not None else self.current_step()
         if t_first is None:  # resumed at the last step: nothing left to train
             self.end_launch(None)
+
+    def check_refused_untouched(self, before: dict[str, str], out: str) -> None:
+        """Every checkpoint of the run is damaged and the mirror holds none of it: the relaunch must refuse with one
+        line that says so (CHECKPOINTING_GUIDE.md, rule L2) and leave every file as it was (nothing set aside)."""
+        after = {p.name: file_digest(p) for p in sorted(self.ck.glob("*.pt*")) if p.is_file()}
+        if "error: no valid checkpoint in" not in out:
+            self.blame_pending("recovery", "with every checkpoint of the run damaged and none on the mirror, the "
+                                           "relaunch did not refuse with 'no valid checkpoint'", detail=out)
+        if after != before:
+            self.blame_pending("recovery", f"the refused relaunch changed the folder: {sorted(before)} -> "
+                                           f"{sorted(after)}")
+        for rec in self.pending:
+            rec.note = (rec.note + "; " if rec.note else "") + ("every checkpoint of the run destroyed: the relaunch "
+                                                                "refused, as it must; the schedule ends")
+        self.pending = []
 
     def check_resume(self, expected: dict, out: str) -> None:
         m = re.search(r"resumed from (\S+): step (\d+),", out)
