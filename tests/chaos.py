@@ -726,10 +726,10 @@ class Runner:
             if self.job is None and not self.done:
                 self.recover()
             self.finish()
+        except Destroyed:  # nothing of the run is left to train on: what it wrote is still checked
+            self.run_checks(self.check_secrets)
         except Abort:
             pass
-        except Destroyed:
-            self.check_secrets()
         except Hang as e:
             self.violation("hang", str(e))
         except Exception as e:  # noqa: BLE001  a harness error must not pass for success
@@ -737,6 +737,14 @@ class Runner:
             self.violation("harness_error", f"{type(e).__name__}: {e}", detail=traceback.format_exc())
         finally:
             self.cleanup()
+
+    def run_checks(self, check: Callable[[], None]) -> None:
+        """Run a check whose own failure is a harness error, not a crash of the campaign."""
+        try:
+            check()
+        except Exception as e:  # noqa: BLE001
+            import traceback
+            self.violation("harness_error", f"{type(e).__name__}: {e}", detail=traceback.format_exc())
 
     def prepare(self) -> None:
         self.disk.mkdir()
@@ -1651,7 +1659,10 @@ class Runner:
         fs = self.c.server.filesystem(URL_KEY, URL_SECRET)
         for prefix in self.prefixes:
             for key in self.bucket_objects(prefix):
-                data = fs.cat_file(key)
+                try:
+                    data = fs.cat_file(key)
+                except FileNotFoundError:  # deleted since it was listed (a listing may lag): it holds nothing now
+                    continue
                 found += [(key, s) for s in SECRETS if s.encode() in data]
         if found:
             self.violation("secrets", f"credentials of the mirror URL written: {found[:6]}", None)
