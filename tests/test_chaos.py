@@ -36,6 +36,7 @@ def test_a_schedule_prints_and_parses_back_to_itself():
 
 
 @pytest.mark.xdist_group("s3")  # it kills, pauses and restarts the session's S3 server
+@pytest.mark.timeout(900)  # about 11 launches: 2 minutes on 2 idle cores, 3 times that on a machine busy with 3 suites
 def test_seeded_fault_campaign(tmp_path, s3_server):
     campaign = chaos.Campaign(tmp_path, server=s3_server)
     try:
