@@ -1730,6 +1730,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="chaos-"))
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(HERE.parents[1] / "shared" / "tiktoken_cache"))
     campaign = Campaign(workdir, args.trainer, keep=args.keep)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill PID: as Ctrl+C, unmount, clean up and report
     deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
     try:
         if args.replay:

@@ -13,6 +13,7 @@ the copy, and the tests run there with this interpreter. One line per row:
     SURVIVED   the tests passed on broken code: a gap in the tests
     STALE      a snippet no longer occurs exactly once (the code changed): update the row
     SKIPPED    the tests passed but some were skipped (e.g. tmpfs tests without root): no verdict
+    ELSEWHERE  the tests failed, but not as the row's `expect` says (another check caught it, or a crash)
     BROKEN     pytest could not run the tests (a node id that no longer exists, a collection error)
 
 First the tests of the chosen rows run once on an unmodified copy: a test that already fails would make every
@@ -48,6 +49,7 @@ class Row:
     edits: tuple[tuple[str, ...], ...]  # (exact snippet, replacement[, file]), in order; file defaults to `path`
     tests: tuple[str, ...]  # pytest node ids
     path: str = SCRIPT
+    expect: str | None = None  # a regex the failing tests' output must match: the check that must catch it
 
 
 CRASH = "tests/test_crash_consistency.py::test_a_crash_after_any_prefix_of_a_save_leaves_a_complete_recent_latest"
@@ -58,6 +60,7 @@ DISK_FULL = "tests/test_disk_full.py::"
 RESUME = "tests/test_e2e_resume.py::"
 GPU_READY = "tests/test_gpu_ready.py::"
 MIRROR = "tests/test_mirror_e2e.py::"
+CHAOS = "tests/test_chaos.py::test_seeded_fault_campaign"
 MIRROR_UNIT = "tests/test_mirror.py::"
 MULTINODE = "tests/test_multinode.py::"
 SIGNALS = "tests/test_signals_and_helpers.py::"
@@ -561,6 +564,34 @@ ROWS = [
         ('            wanted = verify == "all" or (verify == "first" and not any(f.valid for f in files))',
          "            wanted = not any(f.valid for f in files)"),
     ), (ACTS + "test_after_a_resume_every_name_a_later_resume_could_pick_verifies",)),
+    # issue 30: the campaign's invariants, each caught by the campaign itself on the suite's seeds (expect: the
+    # check's name in its report, "[n] <check> (seed ...")
+    Row("a30_campaign_losses_that_differ_from_the_reference", (
+        ('    torch.set_rng_state(state["torch"])\n', ""),  # dropout's generator not restored on resume
+    ), (CHAOS,), expect=r"\] losses \(seed"),
+    Row("a30_campaign_a_resume_that_takes_a_new_identity", (
+        ("run_id=decision.run if continuing else uuid.uuid4().hex[:12],", "run_id=uuid.uuid4().hex[:12],"),
+    ), (CHAOS,), expect=r"\] identity \(seed"),
+    Row("a30_campaign_a_wrong_count_of_lost_steps", (
+        ("        lost = max(0, last_logged_step - step)", "        lost = max(0, last_logged_step - step - 1)"),
+    ), (CHAOS,), expect=r"\] lost_line \(seed"),
+    Row("a30_campaign_a_name_that_does_not_verify", (
+        ('            wanted = verify == "all" or (verify == "first" and not any(f.valid for f in files))',
+         "            wanted = not any(f.valid for f in files)"),
+    ), (CHAOS,), expect=r"\] verify \(seed"),
+    Row("a30_campaign_a_credential_shown", (
+        ("    clean = split_userinfo(url)[0]\n", "    clean = url\n"),
+    ), (CHAOS,), path="src/mirror_messages.py", expect=r"\] secrets \(seed"),
+    Row("a30_campaign_a_wrong_exit_code", (
+        ("exit_code = 3 if diverged else 5 if logs_error else 4 if unsaved_steps or unsaved_stop else 0",
+         "exit_code = 3 if diverged else 5 if logs_error else 1 if unsaved_steps or unsaved_stop else 0"),
+    ), (CHAOS,), expect=r"\] exit_code \(seed"),
+    Row("a30_campaign_a_fork_into_its_parents_logs", (
+        ("    if s.log_dir is None or (f.log_dir", "    if False and (f.log_dir"),
+    ), (CHAOS,), path="src/resume_plan.py", expect=r"\] fork_isolation \(seed"),
+    Row("a30_campaign_a_fork_onto_its_parents_mirror", (
+        ("    if s.mirror is not None and s.mirror.copies:", "    if False:"),
+    ), (CHAOS,), path="src/resume_plan.py", expect=r"\] fork_isolation \(seed"),
     Row("a33_a_failing_rename_while_acting_is_a_crash", (
         ("    except OSError as e:\n        raise UserError(f\"cannot set the damaged",
          "    except ZeroDivisionError as e:\n        raise UserError(f\"cannot set the damaged"),
@@ -705,7 +736,10 @@ def main(argv: list[str] | None = None) -> int:
             repo = Path(tmp) / row.name
             shutil.copytree(snapshot, repo)
             problem = apply(row, repo)
-            verdict, detail, _ = ("STALE", problem, "") if problem else run_tests(repo, row.tests)
+            verdict, detail, out = ("STALE", problem, "") if problem else run_tests(repo, row.tests)
+            if verdict == "caught" and row.expect and not re.search(row.expect, out):
+                verdict, detail = "ELSEWHERE", f"no {row.expect!r} in the output:\n" + "\n".join(
+                    out.strip().splitlines()[-25:])
             bad += verdict != "caught"
             print(f"{verdict:9s} {row.name:60s} {time.monotonic() - t0:6.1f} s  {detail}".rstrip(), flush=True)
             shutil.rmtree(repo, ignore_errors=True)
