@@ -564,8 +564,8 @@ ROWS = [
         ('            wanted = verify == "all" or (verify == "first" and not any(f.valid for f in files))',
          "            wanted = not any(f.valid for f in files)"),
     ), (ACTS + "test_after_a_resume_every_name_a_later_resume_could_pick_verifies",)),
-    # issue 30: the campaign's invariants, each caught by the campaign itself on the suite's seeds (expect: the
-    # check's name in its report, "[n] <check> (seed ...")
+    # issue 30: the campaign's invariants, each caught by the suite's campaign (its seeds and its hand-written schedule;
+    # expect: the check's name in its report, "[n] <check> (seed ...")
     Row("a30_campaign_losses_that_differ_from_the_reference", (
         ('    torch.set_rng_state(state["torch"])\n', ""),  # dropout's generator not restored on resume
     ), (CHAOS,), expect=r"\] losses \(seed"),
