@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -733,8 +734,7 @@ class Runner:
         except Hang as e:
             self.violation("hang", str(e))
         except Exception as e:  # noqa: BLE001  a harness error must not pass for success
-            import traceback
-            self.violation("harness_error", f"{type(e).__name__}: {e}", detail=traceback.format_exc())
+            self.harness_error(e)
         finally:
             self.cleanup()
 
@@ -743,8 +743,11 @@ class Runner:
         try:
             check()
         except Exception as e:  # noqa: BLE001
-            import traceback
-            self.violation("harness_error", f"{type(e).__name__}: {e}", detail=traceback.format_exc())
+            self.harness_error(e)
+
+    def harness_error(self, e: Exception) -> None:
+        """A failure of the campaign's own code (the exception being handled): a violation, with its traceback."""
+        self.violation("harness_error", f"{type(e).__name__}: {e}", detail=traceback.format_exc())
 
     def prepare(self) -> None:
         self.disk.mkdir()
@@ -1424,7 +1427,7 @@ class Runner:
         """Relaunch the main line (--resume auto --mirror URL, on the world size in force) and check the resume."""
         self.settle_windows()
         expected = self.expected_resume()
-        damaged = {p.name: file_digest(p) for p in sorted(self.ck.glob("*.pt*")) if p.is_file()}
+        damaged = self.checkpoint_digests() if expected["step"] is None else {}  # for a refusal (rule L2)
         run_id = self.main_id if expected["local"] is None else None  # as the docs say when the folder is gone
         self.launch(start_step=expected["step"] or 0, run_id=run_id)
         t_first, first = self.wait_first_step(expected["step"] or 0)
@@ -1461,7 +1464,7 @@ class Runner:
     def check_refused_untouched(self, before: dict[str, str], out: str) -> None:
         """Every checkpoint of the run is damaged and the mirror holds none of it: the relaunch must refuse with one
         line that says so (CHECKPOINTING_GUIDE.md, rule L2) and leave every file as it was (nothing set aside)."""
-        after = {p.name: file_digest(p) for p in sorted(self.ck.glob("*.pt*")) if p.is_file()}
+        after = self.checkpoint_digests()
         if "error: no valid checkpoint in" not in out:
             self.blame_pending("recovery", "with every checkpoint of the run damaged and none on the mirror, the "
                                            "relaunch did not refuse with 'no valid checkpoint'", detail=out)
@@ -1472,6 +1475,10 @@ class Runner:
             rec.note = (rec.note + "; " if rec.note else "") + ("every checkpoint of the run destroyed: the relaunch "
                                                                 "refused, as it must; the schedule ends")
         self.pending = []
+
+    def checkpoint_digests(self) -> dict[str, str]:
+        """The main line's checkpoint files (those set aside, *.pt.corrupt, included): name -> sha256."""
+        return {p.name: file_digest(p) for p in sorted(self.ck.glob("*.pt*")) if p.is_file()}
 
     def check_resume(self, expected: dict, out: str) -> None:
         m = re.search(r"resumed from (\S+): step (\d+),", out)

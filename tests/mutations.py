@@ -72,6 +72,12 @@ BOUNDS = "tests/test_bounds_and_words.py::"
 ACTS = "tests/test_resume_acts.py::"
 PLAN_TABLE = "tests/test_resume_plan.py::test_the_plan_decides_each_situation_as_its_rule_says"
 
+
+def reported(check: str) -> str:
+    """The `expect` of a campaign row: the campaign's report names a violation of `check` ("[1] losses (seed 10...")."""
+    return rf"\] {check} \(seed"
+
+
 ROWS = [
     Row("fsyncs_removed", (
         ("os.fsync(f.fileno())", "pass"),
@@ -564,34 +570,34 @@ ROWS = [
         ('            wanted = verify == "all" or (verify == "first" and not any(f.valid for f in files))',
          "            wanted = not any(f.valid for f in files)"),
     ), (ACTS + "test_after_a_resume_every_name_a_later_resume_could_pick_verifies",)),
-    # issue 30: the campaign's invariants, each caught by the suite's campaign (its seeds and its hand-written schedule;
-    # expect: the check's name in its report, "[n] <check> (seed ...")
+    # issue 30: the campaign's invariants, each caught by the suite's campaign (its seeds and its hand-written
+    # schedule) under that check's name
     Row("a30_campaign_losses_that_differ_from_the_reference", (
         ('    torch.set_rng_state(state["torch"])\n', ""),  # dropout's generator not restored on resume
-    ), (CHAOS,), expect=r"\] losses \(seed"),
+    ), (CHAOS,), expect=reported("losses")),
     Row("a30_campaign_a_resume_that_takes_a_new_identity", (
         ("run_id=decision.run if continuing else uuid.uuid4().hex[:12],", "run_id=uuid.uuid4().hex[:12],"),
-    ), (CHAOS,), expect=r"\] identity \(seed"),
+    ), (CHAOS,), expect=reported("identity")),
     Row("a30_campaign_a_wrong_count_of_lost_steps", (
         ("        lost = max(0, last_logged_step - step)", "        lost = max(0, last_logged_step - step - 1)"),
-    ), (CHAOS,), expect=r"\] lost_line \(seed"),
+    ), (CHAOS,), expect=reported("lost_line")),
     Row("a30_campaign_a_name_that_does_not_verify", (
         ('            wanted = verify == "all" or (verify == "first" and not any(f.valid for f in files))',
          "            wanted = not any(f.valid for f in files)"),
-    ), (CHAOS,), expect=r"\] verify \(seed"),
+    ), (CHAOS,), expect=reported("verify")),
     Row("a30_campaign_a_credential_shown", (
         ("    clean = split_userinfo(url)[0]\n", "    clean = url\n"),
-    ), (CHAOS,), path="src/mirror_messages.py", expect=r"\] secrets \(seed"),
+    ), (CHAOS,), path="src/mirror_messages.py", expect=reported("secrets")),
     Row("a30_campaign_a_wrong_exit_code", (
         ("exit_code = 3 if diverged else 5 if logs_error else 4 if unsaved_steps or unsaved_stop else 0",
          "exit_code = 3 if diverged else 5 if logs_error else 1 if unsaved_steps or unsaved_stop else 0"),
-    ), (CHAOS,), expect=r"\] exit_code \(seed"),
+    ), (CHAOS,), expect=reported("exit_code")),
     Row("a30_campaign_a_fork_into_its_parents_logs", (
         ("    if s.log_dir is None or (f.log_dir", "    if False and (f.log_dir"),
-    ), (CHAOS,), path="src/resume_plan.py", expect=r"\] fork_isolation \(seed"),
+    ), (CHAOS,), path=PLAN, expect=reported("fork_isolation")),
     Row("a30_campaign_a_fork_onto_its_parents_mirror", (
         ("    if s.mirror is not None and s.mirror.copies:", "    if False:"),
-    ), (CHAOS,), path="src/resume_plan.py", expect=r"\] fork_isolation \(seed"),
+    ), (CHAOS,), path=PLAN, expect=reported("fork_isolation")),
     Row("a33_a_failing_rename_while_acting_is_a_crash", (
         ("    except OSError as e:\n        raise UserError(f\"cannot set the damaged",
          "    except ZeroDivisionError as e:\n        raise UserError(f\"cannot set the damaged"),
